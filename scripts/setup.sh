@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv once and install the package with every extra the tests use.
+# Idempotent: when pyproject.toml and constraints.txt are unchanged since the last
+# successful run, it only checks the stamp and exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.rlhf_ext-installed"
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
+
+# torch first, pinned: a CPU machine takes the local CPU wheel (no CUDA download).
+"${pip[@]}" torch
+# The package, editable, with the extras the tests use (bitsandbytes, dev tools).
+"${pip[@]}" -e ".[quantization,dev]"
+# deepspeed imports torch while building, so it cannot use build isolation.
+"${pip[@]}" --no-build-isolation deepspeed
+
+echo "$want" > "$stamp"
+echo "set-up done: $VENV"

@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny world and one SFT run, built once per test session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a recipe in its own process; fail the test with the tail of its output."""
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        cmd = [sys.executable]
+    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        pytest.fail(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    from rlhf_ext.tiny import ensure_world
+
+    return ensure_world(tmp_path_factory.mktemp("tiny") / "world")
+
+
+@pytest.fixture(scope="session")
+def sft_run(world_dir, tmp_path_factory):
+    """The tiny SFT recipe, run once with `accelerate launch`: (output dir, summary)."""
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    run_recipe(["recipes/sft.py", "--config", "recipes/tiny/sft.yaml",
+                "--tiny_world_dir", str(world_dir),
+                "--model_name_or_path", str(world_dir / "base"),
+                "--dataset_name", str(world_dir / "data" / "sft"), "--output_dir", str(out)])
+    return out, json.loads((out / "sft_summary.json").read_text())
