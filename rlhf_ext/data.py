@@ -1,10 +1,13 @@
-"""Datasets: loading by name or path. (Validation and collators join here.)"""
+"""Datasets: loading, validation with errors that name the column, row and fix,
+tokenization of preference data, and the collator."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import Dataset, DatasetDict
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -37,3 +40,183 @@ def train_eval_split(data: Dataset | DatasetDict, train_split: str = "train",
         parts = data.train_test_split(test_size=eval_fraction, seed=seed)
         return parts["train"], parts["test"]
     return data, None
+
+
+# ---------------------------------------------------------------------------------------
+# Preference data: validation (before anything else), tokenization, collation
+# ---------------------------------------------------------------------------------------
+
+PAIRED_COLUMNS = ("chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names the column, row and fix."""
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _check_text(value, column: str, row: int, name: str, allow_empty: bool = False) -> None:
+    if isinstance(value, str):
+        if not allow_empty and not value.strip():
+            raise DataError(f"{name} dataset, row {row}, column {column!r}: empty text. Drop the "
+                            "row or fill in the completion.")
+        return
+    if _is_messages(value):
+        if not allow_empty and not any(str(m["content"]).strip() for m in value):
+            raise DataError(f"{name} dataset, row {row}, column {column!r}: the messages are "
+                            "empty. Drop the row or fill in the completion.")
+        return
+    raise DataError(f"{name} dataset, row {row}, column {column!r}: expected a string or a "
+                    f"list of {{'role', 'content'}} messages, got {type(value).__name__} "
+                    f"({value!r:.60}). Convert the column to text.")
+
+
+def dataset_kind(dataset, name: str = "train") -> str:
+    """'paired' (chosen/rejected, prompt optional) or 'unpaired' (prompt/completion/label)."""
+    cols = set(dataset.column_names)
+    if set(PAIRED_COLUMNS) <= cols:
+        return "paired"
+    if set(UNPAIRED_COLUMNS) <= cols:
+        return "unpaired"
+    raise DataError(
+        f"{name} dataset: columns {sorted(cols)} fit no preference format. Give "
+        "prompt/chosen/rejected (paired; prompt optional when chosen and rejected share it), "
+        "or prompt/completion/label (unpaired, for kto). Rename the columns to these names.")
+
+
+def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str],
+                                name: str = "train") -> str:
+    """Check every row before training; return the dataset kind. Raises ``DataError``."""
+    kind = dataset_kind(dataset, name)
+    if paired_loss and kind == "unpaired":
+        raise DataError(
+            f"{name} dataset is unpaired (prompt/completion/label) but loss {loss_names} needs "
+            "pairs: give prompt/chosen/rejected columns, or use loss_type kto.")
+    columns = PAIRED_COLUMNS if kind == "paired" else ("completion",)
+    has_prompt = "prompt" in dataset.column_names
+    for row, example in enumerate(dataset):
+        if has_prompt:
+            _check_text(example["prompt"], "prompt", row, name, allow_empty=kind == "paired")
+        for column in columns:
+            _check_text(example[column], column, row, name)
+        if kind == "unpaired" and not isinstance(example["label"], bool):
+            raise DataError(
+                f"{name} dataset, row {row}, column 'label': expected True (desirable) or False "
+                f"(undesirable), got {example['label']!r}. Map the labels to booleans.")
+    return kind
+
+
+def _tokenize(tokenizer, value, generation_prompt: bool = False) -> list[int]:
+    if isinstance(value, list):
+        return tokenizer.apply_chat_template(value, tokenize=True, return_dict=True,
+                                             add_generation_prompt=generation_prompt)["input_ids"]
+    return tokenizer(text=value)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ...]) -> dict:
+    """prompt -> prompt_ids; each completion column c -> c_ids, split where the tokenized
+    prompt and prompt + completion diverge (chat templates can render them differently).
+    Standard-format completions get the eos token appended when they lack it."""
+    prompt = example["prompt"]
+    prompt_ids = _tokenize(tokenizer, prompt, generation_prompt=True)
+    full = {}
+    for c in completions:
+        completion = example[c]
+        if isinstance(completion, str) and not completion.endswith(tokenizer.eos_token):
+            completion = completion + tokenizer.eos_token
+        full[c] = _tokenize(tokenizer, prompt + completion)
+    cut = min(_common_prefix(prompt_ids, ids) for ids in full.values())
+    return {"prompt_ids": prompt_ids[:cut], **{f"{c}_ids": full[c][cut:] for c in completions}}
+
+
+def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
+                               max_length: int | None, name: str = "train"):
+    """Validated rows -> token ids (paired: prompt/chosen/rejected_ids; unpaired:
+    prompt/completion_ids, label and kl_completion_ids: the previous row's completion, the
+    mismatched pairs of KTO's reference point). Fails when a prompt leaves no room."""
+    from trl.data_utils import extract_prompt, unpair_preference_dataset
+
+    if kind == "paired" and "prompt" not in dataset.column_names:
+        dataset = dataset.map(extract_prompt, desc=f"extracting {name} prompts")
+    if kind == "paired" and unpair:
+        dataset = unpair_preference_dataset(dataset)
+        kind = "unpaired"
+    completions = PAIRED_COLUMNS if kind == "paired" else ("completion",)
+    keep = {"label"} if kind == "unpaired" else set()
+    dataset = dataset.map(tokenize_preference_row, desc=f"tokenizing {name} dataset",
+                          fn_kwargs={"tokenizer": tokenizer, "completions": completions},
+                          remove_columns=[c for c in dataset.column_names if c not in keep])
+    if max_length is not None:
+        for row, n in enumerate(len(ids) for ids in dataset["prompt_ids"]):
+            if n >= max_length:
+                raise DataError(
+                    f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
+                    f"for the completion within max_length={max_length}. Raise max_length, "
+                    "shorten or drop the prompt.")
+    if kind == "unpaired":
+        ids = dataset["completion_ids"]
+        dataset = dataset.add_column("kl_completion_ids", ids[-1:] + ids[:-1])
+    return dataset
+
+
+def _pad(rows: list[list[int]], value: int, multiple: int | None = None) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class PreferenceCollator:
+    """Tokenized rows -> right-padded tensors.
+
+    Paired rows give one batch of 2B sequences, the B chosen first then the B rejected, so
+    one forward pass serves both. Unpaired rows give B sequences, plus ``kl_*`` tensors for
+    the mismatched (prompt, previous completion) sequences. Precomputed reference log-probs
+    (``ref_*`` columns) pass through as tensors.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def _sequences(self, prompts, completions, prefix: str = "") -> dict:
+        ids = [p + c for p, c in zip(prompts, completions)]
+        mask = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+        if self.max_length is not None:
+            cut = (slice(None, self.max_length) if self.truncation_mode == "keep_start"
+                   else slice(-self.max_length, None))
+            ids, mask = [r[cut] for r in ids], [m[cut] for m in mask]
+        return {f"{prefix}input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
+                f"{prefix}attention_mask": _pad([[1] * len(r) for r in ids], 0,
+                                                self.pad_to_multiple_of),
+                f"{prefix}completion_mask": _pad(mask, 0, self.pad_to_multiple_of)}
+
+    def __call__(self, examples: list[dict]) -> dict:
+        prompts = [e["prompt_ids"] for e in examples]
+        if "chosen_ids" in examples[0]:
+            batch = self._sequences(prompts + prompts, [e["chosen_ids"] for e in examples]
+                                    + [e["rejected_ids"] for e in examples])
+        else:
+            batch = self._sequences(prompts, [e["completion_ids"] for e in examples])
+            batch.update(self._sequences(prompts, [e["kl_completion_ids"] for e in examples],
+                                         prefix="kl_"))
+            batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
+        for key in examples[0]:
+            if key.startswith("ref_"):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch

@@ -1,0 +1,58 @@
+"""Model cards for what the trainers save or push."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from huggingface_hub import ModelCard, ModelCardData
+
+_TEMPLATE = """---
+{card_data}
+---
+
+# {model_name}
+
+{summary}
+
+## Training
+
+- method: {method}
+- base model: `{base_model}`
+- datasets: {datasets}
+
+### Hyperparameters
+
+```json
+{hyperparameters}
+```
+
+### Final metrics
+
+```json
+{metrics}
+```
+
+Trained with [rlhf_ext](https://pypi.org/project/rlhf-ext/) on the `transformers.Trainer` API.
+"""
+
+
+def write_model_card(output_dir: str, *, model_name: str, base_model: str | None, method: str,
+                     summary: str, hyperparameters: dict, metrics: dict,
+                     datasets: list[str] | None = None, tags: list[str] | None = None,
+                     is_adapter: bool = False) -> str:
+    """Write ``output_dir/README.md``; return its text. Metadata holds base_model, tags
+    (always ``rlhf-ext`` and the method), datasets and the library (peft for adapters)."""
+    data = ModelCardData(
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        library_name="peft" if is_adapter else "transformers",
+        tags=sorted({"rlhf-ext", method, *(tags or [])}),
+        datasets=[d for d in (datasets or []) if not os.path.exists(d)] or None,
+    )
+    text = _TEMPLATE.format(
+        card_data=data.to_yaml(), model_name=model_name, summary=summary, method=method,
+        base_model=base_model, datasets=", ".join(f"`{d}`" for d in datasets or []) or "-",
+        hyperparameters=json.dumps(hyperparameters, indent=2, default=str),
+        metrics=json.dumps(metrics, indent=2, default=str))
+    ModelCard(text).save(os.path.join(output_dir, "README.md"))
+    return text

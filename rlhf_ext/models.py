@@ -1,0 +1,57 @@
+"""Loading models the one way: dtype, 4-bit/8-bit quantization, LoRA adapters."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False,
+                        quant_type: str = "nf4", use_double_quant: bool = False,
+                        compute_dtype: torch.dtype = torch.bfloat16):
+    """A ``BitsAndBytesConfig`` or None (bitsandbytes runs on CPU too: ../shared/NOTES.md)."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                              bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_causal_lm(name_or_path: str, model_args=None, **kwargs):
+    """``AutoModelForCausalLM`` from a path or Hub id, honouring TRL's ``ModelConfig``
+    (dtype, attn_implementation, load_in_4bit/8bit, bnb_4bit_quant_type, ...)."""
+    if model_args is not None:
+        kwargs.setdefault("dtype", model_args.dtype)
+        kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+        kwargs.setdefault("revision", model_args.model_revision)
+        quant = quantization_config(
+            model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type,
+            model_args.use_bnb_nested_quant)
+        if quant is not None:
+            kwargs.setdefault("quantization_config", quant)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or
+                getattr(model, "is_loaded_in_8bit", False))
+
+
+def add_adapters(model, peft_config, gradient_checkpointing: bool = False):
+    """Wrap ``model`` in a PeftModel (preparing a quantized model for k-bit training first)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, peft_config)
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

@@ -1,0 +1,139 @@
+"""Reference log-probs for the preference trainer, one of four ways:
+
+- ``none``: the losses need no reference (orpo, simpo, cpo, sft): no forward at all;
+- ``model``: an explicit reference model (or, failing all else, a frozen copy of the policy);
+- ``adapters_off``: the policy is a PeftModel: the same model with its adapters disabled,
+  so no second copy of the weights exists;
+- precomputed: any of the above run once over the dataset before training, the results
+  stored as ``ref_*`` columns and cached on disk under a key of model, data and settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .logps import sequence_logps
+from .models import is_peft_model
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("RLHF_EXT_CACHE", os.path.join(Path.home(), ".cache", "rlhf_ext"))
+    return Path(root) / "ref_logps"
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the weights the reference sees (LoRA weights excluded): names, shapes and
+    a strided sample plus the sum of every tensor. Cheap, and changes when weights do."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            continue
+        t = p.detach().reshape(-1).float()
+        step = max(1, t.numel() // 2048)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}{t.sum().item():.6e}".encode())
+        h.update(t[::step].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset) -> str:
+    """A hash of the token ids (and labels) the reference log-probs are computed from."""
+    h = hashlib.sha256()
+    for column in sorted(c for c in dataset.column_names if c.endswith("_ids") or c == "label"):
+        h.update(column.encode())
+        h.update(json.dumps(dataset[column]).encode())
+    return h.hexdigest()
+
+
+class ReferenceLogps:
+    def __init__(self, mode: str, model=None):
+        self.mode, self.model = mode, model
+
+    @classmethod
+    def choose(cls, policy, ref_model, args) -> ReferenceLogps:
+        if not args.needs_reference:
+            return cls("none")
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            return cls("model", ref_model)
+        if is_peft_model(policy):
+            return cls("adapters_off")
+        if args.precompute_ref_log_probs:
+            return cls("initial_policy")  # computed before the first update: no copy needed
+        return cls("model", copy.deepcopy(policy).eval().requires_grad_(False))
+
+    @torch.no_grad()
+    def logps(self, policy, inputs: dict, prefix: str = ""):
+        """Reference (summed log-probs, counts) of ``inputs[prefix + 'input_ids']`` etc."""
+        args = (inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"],
+                inputs[f"{prefix}completion_mask"])
+        if self.mode == "model":
+            return sequence_logps(self.model, *args)
+        if self.mode == "adapters_off":
+            unwrapped = policy.module if hasattr(policy, "module") else policy
+            with unwrapped.disable_adapter():
+                return sequence_logps(policy, *args)
+        if self.mode == "initial_policy":
+            return sequence_logps(policy, *args)
+        raise RuntimeError(f"reference log-probs requested but the reference mode is {self.mode}")
+
+    def precompute(self, trainer, dataset, name: str):
+        """``dataset`` plus ref_chosen_logps/ref_rejected_logps (paired) or ref_logps/
+        ref_kl_logps (unpaired), computed once (sharded over processes) or read from cache."""
+        args = trainer.args
+        key = hashlib.sha256(json.dumps({
+            "model": model_fingerprint(self.model or trainer.model),
+            "data": data_fingerprint(dataset), "max_length": args.max_length,
+            "truncation_mode": args.truncation_mode, "version": CACHE_VERSION,
+        }).encode()).hexdigest()[:24]
+        path = Path(args.ref_logps_cache_dir or default_cache_dir()) / f"{key}.pt"
+        if path.exists():
+            columns = torch.load(path)
+            self.cache_hit = True
+        else:
+            self.cache_hit = False
+            columns = self._compute(trainer, dataset, name)
+            if trainer.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(columns, tmp)
+                tmp.replace(path)
+            trainer.accelerator.wait_for_everyone()
+        self.cache_path = path
+        for column, values in columns.items():
+            dataset = dataset.add_column(column, values.tolist())
+        return dataset
+
+    def _compute(self, trainer, dataset, name: str) -> dict:
+        args = trainer.args
+        loader = DataLoader(dataset, shuffle=False, collate_fn=trainer.data_collator,
+                            batch_size=args.precompute_ref_batch_size
+                            or args.per_device_train_batch_size)
+        loader = trainer.accelerator.prepare(loader)
+        policy = trainer.model
+        was_training = policy.training
+        policy.eval()
+        out = defaultdict(list)
+        for batch in tqdm(loader, desc=f"reference log-probs ({name})",
+                          disable=not trainer.accelerator.is_local_main_process):
+            logps, _ = self.logps(policy, batch)
+            if "desirable" in batch:
+                kl, _ = self.logps(policy, batch, prefix="kl_")
+                parts = {"ref_logps": logps, "ref_kl_logps": kl}
+            else:
+                half = logps.shape[0] // 2
+                parts = {"ref_chosen_logps": logps[:half], "ref_rejected_logps": logps[half:]}
+            for k, v in parts.items():
+                out[k].append(trainer.accelerator.gather_for_metrics(v).float().cpu())
+        policy.train(was_training)
+        return {k: torch.cat(v) for k, v in out.items()}

@@ -1,0 +1,149 @@
+"""Parity with TRL's trainers: same tiny models, data and settings, learning rate 0, one step.
+
+The policy and the reference are two different random models, so every log-ratio is
+non-zero and the comparison means something.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_ext.losses import LOSSES
+from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.tiny import build_model, preference_pairs, unpaired_dataset
+
+BETA = 0.3
+COMMON = dict(learning_rate=0.0, max_steps=1, per_device_train_batch_size=8, logging_steps=1,
+              report_to="none", use_cpu=True, bf16=False, save_strategy="no",
+              disable_tqdm=True, gradient_checkpointing=False, seed=0, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def models(world_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    for name, seed in (("policy", 0), ("ref", 1)):
+        build_model("tiny", tok, seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "policy", root / "ref", tok
+
+
+def ours(models, data, **kwargs):
+    policy, ref, tok = models
+    args = PreferenceConfig(output_dir="/tmp/rlhf_ext_parity", **COMMON, **kwargs)
+    needs_ref = any(LOSSES[n if n != "dpo" else "sigmoid"].needs_reference
+                    for n in args.loss_type)
+    trainer = PreferenceTrainer(str(policy), ref_model=str(ref) if needs_ref else None,
+                                args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+def trl_log(trainer):
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+def close(a, b, rel=1e-5):
+    return a == pytest.approx(b, rel=rel, abs=1e-7)
+
+
+DPO_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+             "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+             "sigmoid_norm"]
+
+
+@pytest.mark.parametrize("loss_type", DPO_TYPES)
+def test_dpo_family_matches_trl(models, loss_type):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref, tok = models
+    data = preference_pairs(8, seed=3)
+    smoothing = 1e-3 if loss_type == "exo_pair" else 0.0
+    theirs = trl_log(DPOTrainer(
+        str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), processing_class=tok, train_dataset=data,
+        args=DPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", loss_type=[loss_type], beta=BETA,
+                       label_smoothing=smoothing, **COMMON)))
+    mine = ours(models, data, loss_type=loss_type, beta=BETA, label_smoothing=smoothing)
+    assert close(mine["loss"], theirs["loss"]), (mine["loss"], theirs["loss"])
+    assert close(mine["logps/chosen"], theirs["logps/chosen"])
+    if loss_type == "sft":
+        # Differs on purpose: sft needs no reference, so we run none and its rewards are
+        # beta * policy log-probs; TRL runs the reference anyway and logs log-ratios.
+        assert close(mine["rewards/margins"], BETA * (mine["logps/chosen"] - mine["logps/rejected"]))
+    else:
+        assert close(mine["rewards/margins"], theirs["rewards/margins"])
+
+
+def test_rpo_composition_matches_trl(models):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref, tok = models
+    data = preference_pairs(8, seed=4)
+    kw = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=BETA)
+    theirs = trl_log(DPOTrainer(str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), processing_class=tok,
+                                train_dataset=data,
+                                args=DPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", **kw,
+                                               **COMMON)))
+    mine = ours(models, data, **kw)
+    assert close(mine["loss"], theirs["loss"])
+    assert close(mine["rewards/margins"], theirs["rewards/margins"])
+
+
+def test_kto_matches_trl(models):
+    from trl import KTOConfig, KTOTrainer
+
+    policy, ref, tok = models
+    data = unpaired_dataset(8, seed=2)
+    assert 0 < sum(data["label"]) < 8  # both kinds in the one batch
+    kw = dict(beta=BETA, desirable_weight=1.2, undesirable_weight=0.9)
+    theirs = trl_log(KTOTrainer(
+        str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), processing_class=tok, train_dataset=data,
+        args=KTOConfig(output_dir="/tmp/rlhf_ext_parity_trl", loss_type="kto",
+                       train_sampling_strategy="sequential", **kw, **COMMON)))
+    mine = ours(models, data, loss_type="kto", **kw)
+    for key in ("loss", "rewards/margins", "kl", "logps/chosen", "logps/rejected"):
+        assert close(mine[key], theirs[key]), (key, mine[key], theirs[key])
+
+
+def test_simpo_matches_trl_cpo(models):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    policy, ref, tok = models
+    data = preference_pairs(8, seed=5)
+    theirs = trl_log(CPOTrainer(
+        str(policy), processing_class=tok, train_dataset=data,
+        args=CPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", loss_type="simpo", beta=2.0,
+                       simpo_gamma=1.0, cpo_alpha=0.0, **COMMON)))
+    mine = ours(models, data, loss_type="simpo", beta=2.0, simpo_gamma=1.0)
+    assert close(mine["loss"], theirs["loss"]), (mine["loss"], theirs["loss"])
+    assert close(mine["rewards/margins"], theirs["rewards/margins"])
+
+
+def test_orpo_matches_trl_where_defined_alike(models):
+    """TRL's ORPOTrainer takes the NLL over prompt and completion; ours (the paper's) over
+    the completion only. The odds-ratio term and the margins must match TRL; our loss must
+    equal our NLL - lambda * log_odds_ratio with the NLL computed here by hand."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    policy, ref, tok = models
+    data = preference_pairs(8, seed=6)
+    theirs = trl_log(ORPOTrainer(
+        str(policy), processing_class=tok, train_dataset=data,
+        args=ORPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", beta=BETA, **COMMON)))
+    mine = ours(models, data, loss_type="orpo", beta=BETA)
+    assert close(mine["log_odds_ratio"], theirs["log_odds_ratio"])
+    assert close(mine["rewards/margins"], theirs["rewards/margins"])
+    assert close(mine["loss"], mine["nll_loss"] - BETA * mine["log_odds_ratio"])
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    nll_sum, n_tokens = 0.0, 0
+    for prompt, chosen in zip(data["prompt"], data["chosen"]):
+        p = tok(prompt)["input_ids"]
+        full = tok(prompt + chosen + tok.eos_token)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
+        for t in range(len(p), len(full)):
+            nll_sum -= logp[t - 1, full[t]].item()
+            n_tokens += 1
+    assert close(mine["nll_loss"], nll_sum / n_tokens)
