@@ -160,14 +160,14 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
                           fn_kwargs={"tokenizer": tokenizer, "completions": completions},
                           remove_columns=[c for c in dataset.column_names if c not in keep])
     if max_length is not None:
-        for row, n in enumerate(len(ids) for ids in dataset["prompt_ids"]):
+        for row, n in enumerate(len(ids) for ids in list(dataset["prompt_ids"])):
             if n >= max_length:
                 raise DataError(
                     f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
                     f"for the completion within max_length={max_length}. Raise max_length, "
                     "shorten or drop the prompt.")
     if kind == "unpaired":
-        ids = dataset["completion_ids"]
+        ids = list(dataset["completion_ids"])
         dataset = dataset.add_column("kl_completion_ids", ids[-1:] + ids[:-1])
     return dataset
 

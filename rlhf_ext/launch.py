@@ -48,3 +48,34 @@ class TinyWorldArguments:
 
         return ensure_world(self.tiny_world_dir,
                             WorldSpec(seed=self.tiny_world_seed, size=self.tiny_model_size))
+
+
+def finish_run(trainer, tiny_args: TinyWorldArguments, world, start: float, summary_name: str,
+               extra: dict | None = None) -> dict:
+    """After training, every recipe: save the model, write a summary (losses, time and, in
+    the tiny world, the oracle's judgement of held-out samples) as ``summary_name``."""
+    import json
+    import time
+
+    trainer.save_model(trainer.args.output_dir)
+    summary = {"train_seconds": time.time() - start, **(extra or {})}
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    if losses:
+        summary["first_logged_loss"], summary["last_logged_loss"] = losses[0], losses[-1]
+    summary["log_history"] = trainer.state.log_history
+    if world is not None and tiny_args.tiny_eval_prompts and trainer.is_world_process_zero():
+        from .tiny.evaluate import evaluate_policy
+        from .tiny.world import load_split
+
+        prompts = load_split(world, "prompts_eval")["prompt"][: tiny_args.tiny_eval_prompts]
+        report = evaluate_policy(trainer.model, trainer.processing_class, prompts,
+                                 seed=trainer.args.seed)
+        summary.update({f"tiny/{k}": v for k, v in report.items() if k != "completions"})
+        summary["tiny/examples"] = report["completions"][:3]
+    if trainer.is_world_process_zero():
+        path = os.path.join(trainer.args.output_dir, summary_name)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+        shown = {k: v for k, v in summary.items() if k != "log_history"}
+        print(json.dumps(shown, indent=2))
+    return summary

@@ -51,7 +51,7 @@ def data_fingerprint(dataset) -> str:
     h = hashlib.sha256()
     for column in sorted(c for c in dataset.column_names if c.endswith("_ids") or c == "label"):
         h.update(column.encode())
-        h.update(json.dumps(dataset[column]).encode())
+        h.update(json.dumps(list(dataset[column])).encode())
     return h.hexdigest()
 
 

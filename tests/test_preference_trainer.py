@@ -1,0 +1,221 @@
+"""PreferenceTrainer behaviour: data errors, formats, reference modes, LoRA, 4-bit, cache,
+resume, model card."""
+
+import gc
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+
+from rlhf_ext.data import DataError
+from rlhf_ext.logps import sequence_logps
+from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.tiny import build_model, preference_pairs, to_conversational
+
+BASE = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none",
+            use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def tok(world_dir):
+    return AutoTokenizer.from_pretrained(world_dir / "base")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    build_model("tiny", tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(tmp_path, **kw):
+    return PreferenceConfig(output_dir=str(tmp_path / "out"), **{**BASE, **kw})
+
+
+def make(policy_dir, tok, tmp_path, data, **kw):
+    return PreferenceTrainer(str(policy_dir), args=config(tmp_path, **kw), train_dataset=data,
+                             processing_class=tok)
+
+
+PAIRS = preference_pairs(16, seed=1)
+
+
+@pytest.mark.parametrize("rows, loss, message", [
+    ({"prompt": ["a"], "chosen": [" b ."]}, "sigmoid",
+     r"columns \['chosen', 'prompt'\] fit no preference format"),
+    ({"prompt": ["a", "b"], "chosen": [" x .", "  "], "rejected": [" y .", " z ."]}, "sigmoid",
+     r"row 1, column 'chosen': empty text"),
+    ({"prompt": ["a"], "chosen": [" x ."], "rejected": [3]}, "sigmoid",
+     r"row 0, column 'rejected': expected a string.*got int"),
+    ({"prompt": ["a", "b"], "completion": [" x .", " y ."], "label": [1, 0]}, "kto",
+     r"row 0, column 'label': expected True .*got 1"),
+    ({"prompt": ["a"], "completion": [" x ."], "label": [True]}, "sigmoid",
+     r"unpaired .* needs pairs: give prompt/chosen/rejected"),
+    ({"prompt": [" the" * 70], "chosen": [" x ."], "rejected": [" y ."]}, "sigmoid",
+     r"row 0, column 'prompt': 70 tokens.*max_length=64"),
+])
+def test_bad_data_fails_before_training(policy_dir, tok, tmp_path, rows, loss, message):
+    with pytest.raises(DataError, match=message):
+        make(policy_dir, tok, tmp_path, Dataset.from_dict(rows), loss_type=loss)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_unknown_loss_fails_at_config(tmp_path):
+    with pytest.raises(ValueError, match="unknown loss_type 'simpoo'; valid names: .*simpo"):
+        config(tmp_path, loss_type="simpoo")
+
+
+def test_formats_tokenize_alike(policy_dir, tok, tmp_path):
+    """Explicit prompt, implicit prompt (shared prefix) and conversational rows."""
+    explicit = make(policy_dir, tok, tmp_path, PAIRS.select(range(4))).train_dataset
+    implicit_rows = Dataset.from_dict({
+        "chosen": [p + c for p, c in zip(PAIRS["prompt"][:4], PAIRS["chosen"][:4])],
+        "rejected": [p + r for p, r in zip(PAIRS["prompt"][:4], PAIRS["rejected"][:4])]})
+    implicit = make(policy_dir, tok, tmp_path, implicit_rows).train_dataset
+    # the implicit prompt is the longest shared text prefix, which may run into the
+    # completions' first common words; the full sequences are the same tokens
+    for a, b in zip(explicit, implicit):
+        assert a["prompt_ids"] + a["chosen_ids"] == b["prompt_ids"] + b["chosen_ids"]
+    conv = make(policy_dir, tok, tmp_path, to_conversational(PAIRS.select(range(4)))).train_dataset
+    row, src = conv[0], PAIRS[0]
+    assert tok.decode(row["prompt_ids"]) == f"<|user|>{src['prompt']}<|assistant|>"
+    assert tok.decode(row["chosen_ids"]) == src["chosen"] + "<|eos|>"
+    assert tok.decode(explicit[0]["chosen_ids"]) == src["chosen"] + "<|eos|>"
+
+
+def test_kto_unpairs_paired_data(policy_dir, tok, tmp_path):
+    trainer = make(policy_dir, tok, tmp_path, PAIRS, loss_type="kto")
+    data = trainer.train_dataset
+    assert len(data) == 2 * len(PAIRS) and sum(data["label"]) == len(PAIRS)
+    # the KL completions are the previous row's: mismatched pairs
+    assert data["kl_completion_ids"][1] == data["completion_ids"][0]
+    trainer.train()
+    assert "kl" in trainer.state.log_history[0]
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("loss, forwards_per_step", [("orpo", 1), ("simpo", 1), ("sigmoid", 2)])
+def test_reference_forward_only_when_needed(policy_dir, tok, tmp_path, loss, forwards_per_step):
+    trainer = make(policy_dir, tok, tmp_path, PAIRS, loss_type=loss, max_steps=1)
+    calls = count_forwards(trainer.model)
+    ref_calls = count_forwards(trainer.ref_model) if trainer.ref_model is not None else []
+    trainer.train()
+    assert len(calls) + len(ref_calls) == forwards_per_step
+    assert (trainer.reference.mode == "none") == (forwards_per_step == 1)
+
+
+def test_lora_changes_only_adapters_and_builds_no_second_model(policy_dir, tok, tmp_path):
+    from peft import LoraConfig
+
+    gc.collect()
+    before = sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects())
+    trainer = PreferenceTrainer(
+        str(policy_dir), args=config(tmp_path, learning_rate=1e-2, max_steps=3),
+        train_dataset=PAIRS, processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gc.collect()
+    assert sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()) == before + 1
+    assert trainer.ref_model is None and trainer.reference.mode == "adapters_off"
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        changed = not torch.equal(start[name], p.detach())
+        assert changed == ("lora_B" in name or "lora_A" in name), name
+    # the reference is exactly the base model (adapters off)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    base = LlamaForCausalLM.from_pretrained(policy_dir)
+    with torch.no_grad():
+        expected, _ = sequence_logps(base, batch["input_ids"], batch["attention_mask"],
+                                     batch["completion_mask"])
+    got, _ = trainer.reference.logps(trainer.model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_lora_trains(policy_dir, tok, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+    from peft import LoraConfig
+
+    from rlhf_ext.models import load_causal_lm, quantization_config
+
+    model = load_causal_lm(str(policy_dir), quantization_config=quantization_config(
+        load_in_4bit=True, compute_dtype=torch.float32))
+    trainer = PreferenceTrainer(
+        model, args=config(tmp_path, learning_rate=5e-2, max_steps=6),
+        train_dataset=PAIRS, processing_class=tok,
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    assert any(isinstance(m, Linear4bit) for m in trainer.model.modules())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "loss" in h]
+    assert margins[-1] > 0
+
+
+def test_precomputed_reference_matches_and_is_cached(policy_dir, tok, tmp_path):
+    data = PAIRS.select(range(8))
+    live = make(policy_dir, tok, tmp_path, data, max_steps=1, learning_rate=0.0)
+    batch = live.data_collator([live.train_dataset[i] for i in range(8)])
+    ref, _ = live.reference.logps(live.model, batch)
+    cache = tmp_path / "cache"
+    first = make(policy_dir, tok, tmp_path, data, precompute_ref_log_probs=True,
+                 ref_logps_cache_dir=str(cache))
+    assert first.reference.cache_hit is False and first.reference.cache_path.exists()
+    got = torch.tensor(list(first.train_dataset["ref_chosen_logps"])
+                       + list(first.train_dataset["ref_rejected_logps"]))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    second = make(policy_dir, tok, tmp_path, data, precompute_ref_log_probs=True,
+                  ref_logps_cache_dir=str(cache))
+    assert second.reference.cache_hit is True
+    assert list(second.train_dataset["ref_chosen_logps"]) == list(
+        first.train_dataset["ref_chosen_logps"])
+    # other data -> another key
+    third = make(policy_dir, tok, tmp_path, PAIRS.select(range(8, 16)),
+                 precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache))
+    assert third.reference.cache_hit is False
+    # training reads the columns: no reference forward at all
+    calls = count_forwards(second.model)
+    second.train()
+    assert len(calls) == BASE["max_steps"]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path):
+    kw = dict(max_steps=6, learning_rate=5e-3, save_strategy="steps", save_steps=3)
+    full = make(policy_dir, tok, tmp_path / "a", PAIRS, **kw)
+    full.train()
+    part = make(policy_dir, tok, tmp_path / "b", PAIRS, **kw)
+    part.add_callback(StopAt(3))  # interrupted right after the checkpoint at step 3
+    part.train()
+    assert part.state.global_step == 3
+    resumed = make(policy_dir, tok, tmp_path / "b", PAIRS, **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_model_card(policy_dir, tok, tmp_path):
+    trainer = make(policy_dir, tok, tmp_path, PAIRS, loss_type=["sigmoid", "sft"],
+                   loss_weights=[1.0, 0.2])
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(dataset_name="tiny/pairs")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "rlhf-ext" in card and "sigmoid+sft" in card and str(policy_dir) in card
+    assert '"loss_weights": [\n    1.0,\n    0.2\n  ]' in card
+    assert '"train_loss"' in card
