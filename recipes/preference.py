@@ -4,7 +4,7 @@
     accelerate launch recipes/preference.py --config recipes/tiny/dpo.yaml --loss_type simpo
 
 Arguments: TRL's ScriptArguments and ModelConfig (LoRA: use_peft, lora_r, ...; 4-bit:
-load_in_4bit), rlhf_ext's PreferenceConfig and TinyWorldArguments.
+load_in_4bit), rlhf_ext's PreferenceConfig and RecipeArguments.
 """
 
 import time
@@ -12,20 +12,15 @@ import time
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from rlhf_ext.data import load_dataset_any, train_eval_split
-from rlhf_ext.launch import TinyWorldArguments, finish_run, with_machine_args
+from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
 from rlhf_ext.models import load_causal_lm
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 
 
-def main(script_args, training_args, model_args, tiny_args):
+def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
-    world = tiny_args.ensure()
-    data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train, evaluation = train_eval_split(data, script_args.dataset_train_split,
-                                         script_args.dataset_test_split)
-    if training_args.eval_strategy == "no":
-        evaluation = None
+    world = recipe_args.ensure()
+    train, evaluation = recipe_args.load_datasets(script_args, training_args)
     trainer = PreferenceTrainer(
         model=load_causal_lm(model_args.model_name_or_path, model_args), args=training_args,
         train_dataset=train, eval_dataset=evaluation,
@@ -33,7 +28,7 @@ def main(script_args, training_args, model_args, tiny_args):
         peft_config=get_peft_config(model_args))
     trainer.base_model_name = model_args.model_name_or_path
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish_run(trainer, tiny_args, world, start, "preference_summary.json",
+    finish_run(trainer, recipe_args, world, start, "preference_summary.json",
                {"loss_type": training_args.loss_type})
     trainer.create_model_card(dataset_name=script_args.dataset_name)
     if training_args.push_to_hub:
@@ -42,5 +37,5 @@ def main(script_args, training_args, model_args, tiny_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, PreferenceConfig, ModelConfig, TinyWorldArguments))
+    parser = TrlParser((ScriptArguments, PreferenceConfig, ModelConfig, RecipeArguments))
     main(*parser.parse_args_and_config(args=with_machine_args()))

@@ -4,7 +4,7 @@
     python recipes/sft.py --config recipes/tiny/sft.yaml
 
 Arguments: TRL's ScriptArguments, SFTConfig and ModelConfig, plus rlhf_ext's
-TinyWorldArguments (build the tiny world first; judge the result with its oracle).
+RecipeArguments (build the tiny world first; judge the result with its oracle).
 """
 
 import time
@@ -12,31 +12,26 @@ import time
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from rlhf_ext.data import load_dataset_any, train_eval_split
-from rlhf_ext.launch import TinyWorldArguments, finish_run, with_machine_args
+from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
 from rlhf_ext.models import load_causal_lm
 
 
-def main(script_args, training_args, model_args, tiny_args):
+def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
-    world = tiny_args.ensure()
-    data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
-    train, evaluation = train_eval_split(data, script_args.dataset_train_split,
-                                         script_args.dataset_test_split)
-    if training_args.eval_strategy == "no":
-        evaluation = None
+    world = recipe_args.ensure()
+    train, evaluation = recipe_args.load_datasets(script_args, training_args)
     trainer = SFTTrainer(model=load_causal_lm(model_args.model_name_or_path, model_args),
                          args=training_args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=AutoTokenizer.from_pretrained(
                              model_args.model_name_or_path),
                          peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish_run(trainer, tiny_args, world, start, "sft_summary.json")
+    finish_run(trainer, recipe_args, world, start, "sft_summary.json")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.end()
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, TinyWorldArguments))
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RecipeArguments))
     main(*parser.parse_args_and_config(args=with_machine_args()))

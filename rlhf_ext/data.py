@@ -143,7 +143,8 @@ def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ..
 
 
 def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
-                               max_length: int | None, name: str = "train"):
+                               max_length: int | None, name: str = "train",
+                               keep: tuple[str, ...] = ()):
     """Validated rows -> token ids (paired: prompt/chosen/rejected_ids; unpaired:
     prompt/completion_ids, label and kl_completion_ids: the previous row's completion, the
     mismatched pairs of KTO's reference point). Fails when a prompt leaves no room."""
@@ -155,7 +156,7 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
         dataset = unpair_preference_dataset(dataset)
         kind = "unpaired"
     completions = PAIRED_COLUMNS if kind == "paired" else ("completion",)
-    keep = {"label"} if kind == "unpaired" else set()
+    keep = {*keep, "label"} if kind == "unpaired" else set(keep)
     dataset = dataset.map(tokenize_preference_row, desc=f"tokenizing {name} dataset",
                           fn_kwargs={"tokenizer": tokenizer, "completions": completions},
                           remove_columns=[c for c in dataset.column_names if c not in keep])
@@ -186,7 +187,7 @@ class PreferenceCollator:
     Paired rows give one batch of 2B sequences, the B chosen first then the B rejected, so
     one forward pass serves both. Unpaired rows give B sequences, plus ``kl_*`` tensors for
     the mismatched (prompt, previous completion) sequences. Precomputed reference log-probs
-    (``ref_*`` columns) pass through as tensors.
+    (``ref_*`` columns) and reward margins (``margin``) pass through as tensors.
     """
 
     pad_token_id: int
@@ -194,7 +195,8 @@ class PreferenceCollator:
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
 
-    def _sequences(self, prompts, completions, prefix: str = "") -> dict:
+    def sequences(self, prompts, completions, prefix: str = "") -> dict:
+        """Prompt + completion ids -> padded input_ids, attention_mask, completion_mask."""
         ids = [p + c for p, c in zip(prompts, completions)]
         mask = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
         if self.max_length is not None:
@@ -209,14 +211,14 @@ class PreferenceCollator:
     def __call__(self, examples: list[dict]) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
         if "chosen_ids" in examples[0]:
-            batch = self._sequences(prompts + prompts, [e["chosen_ids"] for e in examples]
+            batch = self.sequences(prompts + prompts, [e["chosen_ids"] for e in examples]
                                     + [e["rejected_ids"] for e in examples])
         else:
-            batch = self._sequences(prompts, [e["completion_ids"] for e in examples])
-            batch.update(self._sequences(prompts, [e["kl_completion_ids"] for e in examples],
+            batch = self.sequences(prompts, [e["completion_ids"] for e in examples])
+            batch.update(self.sequences(prompts, [e["kl_completion_ids"] for e in examples],
                                          prefix="kl_"))
             batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
         for key in examples[0]:
-            if key.startswith("ref_"):
+            if key.startswith("ref_") or key == "margin":
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch

@@ -29,9 +29,12 @@ def with_machine_args(argv: list[str] | None = None) -> list[str]:
 
 
 @dataclass
-class TinyWorldArguments:
-    """Build the tiny world before training (seconds, cached): ``rlhf_ext.tiny.world``."""
+class RecipeArguments:
+    """What recipes add to TRL's arguments: a held-out dataset, and the tiny world (built
+    before training in seconds, cached; its oracle judges the result)."""
 
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "A separate held-out dataset (path or Hub id) for evaluation."})
     tiny_world_dir: str | None = field(
         default=None, metadata={"help": "Build/reuse the tiny world here before training."})
     tiny_world_seed: int = field(default=0, metadata={"help": "Seed of the tiny world."})
@@ -39,6 +42,17 @@ class TinyWorldArguments:
     tiny_eval_prompts: int = field(
         default=256, metadata={"help": "After training, sample this many held-out prompts and "
                                "report oracle score and well-formedness (0 to skip)."})
+
+    def load_datasets(self, script_args, training_args):
+        """(train, eval): eval from eval_dataset_name, else the dataset's test split."""
+        from .data import load_dataset_any, train_eval_split
+
+        data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
+        train, evaluation = train_eval_split(data, script_args.dataset_train_split,
+                                             script_args.dataset_test_split)
+        if self.eval_dataset_name:
+            evaluation = load_dataset_any(self.eval_dataset_name)
+        return train, evaluation if training_args.eval_strategy != "no" else None
 
     def ensure(self):
         """Build the world if asked; return its path or None."""
@@ -50,7 +64,7 @@ class TinyWorldArguments:
                             WorldSpec(seed=self.tiny_world_seed, size=self.tiny_model_size))
 
 
-def finish_run(trainer, tiny_args: TinyWorldArguments, world, start: float, summary_name: str,
+def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summary_name: str,
                extra: dict | None = None) -> dict:
     """After training, every recipe: save the model, write a summary (losses, time and, in
     the tiny world, the oracle's judgement of held-out samples) as ``summary_name``."""
@@ -63,11 +77,11 @@ def finish_run(trainer, tiny_args: TinyWorldArguments, world, start: float, summ
     if losses:
         summary["first_logged_loss"], summary["last_logged_loss"] = losses[0], losses[-1]
     summary["log_history"] = trainer.state.log_history
-    if world is not None and tiny_args.tiny_eval_prompts and trainer.is_world_process_zero():
+    if world is not None and recipe_args.tiny_eval_prompts and trainer.is_world_process_zero():
         from .tiny.evaluate import evaluate_policy
         from .tiny.world import load_split
 
-        prompts = load_split(world, "prompts_eval")["prompt"][: tiny_args.tiny_eval_prompts]
+        prompts = load_split(world, "prompts_eval")["prompt"][: recipe_args.tiny_eval_prompts]
         report = evaluate_policy(trainer.model, trainer.processing_class, prompts,
                                  seed=trainer.args.seed)
         summary.update({f"tiny/{k}": v for k, v in report.items() if k != "completions"})

@@ -46,3 +46,15 @@ def sft_run(world_dir, tmp_path_factory):
                 "--model_name_or_path", str(world_dir / "base"),
                 "--dataset_name", str(world_dir / "data" / "sft"), "--output_dir", str(out)])
     return out, json.loads((out / "sft_summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reward_run(world_dir, sft_run, tmp_path_factory):
+    """The tiny reward recipe on top of the SFT run: (output dir, summary)."""
+    out = tmp_path_factory.mktemp("reward") / "reward"
+    run_recipe(["recipes/reward.py", "--config", "recipes/tiny/reward.yaml",
+                "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_run[0]),
+                "--dataset_name", str(world_dir / "data" / "pairs"),
+                "--eval_dataset_name", str(world_dir / "data" / "pairs_eval"),
+                "--output_dir", str(out)])
+    return out, json.loads((out / "reward_summary.json").read_text())

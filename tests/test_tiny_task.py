@@ -64,11 +64,12 @@ def test_same_seed_same_data_other_seed_other_data():
 
 
 def test_bradley_terry_probability():
-    # P(first) = sigmoid(10 * 0.1) = 0.731 for a gap of 0.1
+    # P(first) = sigmoid(20 * 0.05) = sigmoid(1) = 0.7311 for a gap of 0.05
+    assert BT_SCALE == 20.0
     rng = random.Random(0)
     n = 20000
-    hits = sum(bradley_terry_prefers_first(0.6, 0.5, rng) for _ in range(n))
-    assert hits / n == pytest.approx(1 / (1 + 2.718281828 ** (-BT_SCALE * 0.1)), abs=0.01)
+    hits = sum(bradley_terry_prefers_first(0.55, 0.5, rng) for _ in range(n))
+    assert hits / n == pytest.approx(0.7311, abs=0.01)
 
 
 def test_bradley_terry_large_gap_picks_higher():

@@ -25,8 +25,8 @@ from datasets import Dataset
 from .task import oracle_score, sample_completion, sample_prompt
 
 # Bradley-Terry scale: P(a preferred to b) = sigmoid(BT_SCALE * (score_a - score_b)).
-# A gap of 0.3 in oracle score is preferred with probability 0.95.
-BT_SCALE = 10.0
+# A gap of 0.15 in oracle score is preferred with probability 0.95.
+BT_SCALE = 20.0
 
 
 def _sigmoid(x: float) -> float:

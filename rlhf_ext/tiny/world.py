@@ -22,7 +22,7 @@ from . import corpus
 from .models import build_model
 from .tokenizer import build_tokenizer
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,169 @@
+"""RewardConfig / RewardTrainer (Bradley-Terry reward modelling) and batched scoring.
+
+Loss (TRL RewardTrainer's): -log sigma(r_chosen - r_rejected - margin), with the optional
+``margin`` column, plus ``center_rewards_coefficient * mean((r_chosen + r_rejected)^2)``
+(Eisenstein et al. 2023). Data goes through the same validation and tokenization as the
+preference trainer; chosen and rejected share one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
+
+from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
+from .heads import RewardModel, RewardModelConfig
+from .hub import write_model_card
+from .models import add_adapters, is_peft_model
+
+
+@dataclass
+class RewardConfig(TrainingArguments):
+    """TrainingArguments plus TRL RewardConfig's fields."""
+
+    max_length: int | None = field(default=1024, metadata={
+        "help": "Maximum prompt + completion tokens; longer sequences are truncated."})
+    center_rewards_coefficient: float | None = field(default=None, metadata={
+        "help": "Weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0."})
+    disable_dropout: bool = True
+    model_init_kwargs: dict | None = None
+    remove_unused_columns: bool = False
+
+
+def load_reward_model(name_or_path: str, **kwargs) -> RewardModel:
+    """A saved RewardModel as it is, or a causal-LM checkpoint as backbone + fresh head."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if isinstance(config, RewardModelConfig):
+        return RewardModel.from_pretrained(name_or_path, **kwargs)
+    return RewardModel.from_backbone(name_or_path, **kwargs)
+
+
+class RewardTrainer(Trainer):
+    """Trains a RewardModel on preference pairs; constructor as trl.RewardTrainer's."""
+
+    def __init__(self, model, args: RewardConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None,
+                 compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 peft_config=None):
+        args = args or RewardConfig(output_dir="reward-output")
+        self.base_model_name = model if isinstance(model, str) else model.name_or_path
+        if isinstance(model, str):
+            model = load_reward_model(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(self.base_model_name)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if peft_config is not None:
+            peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
+            model = add_adapters(model, peft_config, args.gradient_checkpointing)
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        if data_collator is None:
+            data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length)
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _prepare(dataset, tokenizer, args, name):
+        if dataset is None:
+            return None
+        kind = validate_preference_dataset(dataset, True, ["reward"], name)
+        return prepare_preference_dataset(dataset, tokenizer, kind=kind, unpair=False,
+                                          max_length=args.max_length, name=name,
+                                          keep=("margin",))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        chosen, rejected = out.rewards.chunk(2)
+        margin = inputs.get("margin")
+        loss = reward_loss(chosen, rejected, margin, self.args.center_rewards_coefficient)
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            everything = gather(out.rewards.detach())
+            diff = gather((chosen - rejected).detach())
+            m = self._metrics[mode]
+            m["min_reward"].append(everything.min().item())
+            m["mean_reward"].append(everything.mean().item())
+            m["max_reward"].append(everything.max().item())
+            m["accuracy"].append((diff > 0).float().mean().item())
+            m["margin"].append(diff.mean().item())
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        chosen, rejected = out.rewards.chunk(2)
+        return loss.detach(), torch.stack([chosen, rejected], -1), None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        write_model_card(
+            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
+            base_model=self.base_model_name, method="reward-model",
+            summary=f"A Bradley-Terry reward model on `{self.base_model_name}`.",
+            hyperparameters={"learning_rate": args.learning_rate, "max_length": args.max_length,
+                             "num_train_epochs": args.num_train_epochs,
+                             "center_rewards_coefficient": args.center_rewards_coefficient,
+                             "per_device_train_batch_size": args.per_device_train_batch_size},
+            metrics=self.state.log_history[-1] if self.state.log_history else {},
+            datasets=[dataset_name] if dataset_name else None, tags=tags,
+            is_adapter=is_peft_model(self.model))
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                center_coefficient: float | None = None) -> torch.Tensor:
+    """-mean log sigma(r_w - r_l - margin) [+ c * mean((r_w + r_l)^2)]. Shapes [B] -> scalar."""
+    diff = chosen - rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64,
+          max_length: int | None = None) -> list[float]:
+    """Rewards of (prompt, completion) pairs, batched; tokenized exactly as in training
+    (prompt + completion + eos). Conversational rows (lists of messages) work too."""
+    from .data import tokenize_preference_row
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    collate = PreferenceCollator(tokenizer.pad_token_id, max_length)
+    rewards: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [tokenize_preference_row({"prompt": p, "completion": c}, tokenizer, ("completion",))
+                for p, c in zip(prompts[start:start + batch_size],
+                                completions[start:start + batch_size])]
+        batch = collate.sequences([r["prompt_ids"] for r in rows],
+                                   [r["completion_ids"] for r in rows])
+        out = model(input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device))
+        rewards.extend(out.rewards.float().tolist())
+    model.train(was_training)
+    return rewards
