@@ -149,8 +149,12 @@ class _HeadModel(PreTrainedModel):
     def from_backbone(cls, name_or_path: str, objective_names: list[str] | None = None,
                       combination: str = "fixed", combination_weights=None, seed: int = 0,
                       **load_kwargs):
-        """Backbone weights from a causal-LM (or base) checkpoint, a fresh head (seeded)."""
+        """Backbone weights from a causal-LM, base or reward/value checkpoint (a head model
+        gives its backbone, e.g. a value model started from the reward model); a fresh
+        head (seeded)."""
         backbone = AutoModel.from_pretrained(name_or_path, **load_kwargs)
+        if isinstance(backbone, _HeadModel):
+            backbone = backbone.backbone
         config_cls = cls.config_class
         config = config_cls(backbone_config=backbone.config, objective_names=objective_names,
                             combination=combination, combination_weights=combination_weights)

@@ -65,9 +65,12 @@ class RecipeArguments:
 
 
 def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summary_name: str,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, reference_path: str | None = None,
+               model=None) -> dict:
     """After training, every recipe: save the model, write a summary (losses, time and, in
-    the tiny world, the oracle's judgement of held-out samples) as ``summary_name``."""
+    the tiny world, the oracle's judgement of held-out samples, and their KL to the model
+    at ``reference_path``) as ``summary_name``. ``model``: the policy, when the trainer
+    trains more than one module."""
     import json
     import time
 
@@ -82,9 +85,16 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
         from .tiny.world import load_split
 
         prompts = load_split(world, "prompts_eval")["prompt"][: recipe_args.tiny_eval_prompts]
-        report = evaluate_policy(trainer.model, trainer.processing_class, prompts,
-                                 seed=trainer.args.seed)
-        summary.update({f"tiny/{k}": v for k, v in report.items() if k != "completions"})
+        ref = None
+        if reference_path is not None:
+            from transformers import AutoModelForCausalLM
+
+            ref = AutoModelForCausalLM.from_pretrained(reference_path).to(trainer.args.device)
+        report = evaluate_policy(model if model is not None else trainer.model,
+                                 trainer.processing_class, prompts, seed=trainer.args.seed,
+                                 ref_model=ref)
+        summary.update({f"tiny/{k}": v for k, v in report.items()
+                        if k not in ("completions", "scores")})
         summary["tiny/examples"] = report["completions"][:3]
     if trainer.is_world_process_zero():
         path = os.path.join(trainer.args.output_dir, summary_name)

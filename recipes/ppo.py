@@ -1,0 +1,69 @@
+"""PPO with rlhf_ext's PPOTrainer: explicit per-token KL, the score on the last token, GAE.
+
+    accelerate launch recipes/ppo.py --config recipes/tiny/ppo.yaml
+    accelerate launch recipes/ppo.py --config recipes/tiny/ppo.yaml --reward oracle
+
+Arguments: TRL's ScriptArguments (dataset_name: a prompt dataset) and ModelConfig (the
+policy; LoRA, 4-bit), rlhf_ext's PPOConfig, RecipeArguments and PPOModelArguments.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from rlhf_ext.heads import ValueModel
+from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
+from rlhf_ext.models import load_causal_lm
+from rlhf_ext.ppo import PPOConfig, PPOTrainer
+from rlhf_ext.reward import load_reward_model
+
+
+@dataclass
+class PPOModelArguments:
+    reward: str = field(default="model", metadata={
+        "help": "'model' (reward_model_path) or 'oracle' (the tiny world's scorer)."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "A RewardModel saved by recipes/reward.py."})
+    value_model_path: str | None = field(default=None, metadata={
+        "help": "Backbone of the value model (default: the reward model, else the policy)."})
+
+
+def main(script_args, training_args, model_args, recipe_args, ppo_args):
+    start = time.time()
+    world = recipe_args.ensure()
+    train, evaluation = recipe_args.load_datasets(script_args, training_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    policy = load_causal_lm(model_args.model_name_or_path, model_args)
+    if ppo_args.reward == "oracle":
+        from rlhf_ext.tiny import oracle_score
+
+        reward, reward_tokenizer = (lambda p, c: [oracle_score(x) for x in c]), None
+    elif ppo_args.reward == "model":
+        if ppo_args.reward_model_path is None:
+            raise ValueError("reward: model needs --reward_model_path (or use --reward oracle)")
+        reward = load_reward_model(ppo_args.reward_model_path)
+        reward_tokenizer = AutoTokenizer.from_pretrained(ppo_args.reward_model_path)
+    else:
+        raise ValueError(f"reward must be 'model' or 'oracle', got {ppo_args.reward!r}")
+    value_path = (ppo_args.value_model_path or ppo_args.reward_model_path
+                  or model_args.model_name_or_path)
+    value_model = ValueModel.from_backbone(value_path, seed=training_args.seed)
+    trainer = PPOTrainer(policy, training_args, tokenizer, train, reward=reward,
+                         value_model=value_model, reward_tokenizer=reward_tokenizer,
+                         eval_dataset=evaluation, peft_config=get_peft_config(model_args))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finish_run(trainer, recipe_args, world, start, "ppo_summary.json",
+               {"reward": ppo_args.reward}, reference_path=model_args.model_name_or_path,
+               model=trainer.policy)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig, RecipeArguments,
+                        PPOModelArguments))
+    main(*parser.parse_args_and_config(args=with_machine_args()))

@@ -1,0 +1,310 @@
+"""PPOConfig / PPOTrainer: PPO on the transformers Trainer's own loop.
+
+One Trainer epoch is one PPO iteration: the train dataloader (``ExperienceLoader``) runs a
+rollout with the current policy, then yields its experience in shuffled minibatches
+``num_ppo_epochs`` times. The Trainer does everything else: optimizer and scheduler over
+policy + value parameters, gradient accumulation and clipping, callbacks, logging,
+checkpoints (with the KL controller and score statistics) and resume at iteration
+boundaries, push_to_hub.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from ..heads import RewardModel, ValueModel
+from ..hub import write_model_card
+from ..models import add_adapters, is_peft_model
+from ..reward import score as reward_model_score
+from . import core
+from .rollout import Batch, response_logits, response_logps, response_values, rollout
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """TrainingArguments plus PPO's fields (TRL PPOConfig's names where they exist)."""
+
+    rollout_batch_size: int = field(default=64, metadata={
+        "help": "Prompts sampled per PPO iteration (per process)."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    total_episodes: int | None = field(default=None, metadata={
+        "help": "Total prompts to roll out; sets num_train_epochs (= iterations)."})
+    local_rollout_forward_batch_size: int = 64
+    response_length: int = field(default=53, metadata={"help": "max_new_tokens of rollouts."})
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = field(default=0.05, metadata={"help": "beta (initial when adaptive)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3."})
+    kl_target: float | None = field(default=None, metadata={
+        "help": "Target KL for the adaptive controller (Ziegler et al.); None = fixed beta."})
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float | None = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    score_clip: float | None = None
+    normalize_scores: bool = False
+    num_sample_generations: int = field(default=10, metadata={
+        "help": "How many times to log a table of sample completions (0: never)."})
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.total_episodes is not None:
+            self.num_train_epochs = math.ceil(self.total_episodes / self.rollout_batch_size)
+        super().__post_init__()
+
+
+class PolicyAndValue(nn.Module):
+    """The modules the optimizer updates: the policy and the value model."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+
+class ExperienceLoader:
+    """One rollout per epoch, then its experience in minibatches, num_ppo_epochs times."""
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer, self.epoch = trainer, 0
+        args = trainer.args
+        per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
+        self.length = per_rollout * args.num_ppo_epochs
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        args = self.trainer.args
+        experience = self.trainer.make_experience(self.epoch)
+        n = experience["input_ids"].shape[0]
+        generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, args.per_device_train_batch_size):
+                rows = order[start:start + args.per_device_train_batch_size]
+                yield {k: v[rows.to(v.device)] for k, v in experience.items()}
+
+
+class PPOTrainer(Trainer):
+    """PPO with explicit per-token KL and GAE. ``reward`` is a RewardModel or any callable
+    ``reward_fn(prompts, completions) -> list[float]``."""
+
+    def __init__(self, model, args: PPOConfig, processing_class, train_dataset,
+                 reward: RewardModel | Callable, value_model: ValueModel,
+                 ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
+                 optimizers=(None, None), peft_config=None):
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if "prompt" not in train_dataset.column_names:
+            raise ValueError(f"train dataset: PPO needs a 'prompt' column, found "
+                             f"{train_dataset.column_names}; rename the prompt column")
+        self.base_model_name = getattr(model.config, "_name_or_path", None)
+        if peft_config is not None:
+            model = add_adapters(model, peft_config, args.gradient_checkpointing)
+        if ref_model is None and not is_peft_model(model):
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+        self.ref_model = ref_model
+        if isinstance(reward, nn.Module):
+            reward.eval().requires_grad_(False)
+            tok = reward_tokenizer or processing_class
+            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, c)
+        else:
+            self.reward_fn = reward
+        self.reward_model = reward if isinstance(reward, nn.Module) else None
+        self.policy, self.value_model = model, value_model
+        self.prompts = list(train_dataset["prompt"])
+        self.kl_ctl = (core.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+                       if args.kl_target else core.FixedKLController(args.kl_coef))
+        self.moments = core.RunningMoments() if args.normalize_scores else None
+        self._metrics = defaultdict(list)
+        self.samples: list[dict] = []
+        super().__init__(model=PolicyAndValue(model, value_model), args=args,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        for m in (self.ref_model, self.reward_model):
+            if m is not None:
+                m.to(self.args.device)
+
+    # -----------------------------------------------------------------------------------
+    # experience
+    # -----------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        return ExperienceLoader(self)
+
+    def _iteration_prompts(self, epoch: int) -> list[str]:
+        """The prompts of iteration ``epoch``: a seeded pass over the data, this process's share."""
+        n, size = len(self.prompts), self.args.rollout_batch_size
+        world, rank = self.args.world_size, self.args.process_index
+        start = (epoch * world + rank) * size
+        out = []
+        for i in range(start, start + size):
+            pass_index, offset = divmod(i, n)
+            order = list(range(n))
+            random.Random(self.args.seed * 7919 + pass_index).shuffle(order)
+            out.append(self.prompts[order[offset]])
+        return out
+
+    def _reference_logps(self, batch: Batch) -> torch.Tensor:
+        temperature = self.args.temperature
+        if self.ref_model is not None:
+            return response_logps(response_logits(self.ref_model, batch), batch, temperature)
+        with self.accelerator.unwrap_model(self.model).policy.disable_adapter():
+            return response_logps(response_logits(self.policy, batch), batch, temperature)
+
+    def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
+        prompts = self._iteration_prompts(epoch)
+        was_training = self.model.training
+        result = rollout(policy=self.policy, reference=self._reference_logps,
+                         value_model=self.value_model, tokenizer=self.processing_class,
+                         prompts=prompts, reward=self.reward_fn, args=self.args,
+                         kl_coef=self.kl_ctl.value, moments=self.moments,
+                         seed=self.args.seed * 1000 + epoch)
+        self.model.train(was_training)
+        for key, value in result.metrics.items():
+            self._metrics[key].append(value)
+        self._metrics["kl_coef"].append(self.kl_ctl.value)
+        self.kl_ctl.update(result.metrics["objective/kl"],
+                           self.args.rollout_batch_size * self.args.world_size)
+        self._maybe_keep_samples(epoch, result)
+        return result.experience
+
+    def _maybe_keep_samples(self, epoch: int, result) -> None:
+        every = max(1, int(self.args.num_train_epochs) // max(1, self.args.num_sample_generations))
+        if not self.args.num_sample_generations or epoch % every:
+            return
+        rows = [{"step": self.state.global_step, "prompt": p, "completion": c, "score": s}
+                for p, c, s in list(zip(result.prompts, result.completions, result.scores))[:4]]
+        self.samples.extend(rows)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "samples.md"), "a") as f:
+                if epoch == 0:
+                    f.write("| step | prompt | completion | score |\n|---|---|---|---|\n")
+                for r in rows:
+                    f.write(f"| {r['step']} | {r['prompt']} | {r['completion']} | "
+                            f"{r['score']:.3f} |\n")
+
+    # -----------------------------------------------------------------------------------
+    # loss
+    # -----------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = Batch(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                      inputs["response_mask"], int(inputs["prompt_width"][0]))
+        wrapper = model.module if hasattr(model, "module") else model
+        logps = response_logps(response_logits(wrapper.policy, batch), batch,
+                               self.args.temperature)
+        values = response_values(wrapper.value_model, batch)
+        mask = batch.response_mask
+        pg_loss, pg = core.policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask,
+                                       self.args.cliprange)
+        vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
+                                      self.args.cliprange_value)
+        loss = pg_loss + self.args.vf_coef * vf_loss
+        for key, value in (("policy/approxkl_avg", pg["approxkl"]),
+                           ("policy/clipfrac_avg", pg["clipfrac"]), ("val/ratio", pg["ratio"]),
+                           ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
+                           ("val/clipfrac_avg", vf["clipfrac"])):
+            self._metrics[key].append(self.accelerator.gather(value.detach()).mean().item())
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        for key, values in self._metrics.items():
+            if values:
+                logs[key] = sum(values) / len(values)
+        if "train_runtime" not in logs and start_time is not None:
+            import time
+
+            elapsed = max(time.time() - start_time, 1e-9)
+            logs["eps"] = self.state.epoch * self.args.rollout_batch_size * \
+                self.args.world_size / elapsed if self.state.epoch else 0.0
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -----------------------------------------------------------------------------------
+    # saving and resuming: the policy (or its adapter) at the top, the value model beside
+    # -----------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper.policy.save_pretrained(output_dir)
+        wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        state = {"kl_ctl": self.kl_ctl.state_dict(),
+                 "moments": self.moments.state_dict() if self.moments else None}
+        with open(os.path.join(output_dir, "ppo_state.json"), "w") as f:
+            json.dump(state, f)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        wrapper = self.accelerator.unwrap_model(model or self.model)
+        if is_peft_model(wrapper.policy):
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+            set_peft_model_state_dict(wrapper.policy, weights)
+        else:
+            _load_weights(wrapper.policy, os.path.join(resume_from_checkpoint, "model.safetensors"))
+        _load_weights(wrapper.value_model,
+                      os.path.join(resume_from_checkpoint, "value_model", "model.safetensors"))
+        with open(os.path.join(resume_from_checkpoint, "ppo_state.json")) as f:
+            state = json.load(f)
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.moments is not None and state["moments"]:
+            self.moments.load_state_dict(state["moments"])
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        if not self.is_world_process_zero():
+            return
+        args = self.args
+        reward = "a reward model" if self.reward_model is not None else "a reward function"
+        write_model_card(
+            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
+            base_model=self.base_model_name, method="ppo",
+            summary=f"PPO (per-token KL, GAE) from `{self.base_model_name}` against {reward}.",
+            hyperparameters={k: getattr(args, k) for k in (
+                "learning_rate", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
+                "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
+                "response_length", "temperature", "per_device_train_batch_size")},
+            metrics=self.state.log_history[-1] if self.state.log_history else {},
+            datasets=[dataset_name] if dataset_name else None, tags=tags,
+            is_adapter=is_peft_model(self.policy))
+
+
+def _load_weights(module: nn.Module, path: str) -> None:
+    """Load safetensors weights; only tied weights (absent from the file) may be missing."""
+    missing, unexpected = module.load_state_dict(load_file(path), strict=False)
+    tied = set(getattr(module, "_tied_weights_keys", None) or {})
+    if unexpected or any(k not in tied and "lm_head" not in k for k in missing):
+        raise RuntimeError(f"checkpoint {path} does not fit: missing {missing}, "
+                           f"unexpected {unexpected}")
