@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -55,3 +57,40 @@ def is_peft_model(model) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run ``model`` as its base model: every LoRA layer off, then back as it was.
+
+    Unlike peft's ``disable_adapter()``, this leaves ``requires_grad`` alone (peft
+    re-activates the active adapter on exit and freezes every other one, which would stop
+    a second trained adapter, such as single-base PPO's value adapter, from learning)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, previous):
+            m._disable_adapters = old
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Make adapter ``name`` the active one in every LoRA layer of ``model``, then restore
+    (``requires_grad`` untouched, unlike peft's ``set_adapter``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, previous):
+            m._active_adapter = old

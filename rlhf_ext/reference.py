@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .logps import sequence_logps
-from .models import is_peft_model
+from .models import adapters_disabled, is_peft_model
 
 CACHE_VERSION = 1
 
@@ -80,8 +80,7 @@ class ReferenceLogps:
         if self.mode == "model":
             return sequence_logps(self.model, *args)
         if self.mode == "adapters_off":
-            unwrapped = policy.module if hasattr(policy, "module") else policy
-            with unwrapped.disable_adapter():
+            with adapters_disabled(policy):
                 return sequence_logps(policy, *args)
         if self.mode == "initial_policy":
             return sequence_logps(policy, *args)

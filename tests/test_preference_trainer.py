@@ -146,14 +146,15 @@ def test_4bit_lora_trains(policy_dir, tok, tmp_path):
 
     model = load_causal_lm(str(policy_dir), quantization_config=quantization_config(
         load_in_4bit=True, compute_dtype=torch.float32))
-    trainer = PreferenceTrainer(
-        model, args=config(tmp_path, learning_rate=5e-2, max_steps=6),
-        train_dataset=PAIRS, processing_class=tok,
+    trainer = PreferenceTrainer(  # one fixed batch of 8, so the loss must fall
+        model, args=config(tmp_path, learning_rate=2e-2, max_steps=8,
+                           per_device_train_batch_size=8),
+        train_dataset=PAIRS.select(range(8)), processing_class=tok,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
     assert any(isinstance(m, Linear4bit) for m in trainer.model.modules())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.05, losses
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "loss" in h]
     assert margins[-1] > 0
 

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..heads import RewardModel, ValueModel
 from ..hub import write_model_card
-from ..models import add_adapters, is_peft_model
+from ..models import adapters_disabled, add_adapters, is_peft_model
 from ..reward import score as reward_model_score
 from . import core
 from .rollout import Batch, response_logits, response_logps, response_values, rollout
@@ -110,7 +110,8 @@ class ExperienceLoader:
 
 class PPOTrainer(Trainer):
     """PPO with explicit per-token KL and GAE. ``reward`` is a RewardModel or any callable
-    ``reward_fn(prompts, completions) -> list[float]``."""
+    ``reward_fn(prompts, completions) -> list[float]``. For single-base mode pass the three
+    models of ``single_base.build_single_base`` (policy, value, reward)."""
 
     def __init__(self, model, args: PPOConfig, processing_class, train_dataset,
                  reward: RewardModel | Callable, value_model: ValueModel,
@@ -175,7 +176,7 @@ class PPOTrainer(Trainer):
         temperature = self.args.temperature
         if self.ref_model is not None:
             return response_logps(response_logits(self.ref_model, batch), batch, temperature)
-        with self.accelerator.unwrap_model(self.model).policy.disable_adapter():
+        with adapters_disabled(self.policy):
             return response_logps(response_logits(self.policy, batch), batch, temperature)
 
     def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
@@ -275,8 +276,11 @@ class PPOTrainer(Trainer):
             set_peft_model_state_dict(wrapper.policy, weights)
         else:
             _load_weights(wrapper.policy, os.path.join(resume_from_checkpoint, "model.safetensors"))
-        _load_weights(wrapper.value_model,
-                      os.path.join(resume_from_checkpoint, "value_model", "model.safetensors"))
+        value_dir = os.path.join(resume_from_checkpoint, "value_model")
+        if hasattr(wrapper.value_model, "load_checkpoint"):  # single-base AdapterHead
+            wrapper.value_model.load_checkpoint(value_dir)
+        else:
+            _load_weights(wrapper.value_model, os.path.join(value_dir, "model.safetensors"))
         with open(os.path.join(resume_from_checkpoint, "ppo_state.json")) as f:
             state = json.load(f)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
