@@ -88,3 +88,25 @@ def test_reward_model_push_and_auto_load(world_dir, tmp_path):
     with torch.no_grad():
         expected = round(local(torch.tensor([[3, 4, 5]])).rewards.item(), 5)
     assert f"REWARD RewardModel {expected}" in out
+
+
+def test_ppo_recipe_pushes_policy_value_and_card(sft_run, world_dir, tmp_path):
+    sft_dir, _ = sft_run
+    out = tmp_path / "ppo"
+    with LocalHub(tmp_path / "hub") as hub:
+        logs = run([sys.executable, "recipes/ppo.py", "--config", "recipes/tiny/ppo_oracle.yaml",
+                    "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_dir),
+                    "--dataset_name", str(world_dir / "data" / "prompts_rl"),
+                    "--output_dir", str(out), "--num_train_epochs", "1",
+                    "--rollout_batch_size", "16", "--tiny_eval_prompts", "0",
+                    "--push_to_hub", "true", "--hub_model_id", "tester/tiny-ppo"], hub_env(hub))
+        repo = tmp_path / "hub" / "tester" / "tiny-ppo"
+        pushed = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
+        assert {"model.safetensors", "value_model/model.safetensors", "README.md",
+                "ppo_state.json"} <= pushed
+        card = (repo / "README.md").read_text()
+        assert "ppo" in card and "kl_coef" in card and "rlhf-ext" in card
+    assert TOKEN not in logs
+    for path in list(out.rglob("*")) + list((tmp_path / "hub").rglob("*")):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path

@@ -73,3 +73,28 @@ def test_single_base_ppo_trains_policy_and_value_adapters_only(setup, tmp_path):
     assert not torch.equal(head_before, value.head.weight)
     logged = {k for h in trainer.state.log_history for k in h}
     assert {"objective/kl", "loss/value_avg", "objective/scores"} <= logged
+
+
+def test_single_base_ppo_on_a_4bit_base(setup, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    from rlhf_ext.models import load_causal_lm, quantization_config
+
+    root, tok = setup
+    base = load_causal_lm(str(root / "base"), quantization_config=quantization_config(
+        load_in_4bit=True, compute_dtype=torch.float32))
+    policy, value, reward = build_single_base(base, LoraConfig(**LORA), str(root / "rm"))
+    assert any(isinstance(m, Linear4bit) for m in policy.modules())
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=16, num_ppo_epochs=1,
+                     per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-2,
+                     response_length=8, temperature=1.0, report_to="none", use_cpu=True,
+                     save_strategy="no", disable_tqdm=True, num_sample_generations=0,
+                     logging_steps=1)
+    trainer = PPOTrainer(policy, args, tok, prompt_dataset(16, seed=5), reward=reward,
+                         value_model=value)
+    trainer.train()
+    changed = {n for n, p in policy.named_parameters() if n in before and not torch.equal(before[n], p)}
+    assert any(".default." in n for n in changed) and any(".value." in n for n in changed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(loss == loss for loss in losses)  # no NaN
