@@ -187,13 +187,16 @@ class PreferenceCollator:
     Paired rows give one batch of 2B sequences, the B chosen first then the B rejected, so
     one forward pass serves both. Unpaired rows give B sequences, plus ``kl_*`` tensors for
     the mismatched (prompt, previous completion) sequences. Precomputed reference log-probs
-    (``ref_*`` columns) and reward margins (``margin``) pass through as tensors.
+    (``ref_*`` columns) and reward margins (``margin``) pass through as tensors. With
+    ``padding_free`` every group of sequences is one row without padding (see
+    ``logps.sequence_logps``).
     """
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def sequences(self, prompts, completions, prefix: str = "") -> dict:
         """Prompt + completion ids -> padded input_ids, attention_mask, completion_mask."""
@@ -203,6 +206,13 @@ class PreferenceCollator:
             cut = (slice(None, self.max_length) if self.truncation_mode == "keep_start"
                    else slice(-self.max_length, None))
             ids, mask = [r[cut] for r in ids], [m[cut] for m in mask]
+        if self.padding_free:  # one row, no padding: positions restart per sequence
+            return {f"{prefix}input_ids": torch.tensor([sum(ids, [])]),
+                    f"{prefix}position_ids": torch.tensor([[t for r in ids
+                                                           for t in range(len(r))]]),
+                    f"{prefix}completion_mask": torch.tensor([sum(mask, [])]),
+                    f"{prefix}sequence_ids": torch.tensor([[i for i, r in enumerate(ids)
+                                                           for _ in r]])}
         return {f"{prefix}input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
                 f"{prefix}attention_mask": _pad([[1] * len(r) for r in ids], 0,
                                                 self.pad_to_multiple_of),

@@ -21,23 +21,34 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Ten
     return out
 
 
-def completion_token_logps(model, input_ids: Tensor, attention_mask: Tensor,
-                           completion_mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-token log-probs of the completion tokens, zero elsewhere (prompt and padding).
-
-    Position t of the result holds log p(input_ids[t + 1] | input_ids[:t + 1]).
-    Shapes: input_ids, attention_mask, completion_mask [B, T] -> [B, T - 1].
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    mask = completion_mask[:, 1:].to(torch.float32)
-    return token_logps(logits[:, :-1], input_ids[:, 1:], temperature) * mask
-
-
-def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-                   ) -> tuple[Tensor, Tensor]:
+def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
+                   completion_mask: Tensor, position_ids: Tensor | None = None,
+                   sequence_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Summed completion log-probs and completion token counts of each sequence.
 
-    Shapes: [B, T] inputs -> ([B], [B]).
+    Padded batches: [B, T] inputs -> ([B], [B]). Padding-free batches: one row [1, N] of
+    concatenated sequences, ``position_ids`` restarting at 0 for each (the attention then
+    stays within each sequence) and ``sequence_ids`` [1, N] naming each token's sequence
+    -> ([S], [S]) for S sequences. The shifted prediction that crosses from one sequence
+    into the next lands on a prompt token, which the completion mask drops.
     """
-    per_token = completion_token_logps(model, input_ids, attention_mask, completion_mask)
-    return per_token.sum(-1), completion_mask[:, 1:].sum(-1).to(per_token.dtype)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False).logits
+    mask = completion_mask[:, 1:].to(torch.float32)
+    per_token = token_logps(logits[:, :-1], input_ids[:, 1:]) * mask
+    if sequence_ids is None:
+        return per_token.sum(-1), mask.sum(-1)
+    index = sequence_ids[0, 1:]
+    n = int(sequence_ids.max()) + 1
+    sums = per_token.new_zeros(n).index_add(0, index, per_token[0])
+    return sums, mask.new_zeros(n).index_add(0, index, mask[0])
+
+
+def batch_logps(model, inputs: dict, prefix: str = "") -> tuple[Tensor, Tensor]:
+    """``sequence_logps`` of a collated batch (padded or padding-free); ``prefix`` picks
+    another set of sequences in it (``kl_`` for KTO's mismatched pairs)."""
+    return sequence_logps(model, inputs[f"{prefix}input_ids"],
+                          inputs.get(f"{prefix}attention_mask"),
+                          inputs[f"{prefix}completion_mask"],
+                          inputs.get(f"{prefix}position_ids"),
+                          inputs.get(f"{prefix}sequence_ids"))

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .hub import write_model_card
-from .logps import sequence_logps
+from .logps import batch_logps
 from .models import add_adapters, is_peft_model, load_causal_lm
 from .reference import ReferenceLogps
 
@@ -47,6 +47,10 @@ class PreferenceConfig(TrainingArguments):
     truncation_mode: str = field(default="keep_start", metadata={
         "help": "keep_start or keep_end."})
     pad_to_multiple_of: int | None = None
+    padding_free: bool = field(default=False, metadata={
+        "help": "Pack each batch into one row without padding (positions restart per "
+                "sequence); needs an attention that honours packed position_ids (sdpa, "
+                "flash-attention)."})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute reference log-probs once before training (cached on disk)."})
     precompute_ref_batch_size: int | None = None
@@ -119,7 +123,8 @@ class PreferenceTrainer(Trainer):
             eval_dataset = self._prepare(eval_dataset, processing_class, args, names, "eval")
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length,
-                                               args.truncation_mode, args.pad_to_multiple_of)
+                                               args.truncation_mode, args.pad_to_multiple_of,
+                                               args.padding_free)
 
         # Reference: none, an explicit model, the base with adapters off, or a frozen copy.
         self.reference = ReferenceLogps.choose(model, ref_model, args)
@@ -164,8 +169,7 @@ class PreferenceTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def _paired_batch(self, model, inputs) -> L.PairedLogps:
-        logps, counts = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"],
-                                       inputs["completion_mask"])
+        logps, counts = batch_logps(model, inputs)
         b = logps.shape[0] // 2
         ref_chosen = ref_rejected = None
         if "ref_chosen_logps" in inputs:
@@ -177,17 +181,14 @@ class PreferenceTrainer(Trainer):
                              ref_chosen, ref_rejected)
 
     def _unpaired_batch(self, model, inputs) -> L.UnpairedLogps:
-        logps, counts = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"],
-                                       inputs["completion_mask"])
+        logps, counts = batch_logps(model, inputs)
         if "ref_logps" in inputs:
             ref, ref_kl = inputs["ref_logps"], inputs["ref_kl_logps"]
         else:
             ref, _ = self.reference.logps(model, inputs)
             ref_kl, _ = self.reference.logps(model, inputs, prefix="kl_")
         with torch.no_grad():
-            kl_logps, _ = sequence_logps(model, inputs["kl_input_ids"],
-                                         inputs["kl_attention_mask"],
-                                         inputs["kl_completion_mask"])
+            kl_logps, _ = batch_logps(model, inputs, prefix="kl_")
         gather = self.accelerator.gather
         z0 = L.kto_reference_point(gather(kl_logps), gather(ref_kl))
         return L.UnpairedLogps(logps, counts, inputs["desirable"], ref, z0)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .logps import sequence_logps
+from .logps import batch_logps
 from .models import adapters_disabled, is_peft_model
 
 CACHE_VERSION = 1
@@ -74,16 +74,15 @@ class ReferenceLogps:
 
     @torch.no_grad()
     def logps(self, policy, inputs: dict, prefix: str = ""):
-        """Reference (summed log-probs, counts) of ``inputs[prefix + 'input_ids']`` etc."""
-        args = (inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"],
-                inputs[f"{prefix}completion_mask"])
+        """Reference (summed log-probs, counts) of the sequences ``prefix`` names in
+        ``inputs`` (``logps.batch_logps``)."""
         if self.mode == "model":
-            return sequence_logps(self.model, *args)
+            return batch_logps(self.model, inputs, prefix)
         if self.mode == "adapters_off":
             with adapters_disabled(policy):
-                return sequence_logps(policy, *args)
+                return batch_logps(policy, inputs, prefix)
         if self.mode == "initial_policy":
-            return sequence_logps(policy, *args)
+            return batch_logps(policy, inputs, prefix)
         raise RuntimeError(f"reference log-probs requested but the reference mode is {self.mode}")
 
     def precompute(self, trainer, dataset, name: str):

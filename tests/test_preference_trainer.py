@@ -220,3 +220,28 @@ def test_model_card(policy_dir, tok, tmp_path):
     assert "rlhf-ext" in card and "sigmoid+sft" in card and str(policy_dir) in card
     assert '"loss_weights": [\n    1.0,\n    0.2\n  ]' in card
     assert '"train_loss"' in card
+
+
+def test_padding_free_collator_packs_one_row(tok):
+    from rlhf_ext.data import PreferenceCollator
+
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
+    out = PreferenceCollator(0, padding_free=True)(rows)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 6, 7, 8, 1, 2, 4, 5, 6, 9]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    assert out["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3]]
+    assert out["completion_mask"].tolist() == [[0, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1]]
+    assert "attention_mask" not in out
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "kto", "simpo"])
+def test_padding_free_matches_padded(policy_dir, tok, tmp_path, loss):
+    kw = dict(loss_type=loss, max_steps=1, learning_rate=0.0, per_device_train_batch_size=8)
+    padded = make(policy_dir, tok, tmp_path / "a", PAIRS, **kw)
+    padded.train()
+    packed = make(policy_dir, tok, tmp_path / "b", PAIRS, padding_free=True, **kw)
+    packed.train()
+    a, b = padded.state.log_history[0], packed.state.log_history[0]
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
