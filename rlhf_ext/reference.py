@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -89,8 +90,10 @@ class ReferenceLogps:
         """``dataset`` plus ref_chosen_logps/ref_rejected_logps (paired) or ref_logps/
         ref_kl_logps (unpaired), computed once (sharded over processes) or read from cache."""
         args = trainer.args
+        with _gathered_if_zero3(self.model or trainer.model):  # hash the real weights
+            fingerprint = model_fingerprint(self.model or trainer.model)
         key = hashlib.sha256(json.dumps({
-            "model": model_fingerprint(self.model or trainer.model),
+            "model": fingerprint,
             "data": data_fingerprint(dataset), "max_length": args.max_length,
             "truncation_mode": args.truncation_mode, "version": CACHE_VERSION,
         }).encode()).hexdigest()[:24]
@@ -122,16 +125,32 @@ class ReferenceLogps:
         was_training = policy.training
         policy.eval()
         out = defaultdict(list)
-        for batch in tqdm(loader, desc=f"reference log-probs ({name})",
-                          disable=not trainer.accelerator.is_local_main_process):
-            logps, _ = self.logps(policy, batch)
-            if "desirable" in batch:
-                kl, _ = self.logps(policy, batch, prefix="kl_")
-                parts = {"ref_logps": logps, "ref_kl_logps": kl}
-            else:
-                half = logps.shape[0] // 2
-                parts = {"ref_chosen_logps": logps[:half], "ref_rejected_logps": logps[half:]}
-            for k, v in parts.items():
-                out[k].append(trainer.accelerator.gather_for_metrics(v).float().cpu())
+        with _gathered_if_zero3(self.model or policy):
+            for batch in tqdm(loader, desc=f"reference log-probs ({name})",
+                              disable=not trainer.accelerator.is_local_main_process):
+                self._collect(policy, batch, out, trainer.accelerator)
         policy.train(was_training)
         return {k: torch.cat(v) for k, v in out.items()}
+
+    def _collect(self, policy, batch, out, accelerator) -> None:
+        logps, _ = self.logps(policy, batch)
+        if "desirable" in batch:
+            kl, _ = self.logps(policy, batch, prefix="kl_")
+            parts = {"ref_logps": logps, "ref_kl_logps": kl}
+        else:
+            half = logps.shape[0] // 2
+            parts = {"ref_chosen_logps": logps[:half], "ref_rejected_logps": logps[half:]}
+        for k, v in parts.items():
+            out[k].append(accelerator.gather_for_metrics(v).float().cpu())
+
+
+def _gathered_if_zero3(model):
+    """Under DeepSpeed ZeRO-3 the weights are partitioned until the engine wraps the model;
+    the one pass before training gathers them (a full copy per process, briefly)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)

@@ -20,6 +20,8 @@ def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None =
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    elif launcher == "accelerate_config":  # args start with --config_file
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     else:
         cmd = [sys.executable]
     proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True,

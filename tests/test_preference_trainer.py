@@ -214,6 +214,10 @@ def test_model_card(policy_dir, tok, tmp_path):
     trainer = make(policy_dir, tok, tmp_path, PAIRS, loss_type=["sigmoid", "sft"],
                    loss_weights=[1.0, 0.2])
     trainer.train()
+    metrics = trainer.evaluate(PAIRS.select(range(8)))
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies",
+                "eval_logps/chosen", "eval_nll_loss"):
+        assert key in metrics, key
     trainer.save_model()
     trainer.create_model_card(dataset_name="tiny/pairs")
     card = (tmp_path / "out" / "README.md").read_text()
@@ -245,3 +249,37 @@ def test_padding_free_matches_padded(policy_dir, tok, tmp_path, loss):
     a, b = padded.state.log_history[0], packed.state.log_history[0]
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_precompute_under_deepspeed_zero3_matches(sft_run, world_dir, tmp_path):
+    """ZeRO-3 partitions the weights at load; the precompute pass gathers them, so the
+    cache key and the values equal a plain run's (same file name, values to 1e-5)."""
+    from conftest import run_recipe
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    sft_dir, _ = sft_run
+    pairs = load_from_disk(str(world_dir / "data" / "pairs"))
+    plain = PreferenceTrainer(
+        AutoModelForCausalLM.from_pretrained(sft_dir), processing_class=tok_of(sft_dir),
+        train_dataset=pairs, args=PreferenceConfig(
+            output_dir=str(tmp_path / "plain"), precompute_ref_log_probs=True, max_length=128,
+            ref_logps_cache_dir=str(tmp_path / "c1"), report_to="none", use_cpu=True,
+            per_device_train_batch_size=32))
+    run_recipe(["--config_file", "accelerate_configs/zero3.yaml", "recipes/preference.py",
+                "--config", "recipes/tiny/dpo.yaml", "--precompute_ref_log_probs", "true",
+                "--max_steps", "1", "--tiny_eval_prompts", "0", "--ddp_backend", "gloo",
+                "--output_dir", str(tmp_path / "ds"), "--model_name_or_path", str(sft_dir),
+                "--dataset_name", str(world_dir / "data" / "pairs"),
+                "--ref_logps_cache_dir", str(tmp_path / "c2")], launcher="accelerate_config")
+    (ds_file,) = (tmp_path / "c2").glob("*.pt")
+    assert ds_file.name == plain.reference.cache_path.name
+    ds, ref = torch.load(ds_file), torch.load(plain.reference.cache_path)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(ds[key], ref[key], rtol=1e-5, atol=1e-4)
+    assert (tmp_path / "ds" / "model.safetensors").exists()  # ZeRO-3 saved a loadable model
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ds")
+
+
+def tok_of(path):
+    return AutoTokenizer.from_pretrained(path)
