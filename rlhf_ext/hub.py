@@ -56,3 +56,13 @@ def write_model_card(output_dir: str, *, model_name: str, base_model: str | None
         metrics=json.dumps(metrics, indent=2, default=str))
     ModelCard(text).save(os.path.join(output_dir, "README.md"))
     return text
+
+
+def final_metrics(log_history: list[dict]) -> dict:
+    """What a model card reports: the training summary (train_loss, runtime, ...) and the
+    latest evaluation, merged from a Trainer's log history."""
+    out: dict = {}
+    for entry in log_history:
+        if "train_loss" in entry or any(k.startswith("eval_") for k in entry):
+            out.update(entry)
+    return out or (log_history[-1] if log_history else {})

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
-from .hub import write_model_card
+from .hub import final_metrics, write_model_card
 from .logps import batch_logps
 from .models import add_adapters, is_peft_model, load_causal_lm
 from .reference import ReferenceLogps
@@ -145,6 +145,16 @@ class PreferenceTrainer(Trainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self.reference.precompute(self, self.eval_dataset, "eval")
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """As Trainer.evaluate; a dataset given here is validated and tokenized first."""
+        if eval_dataset is not None and not isinstance(eval_dataset, dict) \
+                and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args,
+                                         [s.name for s in self.loss_specs], "eval")
+            if self.args.precompute_ref_log_probs and self.args.needs_reference:
+                eval_dataset = self.reference.precompute(self, eval_dataset, "eval")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     @staticmethod
     def _prepare(dataset, tokenizer, args, names, name):
         if dataset is None:
@@ -256,8 +266,6 @@ class PreferenceTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         args = self.args
-        final = {k: v for k, v in (self.state.log_history[-1] if self.state.log_history
-                                   else {}).items()}
         hyper = {"loss_type": args.loss_type, "loss_weights": self.loss_weights,
                  "beta": [L.params_for(s, self.loss_params).beta for s in self.loss_specs],
                  "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
@@ -270,7 +278,7 @@ class PreferenceTrainer(Trainer):
             args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
             base_model=self.base_model_name, method="preference",
             summary=f"Preference-optimised with loss `{names}` from `{self.base_model_name}`.",
-            hyperparameters=hyper, metrics=final,
+            hyperparameters=hyper, metrics=final_metrics(self.state.log_history),
             datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
             tags=[*args.loss_type, *(tags or [])], is_adapter=is_peft_model(self.model))
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
 
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .heads import RewardModel, RewardModelConfig
-from .hub import write_model_card
+from .hub import final_metrics, write_model_card
 from .models import add_adapters, is_peft_model
 
 
@@ -129,7 +129,7 @@ class RewardTrainer(Trainer):
                              "num_train_epochs": args.num_train_epochs,
                              "center_rewards_coefficient": args.center_rewards_coefficient,
                              "per_device_train_batch_size": args.per_device_train_batch_size},
-            metrics=self.state.log_history[-1] if self.state.log_history else {},
+            metrics=final_metrics(self.state.log_history),
             datasets=[dataset_name] if dataset_name else None, tags=tags,
             is_adapter=is_peft_model(self.model))
 

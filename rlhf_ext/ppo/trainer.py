@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..heads import RewardModel, ValueModel
-from ..hub import write_model_card
+from ..hub import final_metrics, write_model_card
 from ..models import adapters_disabled, add_adapters, is_peft_model
 from ..reward import score as reward_model_score
 from . import core
@@ -300,7 +300,7 @@ class PPOTrainer(Trainer):
                 "learning_rate", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
                 "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                 "response_length", "temperature", "per_device_train_batch_size")},
-            metrics=self.state.log_history[-1] if self.state.log_history else {},
+            metrics=final_metrics(self.state.log_history),
             datasets=[dataset_name] if dataset_name else None, tags=tags,
             is_adapter=is_peft_model(self.policy))
 
