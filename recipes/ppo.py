@@ -55,12 +55,8 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
                          eval_dataset=evaluation, peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish_run(trainer, recipe_args, world, start, "ppo_summary.json",
-               {"reward": ppo_args.reward}, reference_path=model_args.model_name_or_path,
-               model=trainer.policy)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+               script_args.dataset_name, {"reward": ppo_args.reward},
+               reference_path=model_args.model_name_or_path, model=trainer.policy)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,8 @@ def main(script_args, training_args, model_args, recipe_args):
     trainer.base_model_name = model_args.model_name_or_path
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish_run(trainer, recipe_args, world, start, "preference_summary.json",
-               {"loss_type": training_args.loss_type},
+               script_args.dataset_name, {"loss_type": training_args.loss_type},
                reference_path=model_args.model_name_or_path)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
 
 
 if __name__ == "__main__":

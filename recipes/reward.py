@@ -49,11 +49,8 @@ def main(script_args, training_args, model_args, recipe_args):
         if world is not None and trainer.is_world_process_zero():
             extra.update(oracle_agreement(trainer.model, tokenizer, evaluation))
     recipe_args.tiny_eval_prompts = 0  # a reward model samples nothing
-    finish_run(trainer, recipe_args, world, start, "reward_summary.json", extra)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+    finish_run(trainer, recipe_args, world, start, "reward_summary.json",
+               script_args.dataset_name, extra)
 
 
 if __name__ == "__main__":

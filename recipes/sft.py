@@ -26,10 +26,8 @@ def main(script_args, training_args, model_args, recipe_args):
                              model_args.model_name_or_path),
                          peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    finish_run(trainer, recipe_args, world, start, "sft_summary.json")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+    finish_run(trainer, recipe_args, world, start, "sft_summary.json",
+               script_args.dataset_name)
 
 
 if __name__ == "__main__":

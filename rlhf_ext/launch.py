@@ -65,12 +65,12 @@ class RecipeArguments:
 
 
 def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summary_name: str,
-               extra: dict | None = None, reference_path: str | None = None,
-               model=None) -> dict:
+               dataset_name: str | None, extra: dict | None = None,
+               reference_path: str | None = None, model=None) -> dict:
     """After training, every recipe: save the model, write a summary (losses, time and, in
     the tiny world, the oracle's judgement of held-out samples, and their KL to the model
     at ``reference_path``) as ``summary_name``. ``model``: the policy, when the trainer
-    trains more than one module."""
+    trains more than one module. Then the model card, the push when asked, the end."""
     import json
     import time
 
@@ -102,4 +102,8 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
             json.dump(summary, f, indent=2)
         shown = {k: v for k, v in summary.items() if k != "log_history"}
         print(json.dumps(shown, indent=2))
+    trainer.create_model_card(dataset_name=dataset_name)
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    trainer.end()
     return summary

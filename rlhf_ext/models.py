@@ -94,3 +94,13 @@ def active_adapter(model, name: str):
     finally:
         for m, old in zip(layers, previous):
             m._active_adapter = old
+
+
+def load_tokenizer(processing_class, name_or_path: str):
+    """The given tokenizer, else the model's; a missing pad token becomes eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = processing_class or AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

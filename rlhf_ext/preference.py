@@ -12,13 +12,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .hub import final_metrics, write_model_card
 from .logps import batch_logps
-from .models import add_adapters, is_peft_model, load_causal_lm
+from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
 from .reference import ReferenceLogps
 
 
@@ -104,10 +104,7 @@ class PreferenceTrainer(Trainer):
             model = load_causal_lm(model, **(args.model_init_kwargs or {}))
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.base_model_name)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        processing_class = load_tokenizer(processing_class, self.base_model_name)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing)
 

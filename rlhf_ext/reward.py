@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoConfig, Trainer, TrainingArguments
 
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .heads import RewardModel, RewardModelConfig
 from .hub import final_metrics, write_model_card
-from .models import add_adapters, is_peft_model
+from .models import add_adapters, is_peft_model, load_tokenizer
 
 
 @dataclass
@@ -53,10 +53,7 @@ class RewardTrainer(Trainer):
         self.base_model_name = model if isinstance(model, str) else model.name_or_path
         if isinstance(model, str):
             model = load_reward_model(model, **(args.model_init_kwargs or {}))
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(self.base_model_name)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        processing_class = load_tokenizer(processing_class, self.base_model_name)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..heads import RewardModel, ValueModel
 from ..hub import final_metrics, write_model_card
-from ..models import adapters_disabled, add_adapters, is_peft_model
+from ..models import adapters_disabled, add_adapters, is_peft_model, load_tokenizer
 from ..reward import score as reward_model_score
 from . import core
 from .rollout import Batch, response_logits, response_logps, response_values, rollout
@@ -117,8 +117,7 @@ class PPOTrainer(Trainer):
                  reward: RewardModel | Callable, value_model: ValueModel,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
+        processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"train dataset: PPO needs a 'prompt' column, found "
                              f"{train_dataset.column_names}; rename the prompt column")
