@@ -20,6 +20,7 @@ from .hub import final_metrics, write_model_card
 from .logps import batch_logps
 from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
 from .reference import ReferenceLogps
+from .trainer_utils import add_averaged_metrics
 
 
 @dataclass
@@ -238,13 +239,7 @@ class PreferenceTrainer(Trainer):
             self._mean(mode, key, value)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs or not any(k.startswith("eval_") for k in logs) \
-            else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        add_averaged_metrics(self._metrics, logs)
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -19,6 +19,7 @@ from .data import PreferenceCollator, prepare_preference_dataset, validate_prefe
 from .heads import RewardModel, RewardModelConfig
 from .hub import final_metrics, write_model_card
 from .models import add_adapters, is_peft_model, load_tokenizer
+from .trainer_utils import add_averaged_metrics
 
 
 @dataclass
@@ -106,12 +107,7 @@ class RewardTrainer(Trainer):
         return loss.detach(), torch.stack([chosen, rejected], -1), None
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        add_averaged_metrics(self._metrics, logs)
         super().log(logs, start_time)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import pytest  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,17 @@ def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None =
         pytest.fail(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-5000:]}")
     return proc
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training after ``step`` optimizer steps (a stand-in for a killed run)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import run_recipe
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from conftest import StopAt, run_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
@@ -53,15 +53,6 @@ def test_ppo_with_trained_reward_model(sft_run, reward_run, world_dir, tmp_path)
     assert summary["tiny/oracle_score"] > sft["tiny/oracle_score"] + 0.2, summary
     assert summary["tiny/kl_to_ref"] < KL_BOUND
     assert no_nan(summary["log_history"])
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def make_trainer(tok, policy_dir, out, **kw):

@@ -5,8 +5,9 @@ import gc
 
 import pytest
 import torch
+from conftest import StopAt
 from datasets import Dataset
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from rlhf_ext.data import DataError
 from rlhf_ext.logps import sequence_logps
@@ -184,15 +185,6 @@ def test_precomputed_reference_matches_and_is_cached(policy_dir, tok, tmp_path):
     calls = count_forwards(second.model)
     second.train()
     assert len(calls) == BASE["max_steps"]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path):
