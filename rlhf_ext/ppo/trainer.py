@@ -142,7 +142,6 @@ class PPOTrainer(Trainer):
                        if args.kl_target else core.FixedKLController(args.kl_coef))
         self.moments = core.RunningMoments() if args.normalize_scores else None
         self._metrics = defaultdict(list)
-        self.samples: list[dict] = []
         super().__init__(model=PolicyAndValue(model, value_model), args=args,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
@@ -201,7 +200,6 @@ class PPOTrainer(Trainer):
             return
         rows = [{"step": self.state.global_step, "prompt": p, "completion": c, "score": s}
                 for p, c, s in list(zip(result.prompts, result.completions, result.scores))[:4]]
-        self.samples.extend(rows)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "samples.md"), "a") as f:
