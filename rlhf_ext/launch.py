@@ -64,6 +64,37 @@ class RecipeArguments:
                             WorldSpec(seed=self.tiny_world_seed, size=self.tiny_model_size))
 
 
+def run_facts(trainer) -> dict:
+    """How the run was laid out: processes, the wrapper around the model (DDP, DeepSpeed,
+    FSDP or none), and parameter counts (ZeRO-3 partitions report their full size)."""
+    model = trainer.model
+    params = list(model.parameters())
+    size = [getattr(p, "ds_numel", p.numel()) for p in params]
+    quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    return {"world_size": trainer.args.world_size,
+            "distributed_type": trainer.accelerator.distributed_type.value,
+            "wrapper": type(trainer.model_wrapped).__name__,
+            "parameters": sum(size),
+            "trainable_parameters": sum(n for n, p in zip(size, params) if p.requires_grad),
+            "quantized_linear_layers": quantized,
+            "replica_drift": replica_drift(trainer)}
+
+
+def replica_drift(trainer) -> float | None:
+    """The largest difference between processes in any trainable parameter's sum or norm:
+    0 when DDP or ZeRO-1/2 kept the replicas in step (two unsynchronised copies drift at
+    once). None with one process, or when ZeRO-3 partitions the weights. Collective: every
+    process must call it."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if trainer.args.world_size < 2 or is_deepspeed_zero3_enabled():
+        return None
+    params = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
+    local = torch.stack([torch.stack([p.sum(), p.norm()]) for p in params]).reshape(1, -1)
+    every = trainer.accelerator.gather(local.to(trainer.args.device))  # [world, 2 * params]
+    return (every - every[0]).abs().max().item()
+
+
 def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summary_name: str,
                dataset_name: str | None, extra: dict | None = None,
                reference_path: str | None = None, model=None) -> dict:
@@ -75,7 +106,7 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
     import time
 
     trainer.save_model(trainer.args.output_dir)
-    summary = {"train_seconds": time.time() - start, **(extra or {})}
+    summary = {"train_seconds": time.time() - start, **run_facts(trainer), **(extra or {})}
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     if losses:
         summary["first_logged_loss"], summary["last_logged_loss"] = losses[0], losses[-1]

@@ -43,10 +43,15 @@ def is_quantized(model) -> bool:
                 getattr(model, "is_loaded_in_8bit", False))
 
 
-def add_adapters(model, peft_config, gradient_checkpointing: bool = False):
-    """Wrap ``model`` in a PeftModel (preparing a quantized model for k-bit training first)."""
+def add_adapters(model, peft_config, gradient_checkpointing: bool = False,
+                 seed: int | None = None):
+    """Wrap ``model`` in a PeftModel (preparing a quantized model for k-bit training first).
+    ``seed`` fixes the adapters' random init, so every process and every launch of the
+    same run starts from the same adapters."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if seed is not None:
+        torch.manual_seed(seed)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing)

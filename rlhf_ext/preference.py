@@ -107,7 +107,7 @@ class PreferenceTrainer(Trainer):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         if peft_config is not None:
-            model = add_adapters(model, peft_config, args.gradient_checkpointing)
+            model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
 
         # Data first: a bad dataset fails here, before any model work.
         self.loss_specs, self.loss_weights = args.loss_specs, args.resolved_loss_weights
@@ -131,9 +131,8 @@ class PreferenceTrainer(Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers)
-        if self.ref_model is not None:
-            self.ref_model = self.reference.model = self.accelerator.prepare_model(
-                self.ref_model, evaluation_mode=True)
+        self.reference.prepare(self.accelerator)
+        self.ref_model = self.reference.model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         if args.precompute_ref_log_probs and args.needs_reference:
             self.train_dataset = self.reference.precompute(self, self.train_dataset, "train")

@@ -71,7 +71,25 @@ class ReferenceLogps:
             return cls("adapters_off")
         if args.precompute_ref_log_probs:
             return cls("initial_policy")  # computed before the first update: no copy needed
-        return cls("model", copy.deepcopy(policy).eval().requires_grad_(False))
+        return cls("model", _frozen_copy(policy).eval().requires_grad_(False))
+
+    def prepare(self, accelerator) -> None:
+        """Place an explicit reference model for the launch: under DeepSpeed ZeRO-3 it
+        becomes an inference engine (its partitioned weights gathered per layer on each
+        forward); otherwise accelerate's evaluation-mode preparation."""
+        if self.model is None:
+            return
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            import deepspeed
+
+            config = copy.deepcopy(plugin.deepspeed_config)
+            config.pop("optimizer", None)
+            config.pop("scheduler", None)
+            self.model = deepspeed.initialize(model=self.model, config=config)[0]
+            self.model.eval()  # DeepSpeedEngine.eval returns None
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
 
     @torch.no_grad()
     def logps(self, policy, inputs: dict, prefix: str = ""):
@@ -142,6 +160,24 @@ class ReferenceLogps:
             parts = {"ref_chosen_logps": logps[:half], "ref_rejected_logps": logps[half:]}
         for k, v in parts.items():
             out[k].append(accelerator.gather_for_metrics(v).float().cpu())
+
+
+def _frozen_copy(policy):
+    """A copy of the policy's weights for the reference. Under ZeRO-3 the policy's weights
+    are already partitioned, which a deepcopy cannot reproduce: load it again instead."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return copy.deepcopy(policy)
+    path = getattr(policy.config, "_name_or_path", "")
+    if not path:
+        raise ValueError("Under DeepSpeed ZeRO-3 the reference model is loaded again from the "
+                         "policy's path, and this policy has none: pass ref_model=, use LoRA "
+                         "(the reference is then the base with adapters off), or set "
+                         "precompute_ref_log_probs=True.")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype)
 
 
 def _gathered_if_zero3(model):

@@ -61,7 +61,7 @@ class RewardTrainer(Trainer):
                     module.p = 0.0
         if peft_config is not None:
             peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
-            model = add_adapters(model, peft_config, args.gradient_checkpointing)
+            model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
         if data_collator is None:

@@ -80,6 +80,13 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
+    def forward(self, input_ids, attention_mask, position_ids, prompt_width: int):
+        """Policy logits [B, C, V] and values [B, C] at the response positions. Training
+        calls this through the wrapper (DDP, DeepSpeed), whose forward arms the gradient
+        synchronisation; calling the inner modules directly would skip it."""
+        batch = Batch(input_ids, attention_mask, position_ids, None, prompt_width)
+        return response_logits(self.policy, batch), response_values(self.value_model, batch)
+
 
 class ExperienceLoader:
     """One rollout per epoch, then its experience in minibatches, num_ppo_epochs times."""
@@ -123,7 +130,7 @@ class PPOTrainer(Trainer):
                              f"{train_dataset.column_names}; rename the prompt column")
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         if peft_config is not None:
-            model = add_adapters(model, peft_config, args.gradient_checkpointing)
+            model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
         if ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
@@ -216,10 +223,9 @@ class PPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = Batch(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
                       inputs["response_mask"], int(inputs["prompt_width"][0]))
-        wrapper = model.module if hasattr(model, "module") else model
-        logps = response_logps(response_logits(wrapper.policy, batch), batch,
-                               self.args.temperature)
-        values = response_values(wrapper.value_model, batch)
+        logits, values = model(batch.input_ids, batch.attention_mask, batch.position_ids,
+                               batch.prompt_width)
+        logps = response_logps(logits, batch, self.args.temperature)
         mask = batch.response_mask
         pg_loss, pg = core.policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask,
                                        self.args.cliprange)

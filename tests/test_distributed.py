@@ -1,0 +1,126 @@
+"""Two real processes on CPU through each accelerate config of accelerate_configs/.
+
+A wrong launch set-up still exits 0 on a CPU machine (one process, or two unsynchronised
+copies: ../shared/NOTES.md), so every run asserts world_size == 2 and the wrapper type
+from the summary the recipe writes, and its logged losses against a one-process run with
+the same global batch (2 x 4 = 1 x 8): accelerate hands the two processes the halves of
+the batch the single process takes, so the losses agree up to float summation order.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import run_recipe
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+STEPS = ["--max_steps", "3", "--logging_steps", "1", "--tiny_eval_prompts", "0",
+         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--save_strategy", "no"]
+LORA = ["--use_peft", "true", "--lora_r", "8", "--lora_dropout", "0",
+        "--lora_target_modules", "all-linear"]
+RTOL = 1e-4  # gloo's all-reduce and a batch split in two sum in a different order
+
+
+def launch(recipe, summary, out, args, config=None):
+    """Run ``recipe`` with 2 processes under ``config`` (or 1 plain process); its summary."""
+    if config is None:
+        run_recipe([recipe, *args, "--per_device_train_batch_size", "8", "--output_dir",
+                    str(out)], launcher="python")
+    else:
+        run_recipe(["--config_file", f"accelerate_configs/{config}.yaml", "--num_processes",
+                    "2", recipe, *args, "--per_device_train_batch_size", "4",
+                    "--output_dir", str(out)], launcher="accelerate_config")
+    return json.loads((out / summary).read_text())
+
+
+def losses(summary):
+    return [log["loss"] for log in summary["log_history"] if "loss" in log]
+
+
+def assert_two_processes(summary, wrapper, synced=True):
+    assert summary["world_size"] == 2, summary["world_size"]
+    assert summary["wrapper"] == wrapper, summary["wrapper"]
+    if synced:  # replicated weights are identical on both processes after training
+        assert summary["replica_drift"] == 0.0
+
+
+def dpo_args(world_dir):
+    return ["--config", "recipes/tiny/dpo.yaml", "--tiny_world_dir", str(world_dir),
+            "--model_name_or_path", str(world_dir / "base"),
+            "--dataset_name", str(world_dir / "data" / "pairs"),
+            "--learning_rate", "1e-3", *STEPS]
+
+
+@pytest.fixture(scope="module")
+def dpo_single(world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo1")
+    return launch("recipes/preference.py", "preference_summary.json", out,
+                  dpo_args(world_dir)), out
+
+
+@pytest.mark.parametrize("config, wrapper", [
+    ("ddp", "DistributedDataParallel"), ("zero2", "DeepSpeedEngine"),
+    ("zero3", "DeepSpeedEngine")])
+def test_preference_two_processes_match_one(world_dir, dpo_single, tmp_path, config, wrapper):
+    single, single_out = dpo_single
+    summary = launch("recipes/preference.py", "preference_summary.json", tmp_path,
+                     dpo_args(world_dir), config)
+    assert_two_processes(summary, wrapper, synced=config != "zero3")
+    assert summary["parameters"] == single["parameters"]  # ZeRO-3 counts whole tensors
+    assert len(losses(summary)) == 3 and losses(summary)[-1] != losses(summary)[0]
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+    if config == "zero3":  # the gathered 16-bit save is a whole model, the one-process one
+        got = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+        want = AutoModelForCausalLM.from_pretrained(single_out).state_dict()
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+
+
+def test_preference_zero3_lora_matches_one_process(world_dir, tmp_path):
+    args = [*dpo_args(world_dir), *LORA, "--learning_rate", "1e-2"]
+    single = launch("recipes/preference.py", "preference_summary.json", tmp_path / "one", args)
+    summary = launch("recipes/preference.py", "preference_summary.json", tmp_path / "two",
+                     args, "zero3")
+    assert_two_processes(summary, "DeepSpeedEngine", synced=False)
+    assert summary["trainable_parameters"] == single["trainable_parameters"] > 0
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+    out = tmp_path / "two"
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world_dir / "base"),
+                                      out)
+    trained = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert trained and any(p.abs().max() > 0 for p in trained.values())  # B starts at 0
+
+
+@pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
+                                             ("zero3", "DeepSpeedEngine")])
+def test_reward_two_processes_match_one(world_dir, tmp_path, config, wrapper):
+    args = ["--config", "recipes/tiny/reward.yaml", "--tiny_world_dir", str(world_dir),
+            "--model_name_or_path", str(world_dir / "base"),
+            "--dataset_name", str(world_dir / "data" / "pairs"),
+            "--eval_dataset_name", str(world_dir / "data" / "pairs_eval"),
+            "--eval_strategy", "no", *STEPS]
+    single = launch("recipes/reward.py", "reward_summary.json", tmp_path / "one", args)
+    summary = launch("recipes/reward.py", "reward_summary.json", tmp_path / "two", args,
+                     config)
+    assert_two_processes(summary, wrapper, synced=config != "zero3")
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+
+
+@pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
+                                             ("zero2", "DeepSpeedEngine")])
+def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
+    """PPO samples its rollouts per process (from distinct prompts), so a split batch
+    samples differently from one process and the losses cannot be compared. The check is
+    that the two processes trained one model: unsynchronised copies fed different rollouts
+    would drift apart at the first step."""
+    summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
+        "--config", "recipes/tiny/ppo_oracle.yaml", "--tiny_world_dir", str(world_dir),
+        "--model_name_or_path", str(world_dir / "base"),
+        "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
+        "--rollout_batch_size", "8", "--num_ppo_epochs", "1", "--logging_steps", "1",
+        "--tiny_eval_prompts", "0", "--num_sample_generations", "0"], config)
+    assert_two_processes(summary, wrapper)
+    assert len(losses(summary)) == 4  # 2 iterations x (8 rollouts / minibatches of 4)
