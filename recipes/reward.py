@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
-from rlhf_ext.models import quantization_config
+from rlhf_ext.models import model_init_kwargs
 from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model, score
 
 
@@ -34,10 +34,7 @@ def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
     world = recipe_args.ensure()
     train, evaluation = recipe_args.load_datasets(script_args, training_args)
-    quant = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit,
-                                model_args.bnb_4bit_quant_type)
-    model = load_reward_model(model_args.model_name_or_path,
-                              **({"quantization_config": quant} if quant else {}))
+    model = load_reward_model(model_args.model_name_or_path, **model_init_kwargs(model_args))
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train,
                             eval_dataset=evaluation, processing_class=tokenizer,

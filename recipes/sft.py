@@ -1,4 +1,5 @@
-"""Supervised fine-tuning with TRL's SFTTrainer, configured by a YAML recipe.
+"""Supervised fine-tuning with TRL's SFTTrainer (rlhf_ext's model card), configured by a
+YAML recipe.
 
     accelerate launch recipes/sft.py --config recipes/tiny/sft.yaml [--key value ...]
     python recipes/sft.py --config recipes/tiny/sft.yaml
@@ -10,10 +11,11 @@ RecipeArguments (build the tiny world first; judge the result with its oracle).
 import time
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config
 
 from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
 from rlhf_ext.models import load_causal_lm
+from rlhf_ext.sft import SFTTrainer
 
 
 def main(script_args, training_args, model_args, recipe_args):

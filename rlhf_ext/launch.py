@@ -70,7 +70,7 @@ def run_facts(trainer) -> dict:
     model = trainer.model
     params = list(model.parameters())
     size = [getattr(p, "ds_numel", p.numel()) for p in params]
-    quantized = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     return {"world_size": trainer.args.world_size,
             "distributed_type": trainer.accelerator.distributed_type.value,
             "wrapper": type(trainer.model_wrapped).__name__,

@@ -10,8 +10,11 @@ from transformers import AutoModelForCausalLM
 
 def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False,
                         quant_type: str = "nf4", use_double_quant: bool = False,
-                        compute_dtype: torch.dtype = torch.bfloat16):
-    """A ``BitsAndBytesConfig`` or None (bitsandbytes runs on CPU too: ../shared/NOTES.md)."""
+                        compute_dtype: torch.dtype = torch.bfloat16,
+                        quant_storage: torch.dtype = torch.uint8):
+    """A ``BitsAndBytesConfig`` or None (bitsandbytes runs on CPU too: ../shared/NOTES.md).
+    ``quant_storage``: the dtype packing the 4-bit weights; ZeRO-3 and FSDP need it equal
+    to the other weights' dtype (bfloat16) to partition them."""
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -19,21 +22,33 @@ def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False,
     return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                               bnb_4bit_quant_type=quant_type,
                               bnb_4bit_use_double_quant=use_double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=quant_storage)
+
+
+def model_init_kwargs(model_args) -> dict:
+    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig``: revision, dtype,
+    attn_implementation, and load_in_4bit/8bit with bnb_4bit_quant_type,
+    use_bnb_nested_quant and bnb_4bit_quant_storage (4-bit compute in the model dtype,
+    bfloat16 when that is auto)."""
+    dtype = model_args.dtype
+    compute = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") \
+        else torch.bfloat16
+    quant = quantization_config(
+        model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type,
+        model_args.use_bnb_nested_quant, compute,
+        getattr(torch, model_args.bnb_4bit_quant_storage or "uint8"))
+    kwargs = {"revision": model_args.model_revision, "dtype": dtype,
+              "attn_implementation": model_args.attn_implementation,
+              "quantization_config": quant}
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def load_causal_lm(name_or_path: str, model_args=None, **kwargs):
     """``AutoModelForCausalLM`` from a path or Hub id, honouring TRL's ``ModelConfig``
-    (dtype, attn_implementation, load_in_4bit/8bit, bnb_4bit_quant_type, ...)."""
+    (``model_init_kwargs``); explicit keyword arguments win."""
     if model_args is not None:
-        kwargs.setdefault("dtype", model_args.dtype)
-        kwargs.setdefault("attn_implementation", model_args.attn_implementation)
-        kwargs.setdefault("revision", model_args.model_revision)
-        quant = quantization_config(
-            model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type,
-            model_args.use_bnb_nested_quant)
-        if quant is not None:
-            kwargs.setdefault("quantization_config", quant)
+        kwargs = {**model_init_kwargs(model_args), **kwargs}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 

@@ -60,6 +60,9 @@ class RewardTrainer(Trainer):
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         if peft_config is not None:
+            # TRL's ModelConfig says CAUSAL_LM, whose PeftModel expects a generating LM;
+            # a reward model is a plain module with a trained head.
+            peft_config.task_type = None
             peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")

@@ -1,6 +1,7 @@
 """A reduced demo end to end: the report's schema, the plots, and aligned policies beat SFT."""
 
 import json
+import shutil
 
 from conftest import run_recipe
 
@@ -9,8 +10,13 @@ FIELDS = {"oracle_score": float, "win_rate_vs_sft": float, "kl_to_sft": float,
           "mean_length": float, "well_formed": float, "example": str}
 
 
-def test_reduced_demo(tmp_path):
+def test_reduced_demo(tmp_path, world_dir, sft_run, reward_run):
     out = tmp_path / "demo"
+    # The session's world, SFT and reward runs are the demo's first stages (same recipes,
+    # same seed): the demo reuses a stage whose summary exists, so they are not run twice.
+    shutil.copytree(world_dir, out / "world")
+    shutil.copytree(sft_run[0], out / "sft")
+    shutil.copytree(reward_run[0], out / "reward")
     args = ["recipes/demo.py", "--out", str(out), "--quick", "--eval_prompts", "128"]
     run_recipe(args, launcher="python", timeout=900)
     report = json.loads((out / "report.json").read_text())

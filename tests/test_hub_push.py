@@ -1,6 +1,9 @@
 """Pushing to the Hub, against a local server on 127.0.0.1 speaking the Hub API, with the
 real huggingface_hub client: adapters (not base weights) and model cards, loaded back."""
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -24,33 +27,76 @@ def run(cmd, env):
     return proc.stdout + proc.stderr
 
 
-def test_preference_recipe_pushes_adapter_and_card(sft_run, world_dir, tmp_path):
-    sft_dir, _ = sft_run
-    out = tmp_path / "dpo-lora"
+# Load an adapter (a Hub id or a directory) on its base; print one number from it.
+PROBE = """
+import torch, rlhf_ext
+from peft import PeftModel
+kind, base, adapter = ARGS
+if kind == "reward":
+    from rlhf_ext.reward import load_reward_model
+    model = PeftModel.from_pretrained(load_reward_model(base), adapter).eval()
+    value = model(torch.tensor([[3, 4, 5, 6]])).rewards.sum()
+else:
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    value = model(torch.tensor([[3, 4, 5, 6]])).logits.float().std()
+print("PROBE", type(model).__name__, f"{value.item():.5f}")
+"""
+
+
+def probe_here(kind, base, adapter) -> str:
+    """PROBE's line, computed in this process."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(PROBE, {"ARGS": (kind, str(base), str(adapter))})
+    line = printed.getvalue().strip()
+    assert line.startswith("PROBE") and "PeftModel" in line, line
+    return line
+
+
+def recipe_cases(world_dir, sft_dir):
+    data = world_dir / "data"
+    return {
+        "sft": ("recipes/sft.py", "recipes/tiny/sft.yaml", world_dir / "base", data / "sft",
+                "sft_summary.json", ["sft"]),
+        "reward": ("recipes/reward.py", "recipes/tiny/reward.yaml", sft_dir, data / "pairs",
+                   "reward_summary.json", ["reward-model", "center_rewards_coefficient"]),
+        # QLoRA: load_in_4bit and LoRA straight from the recipe's flags
+        "dpo-qlora": ("recipes/preference.py", "recipes/tiny/dpo.yaml", sft_dir, data / "pairs",
+                      "preference_summary.json", ["preference", "sigmoid", "beta"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "dpo-qlora"])
+def test_recipe_pushes_adapter_and_card(name, sft_run, world_dir, tmp_path):
+    recipe, config, base, data, summary_file, needles = recipe_cases(world_dir, sft_run[0])[name]
+    out, repo_id = tmp_path / name, f"tester/tiny-{name}"
+    extra = ["--load_in_4bit", "true"] if name == "dpo-qlora" else []
     with LocalHub(tmp_path / "hub") as hub:
         env = hub_env(hub)
-        logs = run([sys.executable, "recipes/preference.py", "--config", "recipes/tiny/dpo.yaml",
-                    "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_dir),
-                    "--dataset_name", str(world_dir / "data" / "pairs"), "--output_dir", str(out),
-                    "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
-                    "--max_steps", "4", "--tiny_eval_prompts", "0", "--push_to_hub", "true",
-                    "--hub_model_id", "tester/tiny-dpo-lora"], env)
-        repo = tmp_path / "hub" / "tester" / "tiny-dpo-lora"
+        logs = run([sys.executable, recipe, "--config", config, "--tiny_world_dir",
+                    str(world_dir), "--model_name_or_path", str(base), "--dataset_name",
+                    str(data), "--output_dir", str(out), "--eval_strategy", "no",
+                    "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj",
+                    "v_proj", "--max_steps", "3", "--logging_steps", "1",
+                    "--tiny_eval_prompts", "0", "--push_to_hub", "true",
+                    "--hub_model_id", repo_id, *extra], env)
+        summary = json.loads((out / summary_file).read_text())
+        assert summary["trainable_parameters"] < summary["parameters"] / 5
+        assert summary["quantized_linear_layers"] == (14 if extra else 0)  # 2 layers x 7
+        repo = tmp_path / "hub" / repo_id
         pushed = {p.name for p in repo.rglob("*") if p.is_file()}
         assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= pushed
         assert "model.safetensors" not in pushed  # the adapter, not the base weights
         card = (repo / "README.md").read_text()
-        for needle in ("rlhf-ext", "preference", "sigmoid",
-                       "learning_rate", "train_loss", "library_name: peft"):
+        for needle in ("rlhf-ext", "library_name: peft", "learning_rate", "train_loss",
+                       str(base), str(data), *needles):
             assert needle in card, needle
-        # download through the real client and load
-        loaded = run([sys.executable, "-c", (
-            "from transformers import AutoModelForCausalLM; from peft import PeftModel; "
-            f"base = AutoModelForCausalLM.from_pretrained({str(sft_dir)!r}); "
-            "m = PeftModel.from_pretrained(base, 'tester/tiny-dpo-lora'); "
-            "print('LOADED', type(m).__name__, sorted(m.peft_config['default'].target_modules))")],
-            env)
-        assert "LOADED PeftModelForCausalLM ['q_proj', 'v_proj']" in loaded
+        # download through the real client, load on the base, and get the local numbers
+        kind = "reward" if name == "reward" else "lm"
+        remote = run([sys.executable, "-c", "import sys; ARGS = sys.argv[1:4]\n" + PROBE,
+                      kind, str(base), repo_id], env)
+        assert probe_here(kind, base, out) in remote
         # the token travels only in the Authorization header
         auth = [h.get("authorization") or h.get("Authorization") for _, _, h in hub.state.requests]
         assert f"Bearer {TOKEN}" in auth

@@ -1,11 +1,12 @@
-"""The preference recipe end to end on the tiny world. (Every loss beating SFT through
-this same recipe is also checked by the reduced demo in test_demo.py.)"""
+"""The preference recipe end to end on the tiny world: the loss is one flag, the output
+reloads, the card names the loss. (Every loss beating SFT through this same recipe is
+checked by the reduced demo in test_demo.py.)"""
 
 import json
+import math
 
 import pytest
 from conftest import run_recipe
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 
@@ -22,25 +23,19 @@ def run_loss(config, world_dir, sft_dir, out, *extra):
     ("recipes/tiny/kto.yaml", []),  # paired data unpaired on the fly
     ("recipes/tiny/dpo.yaml", ["--loss_type", "simpo"]),  # one flag swaps the loss
 ])
-def test_each_loss_beats_sft(sft_run, world_dir, tmp_path, config, extra):
+def test_each_recipe_trains_its_loss(sft_run, world_dir, tmp_path, config, extra):
     sft_dir, sft = sft_run
-    summary = run_loss(config, world_dir, sft_dir, tmp_path / "out", *extra)
+    summary = run_loss(config, world_dir, sft_dir, tmp_path / "out", *extra,
+                       "--max_steps", "4", "--logging_steps", "1", "--tiny_eval_prompts", "0")
     expected = extra[-1] if extra else config.split("/")[-1][:-5].replace("dpo", "sigmoid")
     assert summary["loss_type"] == [expected]
-    assert summary["tiny/oracle_score"] > sft["tiny/oracle_score"] + 0.08, summary
+    first = summary["log_history"][0]
+    if expected == "simpo":  # reference-free: the first step already sees a margin
+        assert first["rewards/margins"] != 0 and first["loss"] != pytest.approx(math.log(2))
+    else:  # policy == reference at step 1: sigmoid gives log 2, kto 1 - sigmoid(0)
+        assert first["rewards/margins"] == 0
+        assert first["loss"] == pytest.approx({"sigmoid": math.log(2), "kto": 0.5}[expected])
     card = (tmp_path / "out" / "README.md").read_text()
     assert expected in card and str(sft_dir) in card
     assert (tmp_path / "out" / "tokenizer.json").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the output reloads
-
-
-def test_lora_recipe_saves_an_adapter(sft_run, world_dir, tmp_path):
-    sft_dir, _ = sft_run
-    out = tmp_path / "lora"
-    run_loss("recipes/tiny/dpo.yaml", world_dir, sft_dir, out, "--use_peft", "--lora_r", "4",
-             "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "3",
-             "--tiny_eval_prompts", "0")
-    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
-    base = AutoModelForCausalLM.from_pretrained(sft_dir)
-    assert isinstance(PeftModel.from_pretrained(base, out), PeftModel)
-    assert "library_name: peft" in (out / "README.md").read_text()

@@ -124,6 +124,13 @@ class PPOTrainer(Trainer):
                  reward: RewardModel | Callable, value_model: ValueModel,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("PPOTrainer does not run under DeepSpeed ZeRO-3 yet (its rollout "
+                             "samples from the policy, which ZeRO-3 partitions): launch with "
+                             "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
+                             "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"train dataset: PPO needs a 'prompt' column, found "
