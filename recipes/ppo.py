@@ -28,6 +28,14 @@ class PPOModelArguments:
         "help": "A RewardModel saved by recipes/reward.py."})
     value_model_path: str | None = field(default=None, metadata={
         "help": "Backbone of the value model (default: the reward model, else the policy)."})
+    single_base: bool = field(default=False, metadata={
+        "help": "One copy of the base model: policy, value and reward are LoRA adapters on "
+                "it (needs use_peft and a reward_model_path trained with LoRA on the same "
+                "base). The large-model set-up, e.g. with load_in_4bit."})
+
+
+# What the recipe reads: a YAML key must be a field of one of these (tests/test_recipe_yamls.py).
+ARGUMENTS = (ScriptArguments, PPOConfig, ModelConfig, RecipeArguments, PPOModelArguments)
 
 
 def main(script_args, training_args, model_args, recipe_args, ppo_args):
@@ -36,7 +44,17 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
     train, evaluation = recipe_args.load_datasets(script_args, training_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     policy = load_causal_lm(model_args.model_name_or_path, model_args)
-    if ppo_args.reward == "oracle":
+    peft_config = get_peft_config(model_args)
+    if ppo_args.single_base:
+        if peft_config is None or ppo_args.reward_model_path is None:
+            raise ValueError("single_base needs use_peft: true and a reward_model_path saved "
+                             "by recipes/reward.py with use_peft on the same base model")
+        from rlhf_ext.ppo.single_base import build_single_base
+
+        policy, value_model, reward = build_single_base(
+            policy, peft_config, ppo_args.reward_model_path, seed=training_args.seed)
+        reward_tokenizer, peft_config = None, None
+    elif ppo_args.reward == "oracle":
         from rlhf_ext.tiny import oracle_score
 
         reward, reward_tokenizer = (lambda p, c: [oracle_score(x) for x in c]), None
@@ -47,12 +65,13 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
         reward_tokenizer = AutoTokenizer.from_pretrained(ppo_args.reward_model_path)
     else:
         raise ValueError(f"reward must be 'model' or 'oracle', got {ppo_args.reward!r}")
-    value_path = (ppo_args.value_model_path or ppo_args.reward_model_path
-                  or model_args.model_name_or_path)
-    value_model = ValueModel.from_backbone(value_path, seed=training_args.seed)
+    if not ppo_args.single_base:
+        value_path = (ppo_args.value_model_path or ppo_args.reward_model_path
+                      or model_args.model_name_or_path)
+        value_model = ValueModel.from_backbone(value_path, seed=training_args.seed)
     trainer = PPOTrainer(policy, training_args, tokenizer, train, reward=reward,
                          value_model=value_model, reward_tokenizer=reward_tokenizer,
-                         eval_dataset=evaluation, peft_config=get_peft_config(model_args))
+                         eval_dataset=evaluation, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finish_run(trainer, recipe_args, world, start, "ppo_summary.json",
                script_args.dataset_name, {"reward": ppo_args.reward},
@@ -60,6 +79,5 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig, RecipeArguments,
-                        PPOModelArguments))
+    parser = TrlParser(ARGUMENTS)
     main(*parser.parse_args_and_config(args=with_machine_args()))

@@ -16,6 +16,9 @@ from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
 from rlhf_ext.models import load_causal_lm
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 
+# What the recipe reads: a YAML key must be a field of one of these (tests/test_recipe_yamls.py).
+ARGUMENTS = (ScriptArguments, PreferenceConfig, ModelConfig, RecipeArguments)
+
 
 def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
@@ -34,5 +37,5 @@ def main(script_args, training_args, model_args, recipe_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, PreferenceConfig, ModelConfig, RecipeArguments))
+    parser = TrlParser(ARGUMENTS)
     main(*parser.parse_args_and_config(args=with_machine_args()))

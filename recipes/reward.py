@@ -30,6 +30,10 @@ def oracle_agreement(model, tokenizer, evaluation) -> dict:
     return {"tiny/spearman_oracle": float(rho)}
 
 
+# What the recipe reads: a YAML key must be a field of one of these (tests/test_recipe_yamls.py).
+ARGUMENTS = (ScriptArguments, RewardConfig, ModelConfig, RecipeArguments)
+
+
 def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
     world = recipe_args.ensure()
@@ -51,5 +55,5 @@ def main(script_args, training_args, model_args, recipe_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, RewardConfig, ModelConfig, RecipeArguments))
+    parser = TrlParser(ARGUMENTS)
     main(*parser.parse_args_and_config(args=with_machine_args()))
