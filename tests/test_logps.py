@@ -1,0 +1,94 @@
+"""The log-prob optimisations keep the plain computation's values and gradients:
+chunked log-softmax, the LM head only at completion positions, padding-free packing."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhf_ext.data import PreferenceCollator
+from rlhf_ext.logps import sequence_logps, token_logps
+
+
+def plain_logps(logits, labels):
+    return torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_chunked_token_logps_match_log_softmax(dtype, chunk):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 11, 97)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 97, (3, 11))
+    weights = torch.randn(3, 11)
+    got = token_logps(logits, labels, chunk_size=chunk)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    want = plain_logps(logits, labels)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    assert got.dtype == torch.float32 and got.shape == (3, 11)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_temperature_divides_the_logits():
+    logits, labels = torch.randn(2, 5, 13), torch.randint(0, 13, (2, 5))
+    torch.testing.assert_close(token_logps(logits, labels, 0.7, chunk_size=3),
+                               plain_logps(logits / 0.7, labels))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def rows():
+    """Paired rows of different prompt and completion lengths (tokenized dataset rows)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for p, c, r in ((5, 3, 9), (12, 6, 2), (2, 10, 4)):
+        ids = lambda n: torch.randint(1, 300, (n,), generator=g).tolist()  # noqa: E731
+        out.append({"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)})
+    return out
+
+
+def full_logits_reference(model, batch):
+    """The unoptimised computation: logits at every position, log-softmax, mask."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
+    per_token = plain_logps(logits[:, :-1], batch["input_ids"][:, 1:])
+    mask = batch["completion_mask"][:, 1:].float()
+    if "sequence_ids" not in batch:
+        return (per_token * mask).sum(-1)
+    ids = batch["sequence_ids"][0, 1:]
+    return torch.zeros(int(ids.max()) + 1).index_add(0, ids, (per_token * mask)[0])
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_completion_only_logps_match_full_logits(model, padding_free):
+    batch = PreferenceCollator(0, 64, padding_free=padding_free)(rows())
+    args = (batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"],
+            batch.get("position_ids"), batch.get("sequence_ids"))
+    got, counts = sequence_logps(model, *args)
+    want = full_logits_reference(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [3, 6, 10, 9, 2, 4]  # chosen rows, then rejected rows
+    # gradients through the model agree too
+    (g_got,) = torch.autograd.grad(sequence_logps(model, *args)[0].sum(),
+                                   model.model.layers[0].mlp.up_proj.weight)
+    (g_want,) = torch.autograd.grad(full_logits_reference(model, batch).sum(),
+                                    model.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_equals_padded(model):
+    padded = PreferenceCollator(0, 64)(rows())
+    packed = PreferenceCollator(0, 64, padding_free=True)(rows())
+    a, _ = sequence_logps(model, padded["input_ids"], padded["attention_mask"],
+                          padded["completion_mask"])
+    b, _ = sequence_logps(model, packed["input_ids"], None, packed["completion_mask"],
+                          packed["position_ids"], packed["sequence_ids"])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
