@@ -188,8 +188,9 @@ class PreferenceCollator:
     one forward pass serves both. Unpaired rows give B sequences, plus ``kl_*`` tensors for
     the mismatched (prompt, previous completion) sequences. Precomputed reference log-probs
     (``ref_*`` columns) and reward margins (``margin``) pass through as tensors. With
-    ``padding_free`` every group of sequences is one row without padding (see
-    ``logps.sequence_logps``).
+    ``padding_free`` every group of sequences is one row without padding; with
+    ``prefix_sharing`` each pair is one row [prompt | chosen | rejected] whose prompt is
+    computed once (see ``logps.sequence_logps``).
     """
 
     pad_token_id: int
@@ -197,6 +198,25 @@ class PreferenceCollator:
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    prefix_sharing: bool = False
+
+    def shared_rows(self, prompts, chosen, rejected) -> dict:
+        """One row per pair: the prompt once, then both completions, each cut as
+        ``sequences`` would cut prompt + completion (keep_start keeps the prompts equal)."""
+        limit = self.max_length or 10**9
+        ids, segments, positions = [], [], []
+        for p, c, r in zip(prompts, chosen, rejected):
+            p = p[:limit]
+            c, r = c[:limit - len(p)], r[:limit - len(p)]
+            ids.append(p + c + r)
+            segments.append([0] * len(p) + [1] * len(c) + [2] * len(r))
+            positions.append(list(range(len(p) + len(c)))
+                             + list(range(len(p), len(p) + len(r))))
+        return {"input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
+                "position_ids": _pad(positions, 0, self.pad_to_multiple_of),
+                "segment_ids": _pad(segments, -1, self.pad_to_multiple_of),
+                "completion_mask": _pad([[int(x > 0) for x in g] for g in segments], 0,
+                                        self.pad_to_multiple_of)}
 
     def sequences(self, prompts, completions, prefix: str = "") -> dict:
         """Prompt + completion ids -> padded input_ids, attention_mask, completion_mask."""
@@ -220,7 +240,10 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
-        if "chosen_ids" in examples[0]:
+        if "chosen_ids" in examples[0] and self.prefix_sharing:
+            batch = self.shared_rows(prompts, [e["chosen_ids"] for e in examples],
+                                     [e["rejected_ids"] for e in examples])
+        elif "chosen_ids" in examples[0]:
             batch = self.sequences(prompts + prompts, [e["chosen_ids"] for e in examples]
                                     + [e["rejected_ids"] for e in examples])
         else:

@@ -38,33 +38,104 @@ def _block_logps(block: Tensor, targets: Tensor, temperature: float) -> Tensor:
     return block.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(block, -1)
 
 
+def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> Tensor:
+    """log softmax(head(hidden))[target] for K positions, ``chunk_size`` at a time: the
+    [K, V] logits never exist, only one [chunk, V] block, and under autograd each block
+    is recomputed in backward (activation checkpointing) instead of kept.
+
+    Shapes: hidden [K, H], targets [K] -> [K] (float32).
+    """
+    def block(h: Tensor, t: Tensor) -> Tensor:
+        return _block_logps(head(h), t, 1.0)
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 releases the head's gathered weight after the call, so a recompute would see
+    # a different tensor: there the blocks are kept (the [K, V] logits, still completion
+    # positions only).
+    recompute = torch.is_grad_enabled() and not is_deepspeed_zero3_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(block, h, t, use_reentrant=False))
+        else:
+            pieces.append(block(h, t))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
+    """Attention for rows laid out [prompt | chosen | rejected | padding]: causal, and a
+    chosen or rejected token sees the prompt and its own completion, never the other one.
+    Padding sees the prompt only (a fully masked row would give NaN).
+
+    Shapes: segment_ids [B, L] (0 prompt, 1 chosen, 2 rejected, -1 padding) -> bool
+    [B, 1, L, L], True where query (row) may attend to key (column).
+    """
+    q, k = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal & (k >= 0) & ((k == 0) | (k == q))).unsqueeze(1)
+
+
+def final_hidden(model, **inputs) -> Tensor:
+    """The last layer's (normalised) hidden states [B, T, H], through ``model``'s own
+    forward (so DDP and DeepSpeed wrappers see the call), with the LM head on one position
+    only."""
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def output_head(model):
+    while hasattr(model, "module"):  # DDP, DeepSpeedEngine
+        model = model.module
+    return model.get_output_embeddings()
+
+
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
                    completion_mask: Tensor, position_ids: Tensor | None = None,
-                   sequence_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   sequence_ids: Tensor | None = None, segment_ids: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Summed completion log-probs and completion token counts of each sequence.
 
-    Padded batches: [B, T] inputs -> ([B], [B]). Padding-free batches: one row [1, N] of
-    concatenated sequences, ``position_ids`` restarting at 0 for each (the attention then
-    stays within each sequence) and ``sequence_ids`` [1, N] naming each token's sequence
-    -> ([S], [S]) for S sequences.
+    Three layouts (``data.PreferenceCollator``):
+    - padded: [B, T] rows -> ([B], [B]);
+    - padding-free: one row [1, N] of concatenated sequences, ``position_ids`` restarting
+      at 0 for each (the attention then stays within each sequence), ``sequence_ids``
+      [1, N] naming each token's sequence -> ([S], [S]);
+    - prefix sharing: one row per pair [prompt | chosen | rejected], ``segment_ids`` [B, L]
+      (0/1/2, -1 padding), both completions positioned right after the prompt and kept
+      apart by ``prefix_sharing_mask`` -> ([2B], [2B]), chosen first then rejected.
 
-    The LM head runs only at the positions that predict a completion token of some row
-    (``logits_to_keep``): prompt and padding positions never become [V] logits. Packed
-    rows keep exactly their completion positions; padded rows keep the union over rows.
+    The LM head runs only at the positions that predict a completion token (the first
+    rejected token is predicted from the prompt's last token), in chunks (``head_logps``).
     """
-    predicts = completion_mask[:, 1:].any(0)                 # [T-1]: position t predicts t+1
-    keep = predicts.nonzero().squeeze(-1)                    # [K]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits
-    targets = keep + 1
-    mask = completion_mask[:, targets].to(torch.float32)     # [B, K]
-    per_token = token_logps(logits, input_ids[:, targets]) * mask
-    if sequence_ids is None:
-        return per_token.sum(-1), mask.sum(-1)
-    index = sequence_ids[0, targets]
-    n = int(sequence_ids.max()) + 1
-    sums = per_token.new_zeros(n).index_add(0, index, per_token[0])
-    return sums, mask.new_zeros(n).index_add(0, index, mask[0])
+    if segment_ids is not None:
+        hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
+                              attention_mask=prefix_sharing_mask(segment_ids))
+    else:
+        hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids)
+    rows, cols = completion_mask.nonzero(as_tuple=True)       # [K] target tokens
+    keep = cols > 0
+    rows, cols = rows[keep], cols[keep]
+    predictors = cols - 1
+    if segment_ids is not None:
+        first_rejected = (segment_ids[rows, cols] == 2) & (segment_ids[rows, cols - 1] == 1)
+        prompt_end = (segment_ids == 0).sum(-1)[rows] - 1
+        predictors = torch.where(first_rejected, prompt_end, predictors)
+        index = rows + segment_ids.shape[0] * (segment_ids[rows, cols] == 2)
+        n = 2 * segment_ids.shape[0]
+    elif sequence_ids is not None:
+        index, n = sequence_ids[rows, cols], int(sequence_ids.max()) + 1
+    else:
+        index, n = rows, input_ids.shape[0]
+    logps = head_logps(hidden[rows, predictors], output_head(model), input_ids[rows, cols])
+    sums = logps.new_zeros(n).index_add(0, index, logps)
+    counts = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(
+        0, index, torch.ones_like(logps))
+    return sums, counts
 
 
 def batch_logps(model, inputs: dict, prefix: str = "") -> tuple[Tensor, Tensor]:
@@ -74,4 +145,5 @@ def batch_logps(model, inputs: dict, prefix: str = "") -> tuple[Tensor, Tensor]:
                           inputs.get(f"{prefix}attention_mask"),
                           inputs[f"{prefix}completion_mask"],
                           inputs.get(f"{prefix}position_ids"),
-                          inputs.get(f"{prefix}sequence_ids"))
+                          inputs.get(f"{prefix}sequence_ids"),
+                          inputs.get(f"{prefix}segment_ids"))

@@ -52,6 +52,10 @@ class PreferenceConfig(TrainingArguments):
         "help": "Pack each batch into one row without padding (positions restart per "
                 "sequence); needs an attention that honours packed position_ids (sdpa, "
                 "flash-attention)."})
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "Paired losses: one row per pair, [prompt | chosen | rejected], so the prompt "
+                "goes through the model once; an attention mask keeps the completions apart "
+                "(needs an attention that takes a 4D mask: sdpa, eager). keep_start only."})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute reference log-probs once before training (cached on disk)."})
     precompute_ref_batch_size: int | None = None
@@ -67,6 +71,11 @@ class PreferenceConfig(TrainingArguments):
         self.loss_specs, self.resolved_loss_weights = L.resolve_loss_types(
             self.loss_type, self.loss_weights)
         L.check_params(self.loss_specs, self.loss_params())
+        if self.prefix_sharing and self.truncation_mode != "keep_start":
+            raise ValueError("prefix_sharing keeps one prompt for chosen and rejected, which "
+                             "keep_end truncation could cut differently: use keep_start")
+        if self.prefix_sharing and self.padding_free:
+            raise ValueError("prefix_sharing and padding_free are two layouts; pick one")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be keep_start or keep_end, "
                              f"got {self.truncation_mode!r}")
@@ -122,7 +131,8 @@ class PreferenceTrainer(Trainer):
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length,
                                                args.truncation_mode, args.pad_to_multiple_of,
-                                               args.padding_free)
+                                               args.padding_free,
+                                               args.prefix_sharing and args.paired)
 
         # Reference: none, an explicit model, the base with adapters off, or a frozen copy.
         self.reference = ReferenceLogps.choose(model, ref_model, args)

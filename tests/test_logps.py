@@ -1,12 +1,13 @@
 """The log-prob optimisations keep the plain computation's values and gradients:
-chunked log-softmax, the LM head only at completion positions, padding-free packing."""
+chunked log-softmax and LM head, the head only at completion positions, padding-free
+packing, and prefix sharing (chosen and rejected in one row over one prompt)."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_ext.data import PreferenceCollator
-from rlhf_ext.logps import sequence_logps, token_logps
+from rlhf_ext.logps import head_logps, prefix_sharing_mask, sequence_logps, token_logps
 
 
 def plain_logps(logits, labels):
@@ -92,3 +93,46 @@ def test_padding_free_equals_padded(model):
                           packed["position_ids"], packed["sequence_ids"])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def test_prefix_sharing_mask_by_hand():
+    seg = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    m = prefix_sharing_mask(seg)[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0, 0],
+                 [1, 1, 1, 0, 0, 0],
+                 [1, 1, 1, 1, 0, 0],
+                 [1, 1, 0, 0, 1, 0],   # rejected: the prompt and itself, not the chosen
+                 [1, 1, 0, 0, 0, 0]]   # padding: the prompt only
+
+
+@pytest.mark.parametrize("max_length", [64, 9])  # 9 cuts some completions
+def test_prefix_sharing_matches_separate_sequences(model, max_length):
+    padded = PreferenceCollator(0, max_length)(rows())
+    shared = PreferenceCollator(0, max_length, prefix_sharing=True)(rows())
+    assert shared["input_ids"].shape[0] == 3  # one row per pair
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    a, count_a = sequence_logps(model, padded["input_ids"], padded["attention_mask"],
+                                padded["completion_mask"])
+    (g_a,) = torch.autograd.grad(a.sum(), weight)
+    b, count_b = sequence_logps(model, shared["input_ids"], None, shared["completion_mask"],
+                                shared["position_ids"], segment_ids=shared["segment_ids"])
+    (g_b,) = torch.autograd.grad(b.sum(), weight)
+    assert count_a.tolist() == count_b.tolist()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_a, g_b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_head_logps_match_and_train_the_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    got = head_logps(hidden, head, targets, chunk_size=4)
+    g_got = torch.autograd.grad(got.sum(), [hidden, head.weight])
+    want = plain_logps(head(hidden)[None], targets[None])[0]
+    g_want = torch.autograd.grad(want.sum(), [hidden, head.weight])
+    torch.testing.assert_close(got, want)
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y)

@@ -231,12 +231,15 @@ def test_padding_free_collator_packs_one_row(tok):
     assert "attention_mask" not in out
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "kto", "simpo"])
-def test_padding_free_matches_padded(policy_dir, tok, tmp_path, loss):
+@pytest.mark.parametrize("loss, layout", [("sigmoid", "padding_free"), ("kto", "padding_free"),
+                                          ("simpo", "padding_free"),
+                                          ("sigmoid", "prefix_sharing"),
+                                          ("simpo", "prefix_sharing")])
+def test_packed_layouts_match_padded(policy_dir, tok, tmp_path, loss, layout):
     kw = dict(loss_type=loss, max_steps=1, learning_rate=0.0, per_device_train_batch_size=8)
     padded = make(policy_dir, tok, tmp_path / "a", PAIRS, **kw)
     padded.train()
-    packed = make(policy_dir, tok, tmp_path / "b", PAIRS, padding_free=True, **kw)
+    packed = make(policy_dir, tok, tmp_path / "b", PAIRS, **{layout: True}, **kw)
     packed.train()
     a, b = padded.state.log_history[0], packed.state.log_history[0]
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
