@@ -111,6 +111,8 @@ def make_trainer(method: str, impl: str, root: Path, args, out: str):
             loss_type=loss, max_length=args.max_length, **extra, **VARIANTS[impl],
             ref_logps_cache_dir=os.path.join(out, "cache"), **kw),
             train_dataset=unpaired if method == "kto" else pairs, processing_class=tok)
+    if impl == "trl+no_checkpointing":  # TRL without its default gradient checkpointing
+        kw["gradient_checkpointing"] = False
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -182,8 +184,10 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=1100)  # longer than any pair
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS)[1:],
-                        help="also run these single optimisations for dpo")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        choices=[*list(VARIANTS)[1:], "trl+no_checkpointing"],
+                        help="dpo only: also run our optimisations one at a time, or TRL "
+                             "without gradient checkpointing")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "IMPL", "ROOT"),
                         help=argparse.SUPPRESS)
