@@ -50,9 +50,11 @@ class RecipeArguments:
         data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
         train, evaluation = train_eval_split(data, script_args.dataset_train_split,
                                              script_args.dataset_test_split)
+        if training_args.eval_strategy == "no":
+            return train, None  # eval_dataset_name is not even opened
         if self.eval_dataset_name:
             evaluation = load_dataset_any(self.eval_dataset_name)
-        return train, evaluation if training_args.eval_strategy != "no" else None
+        return train, evaluation
 
     def ensure(self):
         """Build the world if asked; return its path or None."""

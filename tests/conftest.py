@@ -70,5 +70,5 @@ def reward_run(world_dir, sft_run, tmp_path_factory):
                 "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_run[0]),
                 "--dataset_name", str(world_dir / "data" / "pairs"),
                 "--eval_dataset_name", str(world_dir / "data" / "pairs_eval"),
-                "--output_dir", str(out)])
+                "--output_dir", str(out)], launcher="python")
     return out, json.loads((out / "reward_summary.json").read_text())

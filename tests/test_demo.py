@@ -1,6 +1,7 @@
 """A reduced demo end to end: the report's schema, the plots, and aligned policies beat SFT."""
 
 import json
+import math
 import shutil
 
 from conftest import run_recipe
@@ -33,6 +34,11 @@ def test_reduced_demo(tmp_path, world_dir, sft_run, reward_run):
     assert 0 <= report["reward_model"]["eval_accuracy"] <= 1
     assert set(report["training"]) == set(METHODS[1:])
     assert len(report["training"]["ppo"]["kl"]) == len(report["training"]["ppo"]["step"]) > 0
+    # PPO against the trained reward model: a stated KL bound (nats per sampled sequence,
+    # as test_ppo.KL_BOUND) and finite curves for every method
+    assert report["methods"]["ppo"]["kl_to_sft"] < 8.0
+    for curve in report["training"].values():
+        assert all(math.isfinite(v) for v in curve["reward"] + curve.get("kl", []))
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()

@@ -23,7 +23,7 @@ def run_ppo(config, world_dir, sft_dir, out, *extra):
     run_recipe(["recipes/ppo.py", "--config", config, "--tiny_world_dir", str(world_dir),
                 "--model_name_or_path", str(sft_dir),
                 "--dataset_name", str(world_dir / "data" / "prompts_rl"),
-                "--output_dir", str(out), *extra])
+                "--output_dir", str(out), *extra], launcher="python")
     return json.loads((out / "ppo_summary.json").read_text())
 
 
@@ -44,15 +44,6 @@ def test_ppo_with_oracle_reward(sft_run, world_dir, tmp_path):
     assert (tmp_path / "ppo" / "samples.md").read_text().count("\n") > 3
     assert (tmp_path / "ppo" / "value_model" / "config.json").exists()
     assert "ppo" in (tmp_path / "ppo" / "README.md").read_text()
-
-
-def test_ppo_with_trained_reward_model(sft_run, reward_run, world_dir, tmp_path):
-    sft_dir, sft = sft_run
-    summary = run_ppo("recipes/tiny/ppo.yaml", world_dir, sft_dir, tmp_path / "ppo",
-                      "--reward_model_path", str(reward_run[0]))
-    assert summary["tiny/oracle_score"] > sft["tiny/oracle_score"] + 0.2, summary
-    assert summary["tiny/kl_to_ref"] < KL_BOUND
-    assert no_nan(summary["log_history"])
 
 
 def make_trainer(tok, policy_dir, out, **kw):
