@@ -7,13 +7,17 @@ the same global batch (2 x 4 = 1 x 8): accelerate hands the two processes the ha
 the batch the single process takes, so the losses agree up to float summation order.
 """
 
+import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import run_recipe
+from conftest import ROOT, run_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from trl import TrlParser
+
+from rlhf_ext.launch import with_machine_args
 
 STEPS = ["--max_steps", "3", "--logging_steps", "1", "--tiny_eval_prompts", "0",
          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--save_strategy", "no"]
@@ -23,10 +27,14 @@ RTOL = 1e-4  # gloo's all-reduce and a batch split in two sum in a different ord
 
 
 def launch(recipe, summary, out, args, config=None):
-    """Run ``recipe`` with 2 processes under ``config`` (or 1 plain process); its summary."""
+    """Run ``recipe`` with 2 processes under ``config``, or (config None) as one process
+    in this one (the recipe's own main and parser; saves a process start); its summary."""
     if config is None:
-        run_recipe([recipe, *args, "--per_device_train_batch_size", "8", "--output_dir",
-                    str(out)], launcher="python")
+        spec = importlib.util.spec_from_file_location("recipe", ROOT / recipe)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(*TrlParser(module.ARGUMENTS).parse_args_and_config(args=with_machine_args(
+            [*args, "--per_device_train_batch_size", "8", "--output_dir", str(out)])))
     else:
         run_recipe(["--config_file", f"accelerate_configs/{config}.yaml", "--num_processes",
                     "2", recipe, *args, "--per_device_train_batch_size", "4",
@@ -94,23 +102,42 @@ def test_preference_zero3_lora_matches_one_process(world_dir, tmp_path):
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # B starts at 0
 
 
-@pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
-                                             ("zero3", "DeepSpeedEngine")])
-def test_reward_two_processes_match_one(world_dir, tmp_path, config, wrapper):
-    args = ["--config", "recipes/tiny/reward.yaml", "--tiny_world_dir", str(world_dir),
+def reward_args(world_dir, *extra):
+    return ["--config", "recipes/tiny/reward.yaml", "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
-            "--dataset_name", str(world_dir / "data" / "pairs"),
-            "--eval_dataset_name", str(world_dir / "data" / "pairs_eval"),
-            "--eval_strategy", "no", *STEPS]
-    single = launch("recipes/reward.py", "reward_summary.json", tmp_path / "one", args)
-    summary = launch("recipes/reward.py", "reward_summary.json", tmp_path / "two", args,
-                     config)
+            "--dataset_name", str(world_dir / "data" / "pairs"), "--eval_strategy", "no",
+            *STEPS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reward_single(world_dir, tmp_path_factory):
+    """One-process reward runs, full and LoRA, the references of the two-process ones."""
+    out = tmp_path_factory.mktemp("reward1")
+    return {lora: launch("recipes/reward.py", "reward_summary.json", out / str(lora),
+                         reward_args(world_dir, *(LORA if lora else [])))
+            for lora in (False, True)}
+
+
+@pytest.mark.parametrize("config, wrapper, lora", [
+    ("ddp", "DistributedDataParallel", False), ("zero2", "DeepSpeedEngine", False),
+    ("zero3", "DeepSpeedEngine", False), ("zero3", "DeepSpeedEngine", True)])
+def test_reward_two_processes_match_one(world_dir, reward_single, tmp_path, config, wrapper,
+                                        lora):
+    single = reward_single[lora]
+    summary = launch("recipes/reward.py", "reward_summary.json", tmp_path,
+                     reward_args(world_dir, *(LORA if lora else [])), config)
     assert_two_processes(summary, wrapper, synced=config != "zero3")
+    assert summary["trainable_parameters"] == single["trainable_parameters"]
+    assert len(losses(summary)) == 3
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+    if lora:  # the adapter and the trained head (modules_to_save), not the backbone
+        assert (tmp_path / "adapter_model.safetensors").exists()
+        assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_ppo_two_processes(world_dir, tmp_path, config="ddp",
-                           wrapper="DistributedDataParallel"):
+@pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
+                                             ("zero2", "DeepSpeedEngine")])
+def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
     """PPO samples its rollouts per process (from distinct prompts), so a split batch
     samples differently from one process and the losses cannot be compared. The check is
     that the two processes trained one model: unsynchronised copies fed different rollouts
