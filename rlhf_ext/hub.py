@@ -58,6 +58,26 @@ def write_model_card(output_dir: str, *, model_name: str, base_model: str | None
     return text
 
 
+def trainer_model_card(trainer, *, method: str, summary: str, hyperparameters: dict,
+                       model_name: str | None = None, dataset_name=None,
+                       tags: list[str] | None = None, model=None) -> None:
+    """``write_model_card`` for a trainer's run, on the main process only: named
+    ``model_name``, else hub_model_id, else output_dir; the trainer's ``base_model_name``;
+    final metrics from its log history; an adapter card when ``model`` (default
+    ``trainer.model``) is a PeftModel."""
+    if not trainer.is_world_process_zero():
+        return
+    from .models import is_peft_model
+
+    args = trainer.args
+    write_model_card(
+        args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
+        base_model=trainer.base_model_name, method=method, summary=summary,
+        hyperparameters=hyperparameters, metrics=final_metrics(trainer.state.log_history),
+        datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
+        tags=tags, is_adapter=is_peft_model(trainer.model if model is None else model))
+
+
 def final_metrics(log_history: list[dict]) -> dict:
     """What a model card reports: the training summary (train_loss, runtime, ...) and the
     latest evaluation, merged from a Trainer's log history."""

@@ -16,9 +16,9 @@ from transformers import Trainer, TrainingArguments
 
 from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
-from .hub import final_metrics, write_model_card
+from .hub import trainer_model_card
 from .logps import batch_logps
-from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
+from .models import add_adapters, load_causal_lm, load_tokenizer
 from .reference import ReferenceLogps
 from .trainer_utils import add_averaged_metrics
 
@@ -275,11 +275,8 @@ class PreferenceTrainer(Trainer):
                  args.gradient_accumulation_steps, "max_length": args.max_length,
                  "label_smoothing": args.label_smoothing, "seed": args.seed}
         names = "+".join(args.loss_type)
-        write_model_card(
-            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
-            base_model=self.base_model_name, method="preference",
+        trainer_model_card(
+            self, method="preference", model_name=model_name, dataset_name=dataset_name,
             summary=f"Preference-optimised with loss `{names}` from `{self.base_model_name}`.",
-            hyperparameters=hyper, metrics=final_metrics(self.state.log_history),
-            datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
-            tags=[*args.loss_type, *(tags or [])], is_adapter=is_peft_model(self.model))
+            hyperparameters=hyper, tags=[*args.loss_type, *(tags or [])])
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer as _TRLSFTTrainer
 
-from .hub import final_metrics, write_model_card
-from .models import is_peft_model
+from .hub import trainer_model_card
 
 
 class SFTTrainer(_TRLSFTTrainer):
@@ -20,12 +19,9 @@ class SFTTrainer(_TRLSFTTrainer):
         super().__init__(model, *args, **kwargs)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        if not self.is_world_process_zero():
-            return
         args = self.args
-        write_model_card(
-            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
-            base_model=self.base_model_name, method="sft",
+        trainer_model_card(
+            self, method="sft", model_name=model_name, dataset_name=dataset_name, tags=tags,
             summary=f"Supervised fine-tuning of `{self.base_model_name}`.",
             hyperparameters={"learning_rate": args.learning_rate, "max_length": args.max_length,
                              "num_train_epochs": args.num_train_epochs,
@@ -33,7 +29,4 @@ class SFTTrainer(_TRLSFTTrainer):
                              "per_device_train_batch_size": args.per_device_train_batch_size,
                              "gradient_accumulation_steps": args.gradient_accumulation_steps,
                              "completion_only_loss": args.completion_only_loss,
-                             "packing": args.packing, "seed": args.seed},
-            metrics=final_metrics(self.state.log_history),
-            datasets=[dataset_name] if isinstance(dataset_name, str) else dataset_name,
-            tags=tags, is_adapter=is_peft_model(self.model))
+                             "packing": args.packing, "seed": args.seed})

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..heads import RewardModel, ValueModel
-from ..hub import final_metrics, write_model_card
+from ..hub import trainer_model_card
 from ..models import adapters_disabled, add_adapters, is_peft_model, load_tokenizer
 from ..reward import score as reward_model_score
 from . import core
@@ -298,21 +298,15 @@ class PPOTrainer(Trainer):
             self.moments.load_state_dict(state["moments"])
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        if not self.is_world_process_zero():
-            return
-        args = self.args
         reward = "a reward model" if self.reward_model is not None else "a reward function"
-        write_model_card(
-            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
-            base_model=self.base_model_name, method="ppo",
+        trainer_model_card(
+            self, method="ppo", model_name=model_name, dataset_name=dataset_name, tags=tags,
             summary=f"PPO (per-token KL, GAE) from `{self.base_model_name}` against {reward}.",
-            hyperparameters={k: getattr(args, k) for k in (
+            hyperparameters={k: getattr(self.args, k) for k in (
                 "learning_rate", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
                 "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                 "response_length", "temperature", "per_device_train_batch_size")},
-            metrics=final_metrics(self.state.log_history),
-            datasets=[dataset_name] if dataset_name else None, tags=tags,
-            is_adapter=is_peft_model(self.policy))
+            model=self.policy)
 
 
 def _load_weights(module: nn.Module, path: str) -> None:
