@@ -8,6 +8,7 @@ preference trainer; chosen and rejected share one forward pass.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,8 +18,8 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .heads import RewardModel, RewardModelConfig
-from .hub import final_metrics, write_model_card
-from .models import add_adapters, is_peft_model, load_tokenizer
+from .hub import trainer_model_card
+from .models import add_adapters, load_tokenizer
 from .trainer_utils import add_averaged_metrics
 
 
@@ -62,6 +63,7 @@ class RewardTrainer(Trainer):
         if peft_config is not None:
             # TRL's ModelConfig says CAUSAL_LM, whose PeftModel expects a generating LM;
             # a reward model is a plain module with a trained head.
+            peft_config = copy.copy(peft_config)  # the caller's config stays as it was
             peft_config.task_type = None
             peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
@@ -114,20 +116,14 @@ class RewardTrainer(Trainer):
         super().log(logs, start_time)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        if not self.is_world_process_zero():
-            return
         args = self.args
-        write_model_card(
-            args.output_dir, model_name=model_name or args.hub_model_id or args.output_dir,
-            base_model=self.base_model_name, method="reward-model",
-            summary=f"A Bradley-Terry reward model on `{self.base_model_name}`.",
+        trainer_model_card(
+            self, method="reward-model", model_name=model_name, dataset_name=dataset_name,
+            tags=tags, summary=f"A Bradley-Terry reward model on `{self.base_model_name}`.",
             hyperparameters={"learning_rate": args.learning_rate, "max_length": args.max_length,
                              "num_train_epochs": args.num_train_epochs,
                              "center_rewards_coefficient": args.center_rewards_coefficient,
-                             "per_device_train_batch_size": args.per_device_train_batch_size},
-            metrics=final_metrics(self.state.log_history),
-            datasets=[dataset_name] if dataset_name else None, tags=tags,
-            is_adapter=is_peft_model(self.model))
+                             "per_device_train_batch_size": args.per_device_train_batch_size})
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
