@@ -12,30 +12,15 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
     """log softmax(logits / temperature)[label] per position, computed as
     logit[label] - logsumexp(logits) over chunks of ``chunk_size`` positions, so the full
     float32 [B, T, V] log-softmax never exists: one [chunk, V] float32 block at a time, and
-    under autograd each block is recomputed in backward rather than kept.
+    under autograd a low-precision block is recomputed in backward rather than kept.
 
     Shapes: logits [B, T, V], labels [B, T] -> [B, T] (float32).
     """
     flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    pieces = []
-    for start in range(0, flat.shape[0], chunk_size):
-        block, block_targets = flat[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and block.requires_grad and block.dtype != torch.float32:
-            pieces.append(checkpoint(_block_logps, block, block_targets, temperature,
-                                     use_reentrant=False))
-        else:
-            pieces.append(_block_logps(block, block_targets, temperature))
-    if not pieces:
-        return logits.new_zeros(labels.shape, dtype=torch.float32)
-    return torch.cat(pieces).reshape(labels.shape)
-
-
-def _block_logps(block: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """[N, V], [N] -> [N] float32."""
-    block = block.float()
-    if temperature != 1.0:
-        block = block / temperature
-    return block.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(block, -1)
+    recompute = torch.is_grad_enabled() and flat.requires_grad and flat.dtype != torch.float32
+    out = _in_blocks(lambda block, t: _block_logps(block, t, temperature), flat, targets,
+                     chunk_size, recompute)
+    return out.reshape(labels.shape)
 
 
 def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> Tensor:
@@ -45,9 +30,6 @@ def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> 
 
     Shapes: hidden [K, H], targets [K] -> [K] (float32).
     """
-    def block(h: Tensor, t: Tensor) -> Tensor:
-        return _block_logps(head(h), t, 1.0)
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     # ZeRO-3 releases the head's gathered weight after the call, so a recompute would see
@@ -55,14 +37,27 @@ def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> 
     # positions only).
     recompute = torch.is_grad_enabled() and not is_deepspeed_zero3_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    return _in_blocks(lambda h, t: _block_logps(head(h), t, 1.0), hidden, targets,
+                      chunk_size, recompute)
+
+
+def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bool) -> Tensor:
+    """``fn(rows_block, targets_block) -> [n]`` over blocks of ``chunk_size`` rows,
+    concatenated; with ``recompute`` each block is checkpointed. [N, ...], [N] -> [N]."""
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if recompute:
-            pieces.append(checkpoint(block, h, t, use_reentrant=False))
-        else:
-            pieces.append(block(h, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        block, block_targets = rows[start:start + chunk_size], targets[start:start + chunk_size]
+        pieces.append(checkpoint(fn, block, block_targets, use_reentrant=False) if recompute
+                      else fn(block, block_targets))
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+def _block_logps(block: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """[N, V], [N] -> [N] float32."""
+    block = block.float()
+    if temperature != 1.0:
+        block = block / temperature
+    return block.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(block, -1)
 
 
 def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
