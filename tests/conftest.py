@@ -33,6 +33,16 @@ def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None =
     return proc
 
 
+def load_recipe(name: str):
+    """``recipes/<name>.py`` imported as a module (its ``ARGUMENTS`` and ``main``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class StopAt(TrainerCallback):
     """Interrupt training after ``step`` optimizer steps (a stand-in for a killed run)."""
 

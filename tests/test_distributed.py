@@ -7,12 +7,12 @@ the same global batch (2 x 4 = 1 x 8): accelerate hands the two processes the ha
 the batch the single process takes, so the losses agree up to float summation order.
 """
 
-import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_recipe
+from conftest import load_recipe, run_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import TrlParser
@@ -30,9 +30,7 @@ def launch(recipe, summary, out, args, config=None):
     """Run ``recipe`` with 2 processes under ``config``, or (config None) as one process
     in this one (the recipe's own main and parser; saves a process start); its summary."""
     if config is None:
-        spec = importlib.util.spec_from_file_location("recipe", ROOT / recipe)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_recipe(Path(recipe).stem)
         module.main(*TrlParser(module.ARGUMENTS).parse_args_and_config(args=with_machine_args(
             [*args, "--per_device_train_batch_size", "8", "--output_dir", str(out)])))
     else:

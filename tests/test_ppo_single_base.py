@@ -51,17 +51,21 @@ def test_reward_adapter_matches_the_lora_reward_model(setup):
                for m in policy.modules() if hasattr(m, "_active_adapter"))
 
 
+def ppo_args(out, **kw) -> PPOConfig:
+    """A short single-base PPO run: rollouts of 16, minibatches of 8, lr 1e-2."""
+    return PPOConfig(output_dir=str(out), rollout_batch_size=16, per_device_train_batch_size=8,
+                     learning_rate=1e-2, temperature=1.0, report_to="none", use_cpu=True,
+                     save_strategy="no", disable_tqdm=True, num_sample_generations=0,
+                     logging_steps=1, **kw)
+
+
 def test_single_base_ppo_trains_policy_and_value_adapters_only(setup, tmp_path):
     root, tok = setup
     base = AutoModelForCausalLM.from_pretrained(root / "base")
     policy, value, reward = build_single_base(base, LoraConfig(**LORA), str(root / "rm"))
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     head_before = value.head.weight.detach().clone()
-    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=16, num_ppo_epochs=2,
-                     per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
-                     response_length=10, temperature=1.0, report_to="none", use_cpu=True,
-                     save_strategy="no", disable_tqdm=True, num_sample_generations=0,
-                     logging_steps=1)
+    args = ppo_args(tmp_path, num_ppo_epochs=2, num_train_epochs=2, response_length=10)
     trainer = PPOTrainer(policy, args, tok, prompt_dataset(32, seed=4), reward=reward,
                          value_model=value)
     assert trainer.ref_model is None  # the reference is the base with adapters off
@@ -86,11 +90,7 @@ def test_single_base_ppo_on_a_4bit_base(setup, tmp_path):
     policy, value, reward = build_single_base(base, LoraConfig(**LORA), str(root / "rm"))
     assert any(isinstance(m, Linear4bit) for m in policy.modules())
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
-    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=16, num_ppo_epochs=1,
-                     per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-2,
-                     response_length=8, temperature=1.0, report_to="none", use_cpu=True,
-                     save_strategy="no", disable_tqdm=True, num_sample_generations=0,
-                     logging_steps=1)
+    args = ppo_args(tmp_path, num_ppo_epochs=1, num_train_epochs=1, response_length=8)
     trainer = PPOTrainer(policy, args, tok, prompt_dataset(16, seed=5), reward=reward,
                          value_model=value)
     trainer.train()

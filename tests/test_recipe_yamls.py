@@ -2,12 +2,11 @@
 recipe reads, and parses with that recipe's own parser (types, loss names, choices)."""
 
 import dataclasses
-import importlib.util
 import re
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, load_recipe
 from trl import TrlParser
 
 from rlhf_ext.launch import with_machine_args
@@ -21,11 +20,7 @@ def recipe_module(path):
     """The recipe the YAML's launch line runs (``recipes/<name>.py``), imported."""
     found = re.search(r"recipes/(\w+)\.py", path.read_text())
     assert found, f"{path}: no 'accelerate launch ... recipes/<name>.py' line in its comments"
-    spec = importlib.util.spec_from_file_location(f"recipe_{found[1]}",
-                                                  ROOT / "recipes" / f"{found[1]}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe(found[1])
 
 
 def unread_keys(path) -> list[str]:
