@@ -15,13 +15,11 @@ Ways, each in its own process (one thread), all giving the same numbers (checked
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import resource
-import subprocess
-import sys
 import time
+
+from isolated import report, run_isolated
 
 WAYS = ["full_log_softmax", "chunked_softmax", "completion_head", "padding_free",
         "prefix_sharing"]
@@ -89,18 +87,10 @@ def main(argv=None):
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.way:
-        print("RESULT " + json.dumps(run(args.way, args)))
+        report(run(args.way, args))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     flags = [f"--{k}={getattr(args, k)}" for k in ("batch", "vocab", "hidden", "layers", "seed")]
-    results = []
-    for way in WAYS:
-        proc = subprocess.run([sys.executable, __file__, *flags, "--way", way], env=env,
-                              capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{way} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(line[0][7:]))
+    results = [run_isolated(__file__, [*flags, "--way", way], way) for way in WAYS]
     first = results[0]
     print(f"forward + backward of one DPO batch ({args.batch} pairs, vocab {args.vocab}, "
           f"hidden {args.hidden}, {args.layers} layers), one thread")

@@ -12,13 +12,11 @@ iterations; each mode runs in its own process and reports its peak RSS:
 """
 
 import argparse
-import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from isolated import report, run_isolated
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -104,18 +102,14 @@ def main():
     parser.add_argument("--_root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._mode:
-        print(json.dumps(run_mode(args._mode, Path(args._root), args.iterations)))
+        report(run_mode(args._mode, Path(args._root), args.iterations))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, args.hidden, args.layers)
-        rows = []
-        for mode in ("separate", "single"):
-            out = subprocess.run([sys.executable, __file__, "--_mode", mode, "--_root", tmp,
-                                  "--iterations", str(args.iterations)],
-                                 capture_output=True, text=True, env=env, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows = [run_isolated(__file__, ["--_mode", mode, "--_root", tmp,
+                                        "--iterations", str(args.iterations)], mode)
+                for mode in ("separate", "single")]
     print(f"\nPPO peak memory, Llama hidden {args.hidden} x {args.layers} layers, "
           f"{args.iterations} iterations, LoRA r=8 (one process per mode)\n")
     print("| mode | distinct parameters | RSS after models (MB) | peak RSS (MB) |")

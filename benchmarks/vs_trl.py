@@ -18,11 +18,12 @@ import math
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from isolated import report, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("dpo", "simpo", "kto", "reward")
@@ -194,11 +195,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         method, impl, root = args.child
-        print("RESULT " + json.dumps(child(method, impl, Path(root), args)))
+        report(child(method, impl, Path(root), args))
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -207,12 +206,9 @@ def main(argv=None) -> None:
                        ("pairs", "batch", "vocab", "hidden", "layers", "max_length", "seed")]
         for method in args.methods:
             for impl in ("trl", "ours", *(args.variants if method == "dpo" else [])):
-                proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", method,
-                                       impl, str(root)], env=env, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.exit(f"{method}/{impl} failed:\n{proc.stderr[-4000:]}")
-                results.append(json.loads(line[0][7:]))
+                results.append(run_isolated(
+                    __file__, [*passthrough, "--child", method, impl, str(root)],
+                    f"{method}/{impl}"))
                 print(f"  {method} {impl}: {results[-1]['seconds']:.1f} s", file=sys.stderr)
     print(table(results, args))
     if args.json:
