@@ -152,7 +152,9 @@ class _HeadModel(PreTrainedModel):
         """Backbone weights from a causal-LM, base or reward/value checkpoint (a head model
         gives its backbone, e.g. a value model started from the reward model); a fresh
         head (seeded)."""
-        backbone = AutoModel.from_pretrained(name_or_path, **load_kwargs)
+        from .models import keep_4bit_differentiable
+
+        backbone = keep_4bit_differentiable(AutoModel.from_pretrained(name_or_path, **load_kwargs))
         if isinstance(backbone, _HeadModel):
             backbone = backbone.backbone
         config_cls = cls.config_class

@@ -50,7 +50,25 @@ def load_causal_lm(name_or_path: str, model_args=None, **kwargs):
     if model_args is not None:
         kwargs = {**model_init_kwargs(model_args), **kwargs}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return keep_4bit_differentiable(AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs))
+
+
+def keep_4bit_differentiable(model):
+    """Keep every bitsandbytes 4-bit layer of ``model`` on bitsandbytes' generic kernel,
+    the same on every CPU; returns ``model``.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its inference
+    kernel at the layer's first eval-mode forward without gradients (a PPO rollout, an
+    evaluation), and from then on runs *every* forward through that kernel, training ones
+    included. That kernel has no backward: no gradient reaches the layers below, so their
+    LoRA adapters stop learning, silently. The repacking also needs in_features to be a
+    multiple of 64 and out_features a multiple of 32 (else ``shape '[32, 0]' is
+    invalid``), and undoing it re-quantizes the scales (lossy). On CPUs without
+    AVX512-BF16, and on GPUs, nothing changes."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_quantized(model) -> bool:
@@ -67,6 +85,7 @@ def add_adapters(model, peft_config, gradient_checkpointing: bool = False,
 
     if seed is not None:
         torch.manual_seed(seed)
+    keep_4bit_differentiable(model)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing)

@@ -18,7 +18,7 @@ from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .hub import trainer_model_card
 from .logps import batch_logps
-from .models import add_adapters, load_causal_lm, load_tokenizer
+from .models import add_adapters, keep_4bit_differentiable, load_causal_lm, load_tokenizer
 from .reference import ReferenceLogps
 from .trainer_utils import add_averaged_metrics
 
@@ -115,6 +115,7 @@ class PreferenceTrainer(Trainer):
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
+        keep_4bit_differentiable(model)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
 

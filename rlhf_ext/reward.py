@@ -19,7 +19,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .heads import RewardModel, RewardModelConfig
 from .hub import trainer_model_card
-from .models import add_adapters, load_tokenizer
+from .models import add_adapters, keep_4bit_differentiable, load_tokenizer
 from .trainer_utils import add_averaged_metrics
 
 
@@ -40,7 +40,7 @@ def load_reward_model(name_or_path: str, **kwargs) -> RewardModel:
     """A saved RewardModel as it is, or a causal-LM checkpoint as backbone + fresh head."""
     config = AutoConfig.from_pretrained(name_or_path)
     if isinstance(config, RewardModelConfig):
-        return RewardModel.from_pretrained(name_or_path, **kwargs)
+        return keep_4bit_differentiable(RewardModel.from_pretrained(name_or_path, **kwargs))
     return RewardModel.from_backbone(name_or_path, **kwargs)
 
 
@@ -56,6 +56,7 @@ class RewardTrainer(Trainer):
         if isinstance(model, str):
             model = load_reward_model(model, **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
+        keep_4bit_differentiable(model)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):

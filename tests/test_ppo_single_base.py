@@ -18,7 +18,7 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 def setup(world_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
-    build_model("tiny", tok, seed=0).save_pretrained(root / "base")
+    build_model("tiny4bit", tok, seed=0).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     trainer = RewardTrainer(
         str(root / "base"), processing_class=tok, train_dataset=preference_pairs(64, seed=1),

@@ -26,7 +26,13 @@ from transformers import Trainer, TrainingArguments
 
 from ..heads import RewardModel, ValueModel
 from ..hub import trainer_model_card
-from ..models import adapters_disabled, add_adapters, is_peft_model, load_tokenizer
+from ..models import (
+    adapters_disabled,
+    add_adapters,
+    is_peft_model,
+    keep_4bit_differentiable,
+    load_tokenizer,
+)
 from ..reward import score as reward_model_score
 from . import core
 from .rollout import Batch, response_logits, response_logps, response_values, rollout
@@ -136,6 +142,9 @@ class PPOTrainer(Trainer):
             raise ValueError(f"train dataset: PPO needs a 'prompt' column, found "
                              f"{train_dataset.column_names}; rename the prompt column")
         self.base_model_name = getattr(model.config, "_name_or_path", None)
+        for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
+            if m is not None:
+                keep_4bit_differentiable(m)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
         if ref_model is None and not is_peft_model(model):

@@ -8,6 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 # name -> (hidden, layers, heads, intermediate). Parameter counts with the 512-token vocab.
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (32, 2, 2, 64),  # ~50k params: unit tests
+    # 4-bit tests: every Linear's in and out size a multiple of 64, the shapes
+    # bitsandbytes' AVX512-BF16 CPU kernel takes (models.keep_4bit_differentiable)
+    "tiny4bit": (64, 2, 2, 128),
     "small": (64, 2, 4, 192),  # ~150k params: the demo
     "base": (128, 4, 4, 384),  # ~1M params: benchmarks
 }
