@@ -37,6 +37,8 @@ def test_reduced_demo(tmp_path, world_dir, sft_run, reward_run):
     # PPO against the trained reward model: a stated KL bound (nats per sampled sequence,
     # as test_ppo.KL_BOUND) and finite curves for every method
     assert report["methods"]["ppo"]["kl_to_sft"] < 8.0
+    # ... and during training too: no early spike of the rollouts' KL to the reference
+    assert max(report["training"]["ppo"]["kl"]) < 8.0
     for curve in report["training"].values():
         assert all(math.isfinite(v) for v in curve["reward"] + curve.get("kl", []))
     for png in report["plots"]:
