@@ -71,6 +71,25 @@ def keep_4bit_differentiable(model):
     return model
 
 
+def disable_dropout(model):
+    """Turn every dropout of ``model`` off; returns ``model``. Covers ``nn.Dropout`` modules
+    (LoRA's ``lora_dropout`` included: call this after adding adapters) and dropout rates
+    that attention layers read as plain floats (``attention_dropout`` in Llama, Qwen2...),
+    which no ``nn.Dropout`` holds. TRL's ``disable_dropout`` default, made complete."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if "dropout" in key and isinstance(value, float) and value > 0:
+                    setattr(config, key, 0.0)
+    return model
+
+
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or
                 getattr(model, "is_loaded_in_8bit", False))

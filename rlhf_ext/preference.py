@@ -18,7 +18,13 @@ from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .hub import trainer_model_card
 from .logps import batch_logps
-from .models import add_adapters, keep_4bit_differentiable, load_causal_lm, load_tokenizer
+from .models import (
+    add_adapters,
+    disable_dropout,
+    keep_4bit_differentiable,
+    load_causal_lm,
+    load_tokenizer,
+)
 from .reference import ReferenceLogps
 from .trainer_utils import add_averaged_metrics
 
@@ -62,6 +68,8 @@ class PreferenceConfig(TrainingArguments):
     ref_logps_cache_dir: str | None = field(default=None, metadata={
         "help": "Where precomputed reference log-probs are cached "
                 "(default $RLHF_EXT_CACHE or ~/.cache/rlhf_ext)."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Turn off dropout in the model and the reference (LoRA's and attention's too)."})
     model_init_kwargs: dict | None = None
     remove_unused_columns: bool = False
 
@@ -118,6 +126,10 @@ class PreferenceTrainer(Trainer):
         keep_4bit_differentiable(model)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if args.disable_dropout:  # after the adapters: LoRA has its own dropout
+            for m in (model, ref_model):
+                if m is not None:
+                    disable_dropout(m)
 
         # Data first: a bad dataset fails here, before any model work.
         self.loss_specs, self.loss_weights = args.loss_specs, args.resolved_loss_weights

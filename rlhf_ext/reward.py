@@ -19,7 +19,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .heads import RewardModel, RewardModelConfig
 from .hub import trainer_model_card
-from .models import add_adapters, keep_4bit_differentiable, load_tokenizer
+from .models import add_adapters, disable_dropout, keep_4bit_differentiable, load_tokenizer
 from .trainer_utils import add_averaged_metrics
 
 
@@ -57,10 +57,6 @@ class RewardTrainer(Trainer):
             model = load_reward_model(model, **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         keep_4bit_differentiable(model)
-        if args.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
         if peft_config is not None:
             # TRL's ModelConfig says CAUSAL_LM, whose PeftModel expects a generating LM;
             # a reward model is a plain module with a trained head.
@@ -68,6 +64,8 @@ class RewardTrainer(Trainer):
             peft_config.task_type = None
             peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if args.disable_dropout:  # after the adapters: LoRA has its own dropout
+            disable_dropout(model)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
         if data_collator is None:

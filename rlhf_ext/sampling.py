@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -17,6 +18,20 @@ class Completions:
     finished: list[bool]  # True when an eos ended the completion before max_new_tokens
 
 
+def decoding_config(tokenizer, max_new_tokens: int, temperature: float, top_k: int,
+                    top_p: float) -> GenerationConfig:
+    """The whole decoding, every field that changes the token distribution set explicitly
+    (sampling from softmax(logits / T) with top-k/top-p, or greedy when temperature == 0)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+        **(sampling if temperature > 0 else dict(do_sample=False)))
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -25,6 +40,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     """Sample one completion per prompt (left-padded batches; greedy when temperature == 0).
 
     Prompts are plain strings, already rendered (apply a chat template before calling).
+    Exactly this decoding is used: nothing of the model's own ``generation_config`` (a
+    shipped repetition penalty, top-k, min-p...) applies, so the samples come from
+    softmax(logits / temperature) restricted by ``top_k``/``top_p`` alone.
     """
     was_training = model.training
     model.eval()
@@ -33,18 +51,19 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     out = Completions([], [], [])
+    config = decoding_config(tokenizer, max_new_tokens, temperature, top_k, top_p)
     torch.manual_seed(seed)
+    owners = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None),
+                                                       GenerationConfig)]
+    shipped = [m.generation_config for m in owners]
+    for m in owners:  # generate() fills unset fields from the model's own defaults
+        m.generation_config = GenerationConfig()
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
                               padding=True, add_special_tokens=False).to(device)
-            kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-            if temperature == 0:
-                kwargs = dict(do_sample=False)
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                       **kwargs)
+            generated = model.generate(**batch, generation_config=config)
             for row in generated[:, batch["input_ids"].shape[1]:].tolist():
                 finished = eos in row
                 ids = row[: row.index(eos) + 1] if finished else row
@@ -53,6 +72,8 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
                 out.texts.append(tokenizer.decode([t for t in ids if t != eos],
                                                   skip_special_tokens=False))
     finally:
+        for m, shipped_config in zip(owners, shipped):
+            m.generation_config = shipped_config
         tokenizer.padding_side = side
         model.train(was_training)
     return out
