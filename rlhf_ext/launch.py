@@ -138,5 +138,9 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
     trainer.create_model_card(dataset_name=dataset_name)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
+    # Every process waits here until all are done (process 0 alone evaluated above), then
+    # the process group goes: a process that tears it down while its peer still talks to
+    # it, or that exits with the group alive, can abort at exit after a finished run.
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
     return summary

@@ -51,7 +51,7 @@ def make_trainer(tok, policy_dir, out, **kw):
                      per_device_train_batch_size=8, num_train_epochs=4, learning_rate=3e-3,
                      response_length=12, temperature=1.0, kl_coef=0.1, kl_target=1.0,
                      kl_horizon=100, report_to="none", use_cpu=True, save_strategy="steps",
-                     save_steps=4, logging_steps=1, disable_tqdm=True, num_sample_generations=0,
+                     save_steps=2, logging_steps=1, disable_tqdm=True, num_sample_generations=0,
                      seed=3, **kw)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     value = ValueModel.from_backbone(str(policy_dir), seed=1)
@@ -59,17 +59,21 @@ def make_trainer(tok, policy_dir, out, **kw):
                       reward=lambda p, c: [oracle_score(x) for x in c], value_model=value)
 
 
-def test_resume_matches_uninterrupted(world_dir, tmp_path):
+@pytest.mark.parametrize("stop", [8, 6])  # 4 updates per iteration: at its end, mid-way
+def test_resume_matches_uninterrupted(world_dir, tmp_path, stop):
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
     full = make_trainer(tok, tmp_path / "policy", tmp_path / "full")
     full.train()
     part = make_trainer(tok, tmp_path / "policy", tmp_path / "part")
-    part.add_callback(StopAt(8))  # 4 updates per iteration: stop after 2 of 4 iterations
+    part.add_callback(StopAt(stop))
     part.train()
-    assert part.state.global_step == 8
+    assert part.state.global_step == stop
+    checkpoint = tmp_path / "part" / f"checkpoint-{stop}"
+    # mid-iteration, the checkpoint keeps the iteration's rollout for the remaining updates
+    assert (checkpoint / "ppo_experience_0.pt").exists() == (stop % 4 != 0)
     resumed = make_trainer(tok, tmp_path / "policy", tmp_path / "part")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-8"))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == full.state.global_step == 16
     assert resumed.kl_ctl.value == pytest.approx(full.kl_ctl.value, rel=1e-9)
     assert resumed.kl_ctl.value != 0.1  # the adaptive controller moved and was restored

