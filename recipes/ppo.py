@@ -11,19 +11,21 @@ import time
 from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from rlhf_ext.heads import ValueModel
-from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
+from rlhf_ext.launch import RecipeArguments, finish_run, run_main
 from rlhf_ext.models import load_causal_lm
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
-from rlhf_ext.reward import load_reward_model
+from rlhf_ext.reward import adapter_base, load_reward_model
 
 
 @dataclass
 class PPOModelArguments:
     reward: str = field(default="model", metadata={
-        "help": "'model' (reward_model_path) or 'oracle' (the tiny world's scorer)."})
+        "help": "'model' (reward_model_path), 'oracle' (the tiny world's scorer) or a reward "
+                "function 'module:function' taking (prompts, completions) -> list of floats, "
+                "e.g. rlhf_ext.real:vader_reward."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "A RewardModel saved by recipes/reward.py."})
     value_model_path: str | None = field(default=None, metadata={
@@ -63,11 +65,19 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
             raise ValueError("reward: model needs --reward_model_path (or use --reward oracle)")
         reward = load_reward_model(ppo_args.reward_model_path)
         reward_tokenizer = AutoTokenizer.from_pretrained(ppo_args.reward_model_path)
+    elif ":" in ppo_args.reward:
+        import importlib
+
+        module, name = ppo_args.reward.split(":", 1)
+        reward, reward_tokenizer = getattr(importlib.import_module(module), name), None
     else:
-        raise ValueError(f"reward must be 'model' or 'oracle', got {ppo_args.reward!r}")
+        raise ValueError(f"reward must be 'model', 'oracle' or 'module:function', "
+                         f"got {ppo_args.reward!r}")
     if not ppo_args.single_base:
-        value_path = (ppo_args.value_model_path or ppo_args.reward_model_path
+        reward_path = ppo_args.reward_model_path if ppo_args.reward == "model" else None
+        value_path = (ppo_args.value_model_path or reward_path
                       or model_args.model_name_or_path)
+        value_path = adapter_base(value_path) or value_path  # a LoRA reward model: its base
         value_model = ValueModel.from_backbone(value_path, seed=training_args.seed)
     trainer = PPOTrainer(policy, training_args, tokenizer, train, reward=reward,
                          value_model=value_model, reward_tokenizer=reward_tokenizer,
@@ -79,5 +89,4 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(ARGUMENTS)
-    main(*parser.parse_args_and_config(args=with_machine_args()))
+    run_main(main, ARGUMENTS)

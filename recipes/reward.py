@@ -10,9 +10,9 @@ model's rewards with the oracle on held-out completions.
 import time
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
+from rlhf_ext.launch import RecipeArguments, finish_run, run_main
 from rlhf_ext.models import model_init_kwargs
 from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model, score
 
@@ -55,5 +55,4 @@ def main(script_args, training_args, model_args, recipe_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(ARGUMENTS)
-    main(*parser.parse_args_and_config(args=with_machine_args()))
+    run_main(main, ARGUMENTS)

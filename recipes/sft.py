@@ -11,9 +11,9 @@ RecipeArguments (build the tiny world first; judge the result with its oracle).
 import time
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, get_peft_config
 
-from rlhf_ext.launch import RecipeArguments, finish_run, with_machine_args
+from rlhf_ext.launch import RecipeArguments, finish_run, run_main
 from rlhf_ext.models import load_causal_lm
 from rlhf_ext.sft import SFTTrainer
 
@@ -36,5 +36,4 @@ def main(script_args, training_args, model_args, recipe_args):
 
 
 if __name__ == "__main__":
-    parser = TrlParser(ARGUMENTS)
-    main(*parser.parse_args_and_config(args=with_machine_args()))
+    run_main(main, ARGUMENTS)

@@ -23,6 +23,26 @@ def machine_args() -> list[str]:
     return args
 
 
+def run_main(main, arguments: tuple) -> None:
+    """A recipe's ``__main__``: parse the YAML and command line into ``arguments``, run
+    ``main``, then leave. In a multi-process launch, once ``main`` has returned (files
+    saved, process group ended by ``finish_run``) the process exits at once with status
+    0: interpreter teardown, where native threads of gloo and DeepSpeed are torn down in
+    no set order, sometimes aborted a finished run (SIGABRT, "terminate called without
+    an active exception") and the launch reported a failure. An exception in ``main``
+    still exits non-zero as usual."""
+    from trl import TrlParser
+
+    main(*TrlParser(arguments).parse_args_and_config(args=with_machine_args()))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def with_machine_args(argv: list[str] | None = None) -> list[str]:
     """``argv`` (default ``sys.argv[1:]``) with ``machine_args`` in front."""
     return machine_args() + list(sys.argv[1:] if argv is None else argv)

@@ -36,8 +36,27 @@ class RewardConfig(TrainingArguments):
     remove_unused_columns: bool = False
 
 
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a saved LoRA adapter directory; None for a full model."""
+    import json
+    import os
+
+    path = os.path.join(name_or_path, "adapter_config.json")
+    if not os.path.exists(path) or os.path.exists(os.path.join(name_or_path, "config.json")):
+        return None
+    with open(path) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
 def load_reward_model(name_or_path: str, **kwargs) -> RewardModel:
-    """A saved RewardModel as it is, or a causal-LM checkpoint as backbone + fresh head."""
+    """A saved RewardModel as it is, a LoRA reward adapter (recipes/reward.py with
+    use_peft) on its base, or a causal-LM checkpoint as backbone + fresh head."""
+    base = adapter_base(name_or_path)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(RewardModel.from_backbone(base, **kwargs), name_or_path)
+        return keep_4bit_differentiable(model.eval())
     config = AutoConfig.from_pretrained(name_or_path)
     if isinstance(config, RewardModelConfig):
         return keep_4bit_differentiable(RewardModel.from_pretrained(name_or_path, **kwargs))

@@ -102,16 +102,14 @@ class PolicyAndValue(nn.Module):
         return response_logits(self.policy, batch), response_values(self.value_model, batch)
 
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
+                                        every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
-        their activations in the backward pass."""
+        their activations in the backward pass (a PeftModel passes it to its base)."""
         for m in (self.policy, self.value_model):
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self):
-        for m in (self.policy, self.value_model):
-            m.gradient_checkpointing_disable()
+            m.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                every_n_layers=every_n_layers, offload=offload)
 
 
 def validate_prompt_dataset(dataset, name: str = "train") -> None:
@@ -287,11 +285,12 @@ class PPOTrainer(Trainer):
         prompts = self._iteration_prompts(epoch)
         was_training = self.model.training
         gather = self.accelerator.gather if self.args.world_size > 1 else None
-        result = rollout(policy=self.policy, reference=self._reference_logps,
-                         value_model=self.value_model, tokenizer=self.processing_class,
-                         prompts=prompts, reward=self.reward_fn, args=self.args,
-                         kl_coef=self.kl_ctl.value, moments=self.moments,
-                         seed=self.args.seed * 1000 + epoch, gather=gather)
+        with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
+            result = rollout(policy=self.policy, reference=self._reference_logps,
+                             value_model=self.value_model, tokenizer=self.processing_class,
+                             prompts=prompts, reward=self.reward_fn, args=self.args,
+                             kl_coef=self.kl_ctl.value, moments=self.moments,
+                             seed=self.args.seed * 1000 + epoch, gather=gather)
         self.model.train(was_training)
         for key, value in result.metrics.items():
             self._metrics[key].append(value)
