@@ -145,3 +145,42 @@ def test_ppo_rejects_a_conversation_ending_with_the_answer(smollm2, real_data, t
                    PPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
                    AutoTokenizer.from_pretrained(smollm2), bad, reward=vader_reward,
                    value_model=None)
+
+
+def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_path):
+    """N = 12 steps on conversational pairs (a positive and a negative movie review, the
+    one VADER scores higher chosen): held-out pairs are ranked with a clear margin, and
+    ``score`` (what PPO calls), tokenizing as training does, ranks them exactly as the
+    trainer's evaluation and gives the rewards of the trainer's own forward."""
+    from rlhf_ext.real import vader_scores
+    from rlhf_ext.reward import RewardConfig, RewardTrainer, score
+
+    data = load_from_disk(conversational_datasets(tmp_path / "data", n=48) / "pairs")
+    held_out = data["test"]
+    chosen_text = [m[0]["content"] for m in held_out["chosen"]]
+    rejected_text = [m[0]["content"] for m in held_out["rejected"]]
+    assert all(c > r for c, r in zip(vader_scores(chosen_text), vader_scores(rejected_text)))
+    args = RewardConfig(output_dir=str(tmp_path), learning_rate=3e-5, max_steps=12,
+                        per_device_train_batch_size=4, per_device_eval_batch_size=12,
+                        max_length=128, logging_steps=4, report_to="none", use_cpu=True,
+                        save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = RewardTrainer(smollm2, args=args, train_dataset=data["train"],
+                            eval_dataset=held_out)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    accuracy = after["eval_accuracy"]
+    # from a fresh head (loss 0.62 here, log 2 = 0.69 is chance) to a clear ranking
+    # (measured: accuracy 1.0, loss 6e-5, mean margin 10.3)
+    assert before["eval_loss"] > 0.3 and before["eval_margin"] < 1.0, before
+    assert accuracy == 1.0 and after["eval_loss"] < 0.01 and after["eval_margin"] > 5.0, after
+    tok = trainer.processing_class
+    chosen = score(trainer.model, tok, held_out["prompt"], held_out["chosen"])
+    rejected = score(trainer.model, tok, held_out["prompt"], held_out["rejected"])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == accuracy
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(held_out))])
+    with torch.no_grad():
+        rewards = trainer.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).rewards
+    torch.testing.assert_close(torch.tensor(chosen + rejected), rewards.float(),
+                               rtol=1e-4, atol=1e-4)
