@@ -145,6 +145,15 @@ def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
         "--model_name_or_path", str(world_dir / "base"),
         "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
         "--rollout_batch_size", "8", "--num_ppo_epochs", "1", "--logging_steps", "1",
-        "--tiny_eval_prompts", "0", "--num_sample_generations", "0"], config)
+        "--tiny_eval_prompts", "0", "--num_sample_generations", "0",
+        "--normalize_scores", "true", "--kl_target", "1.0", "--kl_horizon", "100"], config)
     assert_two_processes(summary, wrapper)
     assert len(losses(summary)) == 4  # 2 iterations x (8 rollouts / minibatches of 4)
+    state = json.loads((tmp_path / "ppo_state.json").read_text())
+    # the score statistics saw both processes' rollouts: 2 iterations x 8 x 2 processes
+    assert state["moments"]["count"] == pytest.approx(32)
+    # the adaptive controller moved on the logged KL, the mean over both processes
+    beta = 0.05
+    for kl in [h["objective/kl"] for h in summary["log_history"] if "objective/kl" in h]:
+        beta *= 1 + min(max(kl / 1.0 - 1, -0.2), 0.2) * 16 / 100
+    assert state["kl_ctl"]["value"] == pytest.approx(beta, rel=1e-9)

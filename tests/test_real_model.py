@@ -44,19 +44,23 @@ def test_chat_model_facts(smollm2):
     assert text.endswith("<|im_start|>assistant\n") and "SmolLM" in text  # default system turn
 
 
-def test_dpo_loss_at_lr0_is_log2(smollm2, real_data, tmp_path):
-    """The model as its own reference: every margin is 0, so the loss is log 2 exactly."""
-    args = PreferenceConfig(output_dir=str(tmp_path), loss_type=["sigmoid"], beta=0.1,
+@pytest.mark.parametrize("loss, data, expected", [
+    ("sigmoid", "pairs", math.log(2)),    # -log sigmoid(beta * 0)
+    ("ipo", "pairs", (1 / (2 * 0.1))**2),  # (0 - 1 / (2 beta))^2 = 25
+    ("kto", "unpaired", 0.5),             # 1 - sigmoid(beta * (0 - KL estimate clamped to 0))
+])
+def test_offline_loss_at_lr0_with_the_model_as_reference(smollm2, real_data, tmp_path, loss,
+                                                         data, expected):
+    """The model is its own reference: every log-ratio is 0, so each loss has a closed
+    form (conversational rows, SmolLM2's chat template, pad == eos)."""
+    args = PreferenceConfig(output_dir=str(tmp_path), loss_type=[loss], beta=0.1,
                             learning_rate=0.0, max_steps=2, per_device_train_batch_size=2,
                             max_length=96, logging_steps=1, report_to="none", use_cpu=True,
                             save_strategy="no", disable_tqdm=True, seed=0)
     trainer = PreferenceTrainer(smollm2, args=args,
-                                train_dataset=load_from_disk(real_data / "pairs")["train"])
+                                train_dataset=load_from_disk(real_data / data)["train"])
     trainer.train()
-    losses = logged(trainer, "loss")
-    assert len(losses) == 2
-    assert losses == pytest.approx([math.log(2)] * 2, abs=1e-6)
-    assert logged(trainer, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-6)
+    assert logged(trainer, "loss") == pytest.approx([expected] * 2, rel=1e-6, abs=1e-6)
 
 
 def ppo_trainer(smollm2, real_data, out, lora_b_std=False, **overrides):
