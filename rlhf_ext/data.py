@@ -110,6 +110,28 @@ def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str
     return kind
 
 
+def validate_prompt_dataset(dataset, name: str = "train") -> None:
+    """PPO's data: a 'prompt' column of strings or conversations (TRL's prompt-only
+    formats). Raises ``DataError`` naming the row before any model work."""
+    if "prompt" not in dataset.column_names:
+        raise DataError(f"{name} dataset: PPO needs a 'prompt' column (prompt-only data, a "
+                        f"string or a list of messages per row), found {dataset.column_names}; "
+                        "rename the prompt column")
+    for row, prompt in enumerate(dataset["prompt"]):
+        _check_text(prompt, "prompt", row, name)
+        if isinstance(prompt, list) and prompt and prompt[-1]["role"] == "assistant":
+            raise DataError(f"{name} dataset, row {row}, column 'prompt': the conversation ends "
+                            "with an assistant turn; a PPO prompt ends where the policy "
+                            "answers. Drop that last message.")
+
+
+def as_replies(prompts: list, completions: list[str]) -> list:
+    """Completions in the prompts' format: an assistant message after a conversation, the
+    text itself after a string prompt (how a reward model saw its training pairs)."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+            for p, c in zip(prompts, completions)]
+
+
 def _tokenize(tokenizer, value, generation_prompt: bool = False) -> list[int]:
     if isinstance(value, list):
         return tokenizer.apply_chat_template(value, tokenize=True, return_dict=True,

@@ -4,8 +4,8 @@ One Trainer epoch is one PPO iteration: the train dataloader (``ExperienceLoader
 rollout with the current policy, then yields its experience in shuffled minibatches
 ``num_ppo_epochs`` times. The Trainer does everything else: optimizer and scheduler over
 policy + value parameters, gradient accumulation and clipping, callbacks, logging,
-checkpoints (with the KL controller and score statistics) and resume at iteration
-boundaries, push_to_hub.
+checkpoints (with the KL controller, score statistics and, mid-iteration, the rollout)
+and resume from any of them, push_to_hub.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ..data import as_replies, validate_prompt_dataset
 from ..heads import RewardModel, ValueModel
 from ..hub import trainer_model_card
 from ..models import (
@@ -36,6 +37,7 @@ from ..models import (
 )
 from ..reward import score as reward_model_score
 from . import core
+from .experience import ExperienceLoader
 from .rollout import Batch, response_logits, response_logps, response_values, rollout
 
 
@@ -101,7 +103,6 @@ class PolicyAndValue(nn.Module):
         batch = Batch(input_ids, attention_mask, position_ids, None, prompt_width)
         return response_logits(self.policy, batch), response_values(self.value_model, batch)
 
-
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
                                         every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
@@ -110,88 +111,6 @@ class PolicyAndValue(nn.Module):
             m.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=activation_checkpointing_kwargs,
                 every_n_layers=every_n_layers, offload=offload)
-
-
-def validate_prompt_dataset(dataset, name: str = "train") -> None:
-    """PPO's data: a 'prompt' column of strings or conversations (TRL's prompt-only
-    formats). Raises ``DataError`` naming the row before any model work."""
-    from ..data import DataError, _check_text
-
-    if "prompt" not in dataset.column_names:
-        raise DataError(f"{name} dataset: PPO needs a 'prompt' column (prompt-only data, a "
-                        f"string or a list of messages per row), found {dataset.column_names}; "
-                        "rename the prompt column")
-    for row, prompt in enumerate(dataset["prompt"]):
-        _check_text(prompt, "prompt", row, name)
-        if isinstance(prompt, list) and prompt and prompt[-1]["role"] == "assistant":
-            raise DataError(f"{name} dataset, row {row}, column 'prompt': the conversation ends "
-                            "with an assistant turn; a PPO prompt ends where the policy "
-                            "answers. Drop that last message.")
-
-
-def as_replies(prompts: list, completions: list[str]) -> list:
-    """Completions in the prompts' format: an assistant message after a conversation, the
-    text itself after a string prompt (how a reward model saw its training pairs)."""
-    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
-            for p, c in zip(prompts, completions)]
-
-
-class Experience(torch.utils.data.Dataset):
-    """The current rollout's experience (tensors with one row per sequence), fetched a
-    minibatch at a time."""
-
-    def __init__(self, size: int):
-        self.size, self.tensors = size, {}
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.tensor(rows)
-        return {k: v[index.to(v.device)] for k, v in self.tensors.items()}
-
-
-class IterationSampler(torch.utils.data.Sampler):
-    """One PPO iteration per epoch: iterating runs the rollout (into ``experience``), then
-    yields its rows in shuffled minibatches, num_ppo_epochs times. A batch sampler, so
-    the Trainer's resume can skip the minibatches a mid-iteration checkpoint had done."""
-
-    def __init__(self, trainer: PPOTrainer, experience: Experience):
-        self.trainer, self.experience, self.epoch = trainer, experience, 0
-        args = trainer.args
-        self.per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
-
-    def __len__(self) -> int:
-        return self.per_rollout * self.trainer.args.num_ppo_epochs
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        args = self.trainer.args
-        self.experience.tensors = self.trainer.make_experience(self.epoch)
-        n = self.experience.tensors["input_ids"].shape[0]
-        generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
-        for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, args.per_device_train_batch_size):
-                yield order[start:start + args.per_device_train_batch_size].tolist()
-
-
-def _as_batch(batch):
-    return batch
-
-
-class ExperienceLoader(torch.utils.data.DataLoader):
-    """The Trainer's train dataloader: one rollout per epoch, then its minibatches."""
-
-    def __init__(self, trainer: PPOTrainer):
-        experience = Experience(trainer.args.rollout_batch_size)
-        super().__init__(experience, batch_sampler=IterationSampler(trainer, experience),
-                         collate_fn=_as_batch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
 
 
 class PPOTrainer(Trainer):

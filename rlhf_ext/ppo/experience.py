@@ -1,0 +1,73 @@
+"""PPO's train dataloader: each epoch one rollout (one PPO iteration), then its experience
+in shuffled minibatches, num_ppo_epochs times.
+
+A DataLoader over a batch sampler, so that the Trainer's own resume (accelerate's
+``skip_first_batches``) can skip the minibatches a mid-iteration checkpoint had done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import PPOTrainer
+
+
+class Experience(torch.utils.data.Dataset):
+    """The current rollout's experience (tensors with one row per sequence), fetched a
+    minibatch at a time."""
+
+    def __init__(self, size: int):
+        self.size, self.tensors = size, {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(rows)
+        return {k: v[index.to(v.device)] for k, v in self.tensors.items()}
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """One PPO iteration per epoch: iterating runs the rollout (into ``experience``), then
+    yields its rows' indices in shuffled minibatches, num_ppo_epochs times."""
+
+    def __init__(self, trainer: PPOTrainer, experience: Experience):
+        self.trainer, self.experience, self.epoch = trainer, experience, 0
+        args = trainer.args
+        self.per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
+
+    def __len__(self) -> int:
+        return self.per_rollout * self.trainer.args.num_ppo_epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        args = self.trainer.args
+        self.experience.tensors = self.trainer.make_experience(self.epoch)
+        n = self.experience.tensors["input_ids"].shape[0]
+        generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, args.per_device_train_batch_size):
+                yield order[start:start + args.per_device_train_batch_size].tolist()
+
+
+def _as_batch(batch):
+    return batch
+
+
+class ExperienceLoader(torch.utils.data.DataLoader):
+    """The Trainer's train dataloader: one rollout per epoch, then its minibatches."""
+
+    def __init__(self, trainer: PPOTrainer):
+        experience = Experience(trainer.args.rollout_batch_size)
+        super().__init__(experience, batch_sampler=IterationSampler(trainer, experience),
+                         collate_fn=_as_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
