@@ -100,7 +100,7 @@ def make_trainer(method: str, impl: str, root: Path, args, out: str):
         if method == "reward":
             from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model
 
-            rm = load_reward_model(model)
+            rm = load_reward_model(model, new_head=True)
             rm.score.weight.data.fill_(0.01)
             return RewardTrainer(rm, args=RewardConfig(max_length=args.max_length, **kw),
                                  train_dataset=pairs, processing_class=tok)

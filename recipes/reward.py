@@ -38,7 +38,8 @@ def main(script_args, training_args, model_args, recipe_args):
     start = time.time()
     world = recipe_args.ensure()
     train, evaluation = recipe_args.load_datasets(script_args, training_args)
-    model = load_reward_model(model_args.model_name_or_path, **model_init_kwargs(model_args))
+    model = load_reward_model(model_args.model_name_or_path, new_head=True,
+                              **model_init_kwargs(model_args))
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train,
                             eval_dataset=evaluation, processing_class=tokenizer,

@@ -26,7 +26,13 @@ from .models import (
     load_tokenizer,
 )
 from .reference import ReferenceLogps
-from .trainer_utils import add_averaged_metrics
+from .trainer_utils import (
+    add_averaged_metrics,
+    check_finite_fields,
+    check_finite_loss,
+    check_finite_weights,
+    keep_token_out_of_args,
+)
 
 
 @dataclass
@@ -78,6 +84,9 @@ class PreferenceConfig(TrainingArguments):
             self.loss_type = [self.loss_type]
         self.loss_specs, self.resolved_loss_weights = L.resolve_loss_types(
             self.loss_type, self.loss_weights)
+        check_finite_fields(self, ("beta", "loss_weights", "label_smoothing", "simpo_gamma",
+                                   "cpo_alpha", "discopop_tau", "desirable_weight",
+                                   "undesirable_weight", "learning_rate"))
         L.check_params(self.loss_specs, self.loss_params())
         if self.prefix_sharing and self.truncation_mode != "keep_start":
             raise ValueError("prefix_sharing keeps one prompt for chosen and rejected, which "
@@ -116,6 +125,7 @@ class PreferenceTrainer(Trainer):
                  optimizers=(None, None), peft_config=None):
         if args is None:
             args = PreferenceConfig(output_dir="preference-output")
+        keep_token_out_of_args(args)
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         if isinstance(model, str):
@@ -195,6 +205,8 @@ class PreferenceTrainer(Trainer):
         else:
             batch = self._paired_batch(model, inputs)
         loss, out = L.compute_loss(self.loss_specs, self.loss_weights, batch, self.loss_params)
+        if mode == "train":
+            check_finite_loss(self, loss, "log-probs that overflowed (check the model's dtype)")
         self._record(mode, batch, out)
         return (loss, out) if return_outputs else loss
 
@@ -259,6 +271,10 @@ class PreferenceTrainer(Trainer):
                 - self._metrics[mode]["rewards/rejected"][-1])
         for key, value in out.metrics.items():
             self._mean(mode, key, value)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        check_finite_weights(self.model, output_dir or self.args.output_dir)
+        super()._save(output_dir, state_dict)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         add_averaged_metrics(self._metrics, logs)

@@ -117,7 +117,7 @@ class ReferenceLogps:
         }).encode()).hexdigest()[:24]
         path = Path(args.ref_logps_cache_dir or default_cache_dir()) / f"{key}.pt"
         if path.exists():
-            columns = torch.load(path)
+            columns = torch.load(path, weights_only=True)  # tensors only: never unpickle code
             self.cache_hit = True
         else:
             self.cache_hit = False

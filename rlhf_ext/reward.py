@@ -9,6 +9,7 @@ preference trainer; chosen and rejected share one forward pass.
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,11 +17,22 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, Trainer, TrainingArguments
 
-from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
+from .data import (
+    DataError,
+    PreferenceCollator,
+    prepare_preference_dataset,
+    validate_preference_dataset,
+)
 from .heads import RewardModel, RewardModelConfig
 from .hub import trainer_model_card
 from .models import add_adapters, disable_dropout, keep_4bit_differentiable, load_tokenizer
-from .trainer_utils import add_averaged_metrics
+from .trainer_utils import (
+    add_averaged_metrics,
+    check_finite_fields,
+    check_finite_loss,
+    check_finite_weights,
+    keep_token_out_of_args,
+)
 
 
 @dataclass
@@ -35,6 +47,10 @@ class RewardConfig(TrainingArguments):
     model_init_kwargs: dict | None = None
     remove_unused_columns: bool = False
 
+    def __post_init__(self):
+        check_finite_fields(self, ("center_rewards_coefficient", "learning_rate"))
+        super().__post_init__()
+
 
 def adapter_base(name_or_path: str) -> str | None:
     """The base model of a saved LoRA adapter directory; None for a full model."""
@@ -48,9 +64,11 @@ def adapter_base(name_or_path: str) -> str | None:
         return json.load(f)["base_model_name_or_path"]
 
 
-def load_reward_model(name_or_path: str, **kwargs) -> RewardModel:
-    """A saved RewardModel as it is, a LoRA reward adapter (recipes/reward.py with
-    use_peft) on its base, or a causal-LM checkpoint as backbone + fresh head."""
+def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs) -> RewardModel:
+    """A saved RewardModel as it is, or a LoRA reward adapter (recipes/reward.py with
+    use_peft) on its base. With ``new_head=True`` (to train one), a causal-LM checkpoint
+    too, as backbone + fresh head; without, such a checkpoint is an error: scoring with an
+    untrained head is scoring with noise."""
     base = adapter_base(name_or_path)
     if base is not None:
         from peft import PeftModel
@@ -60,6 +78,10 @@ def load_reward_model(name_or_path: str, **kwargs) -> RewardModel:
     config = AutoConfig.from_pretrained(name_or_path)
     if isinstance(config, RewardModelConfig):
         return keep_4bit_differentiable(RewardModel.from_pretrained(name_or_path, **kwargs))
+    if not new_head:
+        raise ValueError(f"{name_or_path} is a {config.model_type} checkpoint without a trained "
+                         "reward head: train a reward model on it first (recipes/reward.py), "
+                         "or pass new_head=True to start from a fresh, untrained head")
     return RewardModel.from_backbone(name_or_path, **kwargs)
 
 
@@ -71,9 +93,11 @@ class RewardTrainer(Trainer):
                  compute_metrics=None, callbacks=None, optimizers=(None, None),
                  peft_config=None):
         args = args or RewardConfig(output_dir="reward-output")
+        keep_token_out_of_args(args)
         self.base_model_name = model if isinstance(model, str) else model.name_or_path
         if isinstance(model, str):
-            model = load_reward_model(model, **(args.model_init_kwargs or {}))
+            model = load_reward_model(model, new_head=True,
+                                      **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         keep_4bit_differentiable(model)
         if peft_config is not None:
@@ -100,6 +124,11 @@ class RewardTrainer(Trainer):
         if dataset is None:
             return None
         kind = validate_preference_dataset(dataset, True, ["reward"], name)
+        if "margin" in dataset.column_names:
+            for row, margin in enumerate(dataset["margin"]):
+                if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                    raise DataError(f"{name} dataset, row {row}, column 'margin': {margin!r} is "
+                                    "not a finite number. Fix or drop the row.")
         return prepare_preference_dataset(dataset, tokenizer, kind=kind, unpair=False,
                                           max_length=args.max_length, name=name,
                                           keep=("margin",))
@@ -110,6 +139,8 @@ class RewardTrainer(Trainer):
         chosen, rejected = out.rewards.chunk(2)
         margin = inputs.get("margin")
         loss = reward_loss(chosen, rejected, margin, self.args.center_rewards_coefficient)
+        if mode == "train":
+            check_finite_loss(self, loss, "a NaN or infinite 'margin' in the data")
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
             everything = gather(out.rewards.detach())
@@ -128,6 +159,10 @@ class RewardTrainer(Trainer):
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
         chosen, rejected = out.rewards.chunk(2)
         return loss.detach(), torch.stack([chosen, rejected], -1), None
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        check_finite_weights(self.model, output_dir or self.args.output_dir)
+        super()._save(output_dir, state_dict)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         add_averaged_metrics(self._metrics, logs)

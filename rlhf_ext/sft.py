@@ -6,6 +6,7 @@ from __future__ import annotations
 from trl import SFTTrainer as _TRLSFTTrainer
 
 from .hub import trainer_model_card
+from .trainer_utils import keep_token_out_of_args
 
 
 class SFTTrainer(_TRLSFTTrainer):
@@ -14,6 +15,8 @@ class SFTTrainer(_TRLSFTTrainer):
     _tag_names = ["rlhf-ext", "sft"]
 
     def __init__(self, model, *args, **kwargs):
+        if args or kwargs.get("args") is not None:
+            keep_token_out_of_args(args[0] if args else kwargs["args"])
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         super().__init__(model, *args, **kwargs)

@@ -34,7 +34,7 @@ from peft import PeftModel
 kind, base, adapter = ARGS
 if kind == "reward":
     from rlhf_ext.reward import load_reward_model
-    model = PeftModel.from_pretrained(load_reward_model(base), adapter).eval()
+    model = PeftModel.from_pretrained(load_reward_model(base, new_head=True), adapter).eval()
     value = model(torch.tensor([[3, 4, 5, 6]])).rewards.sum()
 else:
     from transformers import AutoModelForCausalLM

@@ -91,6 +91,30 @@ def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None
     return reduce(torch.tensor([value], device=device)).mean().item()
 
 
+def checked_scores(reward: Callable, prompts: list, completions: list[str]) -> list[float]:
+    """``reward(prompts, completions)``, checked: one finite real number per completion."""
+    import math
+    import numbers
+
+    name = getattr(reward, "__qualname__", None) or type(reward).__name__
+    values = reward(prompts, completions)
+    if isinstance(values, Tensor):
+        values = values.detach().float().flatten().tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+        got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
+        raise ValueError(f"reward function {name} returned {got} for {len(completions)} "
+                         "completions: return a list with one float per completion")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"reward function {name}: score {i} is {v!r} "
+                            f"({type(v).__name__}); return floats")
+        if not math.isfinite(v):
+            raise ValueError(f"reward function {name}: score {i} is {v} for completion "
+                             f"{completions[i][:60]!r}; return finite scores (clip or "
+                             "replace NaN in the function)")
+    return [float(v) for v in values]
+
+
 @torch.no_grad()
 def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokenizer,
             prompts: list, reward: Callable[[list, list[str]], list[float]],
@@ -117,7 +141,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     ref_logps = reference(batch)
     values = response_values(value_model, batch)
 
-    raw = torch.tensor(reward(prompts, sampled.texts), dtype=torch.float32, device=device)
+    raw = torch.tensor(checked_scores(reward, prompts, sampled.texts), dtype=torch.float32,
+                       device=device)
     finished = torch.tensor(sampled.finished, device=device)
     scores = core.penalize_missing_eos(raw, finished, args.missing_eos_penalty)
     scores = core.clip_scores(scores, args.score_clip)

@@ -36,9 +36,22 @@ from ..models import (
     load_tokenizer,
 )
 from ..reward import score as reward_model_score
+from ..trainer_utils import (
+    check_finite_fields,
+    check_finite_loss,
+    check_finite_weights,
+    keep_token_out_of_args,
+)
 from . import core
 from .experience import ExperienceLoader
-from .rollout import Batch, response_logits, response_logps, response_values, rollout
+from .rollout import (
+    Batch,
+    checked_scores,
+    response_logits,
+    response_logps,
+    response_values,
+    rollout,
+)
 
 
 @dataclass
@@ -78,6 +91,9 @@ class PPOConfig(TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        check_finite_fields(self, ("temperature", "kl_coef", "kl_target", "gamma", "lam",
+                                   "cliprange", "cliprange_value", "vf_coef",
+                                   "missing_eos_penalty", "score_clip", "learning_rate"))
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: PPO's log-probs "
                              "are those of softmax(logits / temperature), which greedy decoding "
@@ -129,6 +145,7 @@ class PPOTrainer(Trainer):
                              "samples from the policy, which ZeRO-3 partitions): launch with "
                              "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
                              "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
+        keep_token_out_of_args(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
         self.base_model_name = getattr(model.config, "_name_or_path", None)
@@ -168,6 +185,8 @@ class PPOTrainer(Trainer):
         for m in (self.ref_model, self.reward_model):
             if m is not None:
                 m.to(self.args.device)
+        # the reward on two tiny completions now, not after the first rollout's sampling
+        checked_scores(self.reward_fn, self.prompts[:2], ["ok"] * len(self.prompts[:2]))
 
     # -----------------------------------------------------------------------------------
     # experience
@@ -251,6 +270,7 @@ class PPOTrainer(Trainer):
         vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
                                       self.args.cliprange_value)
         loss = pg_loss + self.args.vf_coef * vf_loss
+        check_finite_loss(self, loss, "non-finite rewards or values")
         for key, value in (("policy/approxkl_avg", pg["approxkl"]),
                            ("policy/clipfrac_avg", pg["clipfrac"]), ("val/ratio", pg["ratio"]),
                            ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
@@ -277,8 +297,9 @@ class PPOTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
         wrapper = self.accelerator.unwrap_model(self.model)
+        check_finite_weights(wrapper, output_dir)
+        os.makedirs(output_dir, exist_ok=True)
         wrapper.policy.save_pretrained(output_dir)
         wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
         if self.processing_class is not None:

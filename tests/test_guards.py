@@ -1,0 +1,125 @@
+"""Nothing silent, nothing lost: non-finite values, bad reward functions and untrained reward
+heads are refused early, with a message that names what to fix; no NaN model is saved."""
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from rlhf_ext.data import DataError
+from rlhf_ext.heads import ValueModel
+from rlhf_ext.ppo import PPOConfig, PPOTrainer
+from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model
+from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset
+from rlhf_ext.trainer_utils import NonFiniteError
+
+BASE = dict(report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(world_dir):
+    return AutoTokenizer.from_pretrained(world_dir / "base")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    build_model("tiny", tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda v: PreferenceConfig(output_dir="x", beta=v), "beta"),
+    (lambda v: PreferenceConfig(output_dir="x", loss_type=["sigmoid", "sft"],
+                                loss_weights=[1.0, v]), "loss_weights"),
+    (lambda v: PreferenceConfig(output_dir="x", loss_type=["simpo"], simpo_gamma=v),
+     "simpo_gamma"),
+    (lambda v: RewardConfig(output_dir="x", center_rewards_coefficient=v),
+     "center_rewards_coefficient"),
+    (lambda v: PPOConfig(output_dir="x", kl_coef=v), "kl_coef"),
+    (lambda v: PPOConfig(output_dir="x", temperature=v), "temperature"),
+])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_config_values_are_refused(make, field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        make(value)
+
+
+def test_nan_margin_names_its_row(policy_dir, tok, tmp_path):
+    pairs = preference_pairs(4, seed=0).add_column("margin", [0.5, math.nan, 0.0, 1.0])
+    with pytest.raises(DataError, match="row 1, column 'margin'"):
+        RewardTrainer(str(policy_dir), args=RewardConfig(output_dir=str(tmp_path), **BASE),
+                      train_dataset=pairs, processing_class=tok)
+
+
+def test_a_nan_loss_stops_training_and_nothing_is_saved(policy_dir, tok, tmp_path):
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                            max_length=64, save_strategy="steps", save_steps=1, **BASE)
+    trainer = PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(16),
+                                processing_class=tok)
+    with torch.no_grad():  # a diverged weight: every log-prob, hence the loss, is NaN
+        trainer.model.model.norm.weight[0] = math.nan
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))
+    with pytest.raises(NonFiniteError, match="parameter model.norm.weight holds NaN"):
+        trainer.save_model()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def ppo(policy_dir, tok, tmp_path, reward):
+    policy = build_model("tiny", tok, seed=0)
+    value = ValueModel.from_backbone(str(policy_dir), seed=1)
+    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4,
+                     per_device_train_batch_size=2, response_length=4, **BASE)
+    return PPOTrainer(policy, args, tok, prompt_dataset(8), reward=reward, value_model=value)
+
+
+@pytest.mark.parametrize("reward, error, message", [
+    (lambda p, c: [0.5], ValueError, "returned 1 values for 2 completions"),
+    (lambda p, c: 0.5, ValueError, "returned float for 2 completions"),
+    (lambda p, c: ["good"] * len(c), TypeError, "score 0 is 'good'"),
+    (lambda p, c: [1.0, math.nan], ValueError, "score 1 is nan"),
+])
+def test_reward_functions_are_checked_before_sampling(policy_dir, tok, tmp_path, reward, error,
+                                                     message):
+    with pytest.raises(error, match=f"reward function .*{message}"):
+        ppo(policy_dir, tok, tmp_path, reward)
+
+
+def test_a_checkpoint_without_a_reward_head_is_not_a_reward_model(policy_dir):
+    with pytest.raises(ValueError, match="without a trained reward head.*new_head=True"):
+        load_reward_model(str(policy_dir))
+    fresh = load_reward_model(str(policy_dir), new_head=True)
+    assert fresh.score.weight.shape == (1, fresh.config.backbone_config.hidden_size)
+
+
+def test_tensor_and_numpy_scores_are_accepted():
+    import numpy as np
+
+    from rlhf_ext.ppo.rollout import checked_scores
+
+    assert checked_scores(lambda p, c: torch.full((len(c),), 0.25), ["a", "b"], ["x", "y"]) \
+        == [0.25, 0.25]
+    assert checked_scores(lambda p, c: list(np.float32([1, -1])), ["a", "b"], ["x", "y"]) \
+        == [1.0, -1.0]
+
+
+def test_a_hub_token_argument_is_never_written(policy_dir, tok, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    secret = "hf_guard_test_secret_0123456789"
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                            max_length=64, save_strategy="steps", save_steps=1,
+                            hub_token=secret, **BASE)
+    trainer = PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(8),
+                                processing_class=tok)
+    trainer.train()
+    trainer.save_model()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in written)
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
+    assert args.hub_token is None and os.environ["HF_TOKEN"] == secret
