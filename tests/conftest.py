@@ -62,6 +62,25 @@ def world_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tok(world_dir):
+    """The tiny world's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(world_dir / "base")
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tok, tmp_path_factory):
+    """A freshly initialised tiny model (seed 0) saved with its tokenizer."""
+    from rlhf_ext.tiny import build_model
+
+    path = tmp_path_factory.mktemp("policy") / "tiny"
+    build_model("tiny", tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sft_run(world_dir, tmp_path_factory):
     """The tiny SFT recipe, run once with `accelerate launch`: (output dir, summary)."""
     out = tmp_path_factory.mktemp("sft") / "sft"

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from rlhf_ext.data import DataError
 from rlhf_ext.heads import ValueModel
@@ -17,19 +16,6 @@ from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset
 from rlhf_ext.trainer_utils import NonFiniteError
 
 BASE = dict(report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(world_dir):
-    return AutoTokenizer.from_pretrained(world_dir / "base")
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    build_model("tiny", tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("make, field", [

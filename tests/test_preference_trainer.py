@@ -12,23 +12,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from rlhf_ext.data import DataError
 from rlhf_ext.logps import sequence_logps
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
-from rlhf_ext.tiny import build_model, preference_pairs, to_conversational
+from rlhf_ext.tiny import preference_pairs, to_conversational
 
 BASE = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none",
             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=64)
-
-
-@pytest.fixture(scope="module")
-def tok(world_dir):
-    return AutoTokenizer.from_pretrained(world_dir / "base")
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "tiny"
-    build_model("tiny", tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def config(tmp_path, **kw):
