@@ -47,11 +47,14 @@ def check_finite_loss(trainer, loss, hint: str) -> None:
 
 
 def check_finite_weights(model, output_dir: str) -> None:
-    """Before a save: refuse to write a model with any non-finite parameter."""
+    """Before a save: refuse to write a model with a non-finite trained parameter. Only
+    trained ones: they are what diverges, and a frozen 4-bit weight is packed bytes whose
+    storage dtype (bf16 with bnb_4bit_quant_storage) can read as NaN."""
     import torch
 
     for name, param in model.named_parameters():
-        if param.numel() and not bool(torch.isfinite(param.detach()).all()):
+        if param.requires_grad and param.numel() and \
+                not bool(torch.isfinite(param.detach()).all()):
             raise NonFiniteError(f"not saving to {output_dir}: parameter {name} holds NaN or "
                                  "infinite values (training diverged)")
 
