@@ -74,6 +74,37 @@ def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
     return (causal & (k >= 0) & ((k == 0) | (k == q))).unsqueeze(1)
 
 
+PREFIX_SHARING_ATTENTIONS = ("sdpa", "eager")
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as the additive one eager attention expects: 0 where allowed, the
+    dtype's lowest value where blocked (eager adds a boolean mask as 0/1, blocking nothing).
+
+    Shapes: allowed bool [B, 1, L, L] -> [B, 1, L, L] of ``dtype``.
+    """
+    blocked = torch.full_like(allowed, torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)
+
+
+def unwrap(model):
+    while hasattr(model, "module"):  # DDP, DeepSpeedEngine
+        model = model.module
+    return model
+
+
+def attention_implementation(model) -> str | None:
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype the attention scores are computed in (float parameters' dtype)."""
+    for p in unwrap(model).parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def final_hidden(model, **inputs) -> Tensor:
     """The last layer's (normalised) hidden states [B, T, H], through ``model``'s own
     forward (so DDP and DeepSpeed wrappers see the call), with the LM head on one position
@@ -83,9 +114,7 @@ def final_hidden(model, **inputs) -> Tensor:
 
 
 def output_head(model):
-    while hasattr(model, "module"):  # DDP, DeepSpeedEngine
-        model = model.module
-    return model.get_output_embeddings()
+    return unwrap(model).get_output_embeddings()
 
 
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
@@ -107,8 +136,11 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     rejected token is predicted from the prompt's last token), in chunks (``head_logps``).
     """
     if segment_ids is not None:
+        mask = prefix_sharing_mask(segment_ids)
+        if attention_implementation(model) == "eager":  # eager adds the mask to the scores
+            mask = additive_mask(mask, model_dtype(model))
         hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
-                              attention_mask=prefix_sharing_mask(segment_ids))
+                              attention_mask=mask)
     else:
         hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids)

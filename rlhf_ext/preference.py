@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from . import losses as L
 from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
 from .hub import trainer_model_card
-from .logps import batch_logps
+from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation, batch_logps
 from .models import (
     add_adapters,
     disable_dropout,
@@ -67,7 +67,8 @@ class PreferenceConfig(TrainingArguments):
     prefix_sharing: bool = field(default=False, metadata={
         "help": "Paired losses: one row per pair, [prompt | chosen | rejected], so the prompt "
                 "goes through the model once; an attention mask keeps the completions apart "
-                "(needs an attention that takes a 4D mask: sdpa, eager). keep_start only."})
+                "(needs an attention that takes a dense 4D mask: sdpa or eager; others are "
+                "refused at start). keep_start only."})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Compute reference log-probs once before training (cached on disk)."})
     precompute_ref_batch_size: int | None = None
@@ -114,6 +115,16 @@ class PreferenceConfig(TrainingArguments):
         return self.loss_specs[0].paired
 
 
+def check_prefix_sharing_attention(model, args: PreferenceConfig) -> None:
+    """prefix_sharing hands the model a dense 4D mask; only some attentions take one."""
+    impl = attention_implementation(model)
+    if args.prefix_sharing and args.paired and impl not in PREFIX_SHARING_ATTENTIONS:
+        raise ValueError(
+            f"prefix_sharing needs an attention that takes a dense 4D mask "
+            f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}. Load it "
+            f"with attn_implementation='sdpa', or use padding_free=True instead")
+
+
 class PreferenceTrainer(Trainer):
     """Offline preference optimisation; the constructor takes trl.DPOTrainer's arguments."""
 
@@ -133,6 +144,7 @@ class PreferenceTrainer(Trainer):
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
+        check_prefix_sharing_attention(model, args)
         keep_4bit_differentiable(model)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)

@@ -109,3 +109,14 @@ def test_a_hub_token_argument_is_never_written(policy_dir, tok, tmp_path, monkey
     assert any(p.name == "training_args.bin" for p in written)
     assert not [p for p in written if secret.encode() in p.read_bytes()]
     assert args.hub_token is None and os.environ["HF_TOKEN"] == secret
+
+
+def test_prefix_sharing_refuses_an_attention_without_dense_masks(policy_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, attn_implementation="sdpa")
+    model.config._attn_implementation = "flash_attention_2"  # what a GPU user may load
+    args = PreferenceConfig(output_dir=str(tmp_path), prefix_sharing=True, max_length=64, **BASE)
+    with pytest.raises(ValueError, match="prefix_sharing needs .* uses 'flash_attention_2'.*"
+                                         "attn_implementation='sdpa'"):
+        PreferenceTrainer(model, args=args, train_dataset=preference_pairs(4),
+                          processing_class=tok)

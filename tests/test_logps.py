@@ -7,7 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_ext.data import PreferenceCollator
-from rlhf_ext.logps import head_logps, prefix_sharing_mask, sequence_logps, token_logps
+from rlhf_ext.logps import (
+    additive_mask,
+    head_logps,
+    prefix_sharing_mask,
+    sequence_logps,
+    token_logps,
+)
 
 
 def plain_logps(logits, labels):
@@ -36,13 +42,17 @@ def test_temperature_divides_the_logits():
                                plain_logps(logits / 0.7, labels))
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_llama(attn_implementation="sdpa"):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)
+                         max_position_embeddings=128, attn_implementation=attn_implementation)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
 
 
 def rows():
@@ -106,8 +116,10 @@ def test_prefix_sharing_mask_by_hand():
                  [1, 1, 0, 0, 0, 0]]   # padding: the prompt only
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("max_length", [64, 9])  # 9 cuts some completions
-def test_prefix_sharing_matches_separate_sequences(model, max_length):
+def test_prefix_sharing_matches_separate_sequences(attention, max_length):
+    model = tiny_llama(attention)
     padded = PreferenceCollator(0, max_length)(rows())
     shared = PreferenceCollator(0, max_length, prefix_sharing=True)(rows())
     assert shared["input_ids"].shape[0] == 3  # one row per pair
@@ -122,6 +134,24 @@ def test_prefix_sharing_matches_separate_sequences(model, max_length):
     assert count_a.tolist() == count_b.tolist()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_a, g_b, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_sharing_eager_in_bfloat16():
+    """The additive mask takes the model's dtype: a bfloat16 eager model blocks too."""
+    eager, sdpa = tiny_llama("eager").bfloat16(), tiny_llama("sdpa").bfloat16()
+    shared = PreferenceCollator(0, 64, prefix_sharing=True)(rows())
+    args = (shared["input_ids"], None, shared["completion_mask"], shared["position_ids"])
+    with torch.no_grad():
+        a, _ = sequence_logps(eager, *args, segment_ids=shared["segment_ids"])
+        b, _ = sequence_logps(sdpa, *args, segment_ids=shared["segment_ids"])
+    torch.testing.assert_close(a, b, rtol=0, atol=0.01)  # bf16 rounding; the leak was 0.09
+
+
+def test_additive_mask_by_hand():
+    allowed = torch.tensor([[[[True, False], [True, True]]]])
+    got = additive_mask(allowed, torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    assert got.dtype == torch.bfloat16 and got[0, 0].tolist() == [[0, low], [0, 0]]
 
 
 def test_chunked_head_logps_match_and_train_the_head():
