@@ -54,25 +54,54 @@ class DataError(ValueError):
     """A dataset that cannot be trained on; the message names the column, row and fix."""
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _is_messages(value) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
 def _check_text(value, column: str, row: int, name: str, allow_empty: bool = False) -> None:
+    """A string, or a conversation whose every message has a known role and text content."""
+    where = f"{name} dataset, row {row}, column {column!r}"
     if isinstance(value, str):
         if not allow_empty and not value.strip():
-            raise DataError(f"{name} dataset, row {row}, column {column!r}: empty text. Drop the "
-                            "row or fill in the completion.")
+            raise DataError(f"{where}: empty text. Drop the row or fill in the completion.")
         return
-    if _is_messages(value):
-        if not allow_empty and not any(str(m["content"]).strip() for m in value):
-            raise DataError(f"{name} dataset, row {row}, column {column!r}: the messages are "
-                            "empty. Drop the row or fill in the completion.")
-        return
-    raise DataError(f"{name} dataset, row {row}, column {column!r}: expected a string or a "
-                    f"list of {{'role', 'content'}} messages, got {type(value).__name__} "
-                    f"({value!r:.60}). Convert the column to text.")
+    if not _is_messages(value):
+        raise DataError(f"{where}: expected a string or a list of {{'role', 'content'}} "
+                        f"messages, got {type(value).__name__} ({value!r:.60}). Convert the "
+                        "column to text.")
+    for i, message in enumerate(value):
+        if "role" not in message or "content" not in message:
+            raise DataError(f"{where}, message {i}: keys {sorted(message)}; a message needs "
+                            "'role' and 'content'. Rename its keys.")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}, message {i}: unknown role {message['role']!r}; use one "
+                            f"of {', '.join(ROLES)} (map e.g. 'bot' to 'assistant').")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}, message {i} ({message['role']}): content is "
+                            f"{message['content']!r:.40}, not text. Fill it in or drop the "
+                            "message.")
+    if not allow_empty and not any(m["content"].strip() for m in value):
+        raise DataError(f"{where}: the messages are empty. Drop the row or fill in the "
+                        "completion.")
+
+
+def _check_completion_turns(example: dict, column: str, has_prompt: bool, row: int,
+                            name: str) -> None:
+    """A conversational completion is the model's turn, in the prompt's format."""
+    where = f"{name} dataset, row {row}, column {column!r}"
+    value = example[column]
+    if has_prompt and isinstance(example["prompt"], list) != isinstance(value, list):
+        kinds = {True: "a conversation", False: "a string"}
+        raise DataError(f"{where} is {kinds[isinstance(value, list)]} but the prompt is "
+                        f"{kinds[isinstance(example['prompt'], list)]}. Give both as messages "
+                        "(the completion as [{'role': 'assistant', 'content': ...}]) or both "
+                        "as text.")
+    if isinstance(value, list) and value[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the completion ends with a {value[-1]['role']!r} turn; it "
+                        "must end with the model's answer, a message with role 'assistant'.")
 
 
 def dataset_kind(dataset, name: str = "train") -> str:
@@ -103,6 +132,7 @@ def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str
             _check_text(example["prompt"], "prompt", row, name, allow_empty=kind == "paired")
         for column in columns:
             _check_text(example[column], column, row, name)
+            _check_completion_turns(example, column, has_prompt, row, name)
         if kind == "unpaired" and not isinstance(example["label"], bool):
             raise DataError(
                 f"{name} dataset, row {row}, column 'label': expected True (desirable) or False "

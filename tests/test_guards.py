@@ -120,3 +120,54 @@ def test_prefix_sharing_refuses_an_attention_without_dense_masks(policy_dir, tok
                                          "attn_implementation='sdpa'"):
         PreferenceTrainer(model, args=args, train_dataset=preference_pairs(4),
                           processing_class=tok)
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+GOOD = {"prompt": [turn("user", "Review a film.")], "chosen": [turn("assistant", "Lovely.")],
+        "rejected": [turn("assistant", "Dull.")]}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"chosen": [turn("bot", "Lovely.")]},
+     r"row 1, column 'chosen', message 0: unknown role 'bot'.*'assistant'"),
+    ({"rejected": [turn("assistant", None)]},
+     r"row 1, column 'rejected', message 0 \(assistant\): content is None, not text"),
+    ({"prompt": [{"role": "user", "text": "hi"}]},
+     r"row 1, column 'prompt', message 0: keys \['role', 'text'\].*'content'"),
+    ({"chosen": [turn("user", "Lovely.")]},
+     r"row 1, column 'chosen': the completion ends with a 'user' turn.*'assistant'"),
+    ({"chosen": [turn("assistant", "  ")]}, r"row 1, column 'chosen': the messages are empty"),
+])
+def test_conversations_are_checked_turn_by_turn(bad, match):
+    from datasets import Dataset
+
+    from rlhf_ext.data import validate_preference_dataset
+    rows = [GOOD, {**GOOD, **bad}]
+    if "prompt" in bad:  # a key rename changes the column's type: one row alone
+        rows = [{**GOOD, **bad}]
+        match = match.replace("row 1", "row 0")
+    with pytest.raises(DataError, match=match):
+        validate_preference_dataset(Dataset.from_list(rows), True, ["sigmoid"])
+
+
+def test_a_conversational_prompt_with_string_completions_is_refused():
+    from datasets import Dataset
+
+    from rlhf_ext.data import validate_preference_dataset
+    rows = Dataset.from_list([{"prompt": GOOD["prompt"], "completion": "Lovely.", "label": True}])
+    with pytest.raises(DataError, match=r"row 0, column 'completion' is a string but the prompt "
+                                        r"is a conversation. Give both as messages"):
+        validate_preference_dataset(rows, False, ["kto"])
+
+
+def test_ppo_prompts_get_the_same_turn_checks():
+    from datasets import Dataset
+
+    from rlhf_ext.data import validate_prompt_dataset
+    rows = Dataset.from_list([{"prompt": [turn("user", "Hi.")]},
+                              {"prompt": [turn("system", "Be kind."), turn("human", "Hi.")]}])
+    with pytest.raises(DataError, match=r"row 1, column 'prompt', message 1: unknown role 'human'"):
+        validate_prompt_dataset(rows)
