@@ -3,6 +3,7 @@ tokenization of preference data, and the collator."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ..
 
 def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
                                max_length: int | None, name: str = "train",
-                               keep: tuple[str, ...] = ()):
+                               keep: tuple[str, ...] = (), truncation_mode: str = "keep_start"):
     """Validated rows -> token ids (paired: prompt/chosen/rejected_ids; unpaired:
     prompt/completion_ids, label and kl_completion_ids: the previous row's completion, the
     mismatched pairs of KTO's reference point). Fails when a prompt leaves no room."""
@@ -219,10 +220,84 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
                     f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
                     f"for the completion within max_length={max_length}. Raise max_length, "
                     "shorten or drop the prompt.")
+    warn_degenerate(dataset, max_length, truncation_mode, name)
     if kind == "unpaired":
         ids = list(dataset["completion_ids"])
         dataset = dataset.add_column("kl_completion_ids", ids[-1:] + ids[:-1])
     return dataset
+
+
+def _cut(prompt: list[int], completion: list[int], max_length: int | None,
+         truncation_mode: str) -> list[int]:
+    """prompt + completion as the collator truncates it."""
+    ids = prompt + completion
+    if max_length is None:
+        return ids
+    return ids[:max_length] if truncation_mode == "keep_start" else ids[-max_length:]
+
+
+def warn_degenerate(dataset, max_length: int | None, truncation_mode: str = "keep_start",
+                    name: str = "train") -> dict[str, int]:
+    """Count rows a loss learns nothing from, and warn with the counts: pairs whose chosen
+    and rejected are the same tokens, pairs that truncation makes the same, and unpaired
+    data with one label only. Returns the counts (tokenized rows)."""
+    counts = {}
+    if "chosen_ids" in dataset.column_names:
+        same = cut_same = 0
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+            if c == r:
+                same += 1
+            elif _cut(p, c, max_length, truncation_mode) == _cut(p, r, max_length,
+                                                                 truncation_mode):
+                cut_same += 1
+        counts = {"identical": same, "identical_after_truncation": cut_same}
+        if same:
+            warnings.warn(f"{name} dataset: {same} of {len(dataset)} pairs have identical chosen "
+                          "and rejected completions; they carry no preference. Drop them.",
+                          stacklevel=2)
+        if cut_same:
+            warnings.warn(f"{name} dataset: {cut_same} of {len(dataset)} pairs become identical "
+                          f"once cut to max_length={max_length} ({truncation_mode}); raise "
+                          "max_length or shorten the prompts.", stacklevel=2)
+    elif "label" in dataset.column_names:
+        labels = list(dataset["label"])
+        counts = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
+        if 0 in counts.values():
+            warnings.warn(f"{name} dataset: {counts['desirable']} desirable and "
+                          f"{counts['undesirable']} undesirable rows; KTO needs both kinds "
+                          "(its reference point and weights assume a mix).", stacklevel=2)
+    return counts
+
+
+def check_fits_model(dataset, model, max_length: int | None, name: str = "train") -> None:
+    """Token ids inside the model's vocabulary and sequences within its positions, checked
+    on the tokenized rows before training (else step 1 fails with an index error)."""
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    config = getattr(model.config, "backbone_config", model.config)
+    positions = getattr(config, "max_position_embeddings", None) or \
+        getattr(config, "n_positions", None)
+    columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids",
+                           "kl_completion_ids") if c in dataset.column_names]
+    prompts = list(dataset["prompt_ids"])
+    longest, longest_row = 0, 0
+    for column in columns:
+        for row, ids in enumerate(dataset[column]):
+            if vocab is not None and ids and max(ids) >= vocab:
+                raise DataError(
+                    f"{name} dataset, row {row}, column {column!r}: token id {max(ids)} is "
+                    f"outside the model's vocabulary of {vocab}. The tokenizer is not the "
+                    "model's: load the model's own, or resize the embeddings "
+                    "(model.resize_token_embeddings(len(tokenizer))).")
+            n = len(ids) + (0 if column == "prompt_ids" else len(prompts[row]))
+            if n > longest:
+                longest, longest_row = n, row
+    if max_length is not None:
+        longest = min(longest, max_length)
+    if positions is not None and longest > positions:
+        raise DataError(
+            f"{name} dataset, row {longest_row}: {longest} tokens, more than the model's "
+            f"{positions} positions. Set max_length={positions} or lower.")
 
 
 def _pad(rows: list[list[int]], value: int, multiple: int | None = None) -> torch.Tensor:

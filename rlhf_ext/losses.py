@@ -88,6 +88,7 @@ class LossSpec:
     logps: str  # "sum" or "mean": how the loss reads sequence log-probs
     default_beta: float = 0.1
     check: Callable[[LossParams], None] | None = None
+    smooths: bool = False  # reads label_smoothing
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -95,11 +96,13 @@ ALIASES = {"dpo": "sigmoid"}
 
 
 def register_loss(name: str, *, needs_reference: bool = True, paired: bool = True,
-                  logps: str = "sum", default_beta: float = 0.1, check=None):
+                  logps: str = "sum", default_beta: float = 0.1, check=None,
+                  smooths: bool = False):
     """Decorator: add a loss function to ``LOSSES`` under ``name``."""
 
     def wrap(fn):
-        LOSSES[name] = LossSpec(name, fn, needs_reference, paired, logps, default_beta, check)
+        LOSSES[name] = LossSpec(name, fn, needs_reference, paired, logps, default_beta, check,
+                                smooths)
         return fn
 
     return wrap
@@ -152,11 +155,18 @@ def _smoothing_below_half(p: LossParams) -> None:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
 
 
+def _simpo_params(p: LossParams) -> None:
+    _smoothing_below_half(p)
+    if p.simpo_gamma is not None and p.simpo_gamma < 0:
+        raise ValueError(f"simpo_gamma is SimPO's target reward margin and must be >= 0, got "
+                         f"{p.simpo_gamma} (the paper uses 0.5 * beta, the default)")
+
+
 # ---------------------------------------------------------------------------------------
 # the DPO family (reference-based, paired, summed log-probs)
 # ---------------------------------------------------------------------------------------
 
-@register_loss("sigmoid", check=_smoothing_below_half)
+@register_loss("sigmoid", check=_smoothing_below_half, smooths=True)
 def sigmoid_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """DPO (Rafailov et al. 2023, eq. 7): -log sigma(beta * delta).
 
@@ -186,7 +196,7 @@ def ipo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, (margin - 1 / (2 * p.beta)) ** 2)
 
 
-@register_loss("exo_pair", check=_needs_smoothing)
+@register_loss("exo_pair", check=_needs_smoothing, smooths=True)
 def exo_pair_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """EXO (Ji et al. 2024, eq. 16), pairwise: KL(q || p_rh) with q = softmax over the pair of
     beta * log-ratios and p_rh = (1 - ls, ls):
@@ -210,7 +220,7 @@ def nca_pair_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, losses)
 
 
-@register_loss("robust", check=_smoothing_below_half)
+@register_loss("robust", check=_smoothing_below_half, smooths=True)
 def robust_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, eq. 8), unbiased under label-flip rate ls:
     (-(1 - ls) log sigma(beta delta) + ls log sigma(-beta delta)) / (1 - 2 ls)."""
@@ -236,7 +246,7 @@ def sppo_hard_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, (h_w - 0.5 / p.beta) ** 2 + (h_l + 0.5 / p.beta) ** 2)
 
 
-@register_loss("aot", check=_smoothing_below_half)
+@register_loss("aot", check=_smoothing_below_half, smooths=True)
 def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT (Melnyk et al. 2024), paired: the batch's sorted policy margins pi_w - pi_l against
     the sorted reference margins ref_w - ref_l; d = sort(pi_w - pi_l) - sort(ref_w - ref_l);
@@ -246,7 +256,7 @@ def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, _smoothed_logistic(p.beta * d, p.label_smoothing))
 
 
-@register_loss("aot_unpaired", check=_smoothing_below_half)
+@register_loss("aot_unpaired", check=_smoothing_below_half, smooths=True)
 def aot_unpaired_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT, unpaired: d = sort(h_w) - sort(h_l); smoothed logistic loss of beta * d."""
     h_w, h_l = _ratios(b)
@@ -323,7 +333,7 @@ def orpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
 
 
 @register_loss("simpo", needs_reference=False, logps="mean", default_beta=2.0,
-               check=_smoothing_below_half)
+               check=_simpo_params, smooths=True)
 def simpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """SimPO (Meng et al. 2024, eq. 6): -log sigma(beta (a_w - a_l) - gamma), a = pi / n.
 
@@ -337,7 +347,7 @@ def simpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return LossOutput(losses, p.beta * a_w.detach(), p.beta * a_l.detach())
 
 
-@register_loss("cpo", needs_reference=False, check=_smoothing_below_half)
+@register_loss("cpo", needs_reference=False, check=_smoothing_below_half, smooths=True)
 def cpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """CPO (Xu et al. 2024, eq. 3 + BC term): -log sigma(beta (pi_w - pi_l)) + alpha * NLL(chosen),
     summed log-probs, alpha = cpo_alpha. Rewards are beta * pi."""
@@ -408,6 +418,11 @@ def params_for(spec: LossSpec, params: LossParams) -> LossParams:
 
 def check_params(specs: Sequence[LossSpec], params: LossParams) -> None:
     """Run each loss's own parameter check (at config time, before any training)."""
+    if params.label_smoothing and not any(spec.smooths for spec in specs):
+        smoothing = sorted(name for name, spec in LOSSES.items() if spec.smooths)
+        raise ValueError(f"label_smoothing={params.label_smoothing} is ignored by loss "
+                         f"{[s.name for s in specs]}: set it to 0, or use a loss that reads it "
+                         f"({', '.join(smoothing)})")
     for spec in specs:
         p = params_for(spec, params)
         if p.beta <= 0:

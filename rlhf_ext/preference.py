@@ -15,7 +15,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from . import losses as L
-from .data import PreferenceCollator, prepare_preference_dataset, validate_preference_dataset
+from .data import (
+    PreferenceCollator,
+    check_fits_model,
+    prepare_preference_dataset,
+    validate_preference_dataset,
+)
 from .hub import trainer_model_card
 from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation, batch_logps
 from .models import (
@@ -115,6 +120,13 @@ class PreferenceConfig(TrainingArguments):
         return self.loss_specs[0].paired
 
 
+def _named(eval_dataset) -> list:
+    """(name, dataset) pairs of an eval dataset: none, one, or a dict of them."""
+    if isinstance(eval_dataset, dict):
+        return [(f"eval {k}", v) for k, v in eval_dataset.items()]
+    return [] if eval_dataset is None else [("eval", eval_dataset)]
+
+
 def check_prefix_sharing_attention(model, args: PreferenceConfig) -> None:
     """prefix_sharing hands the model a dense 4D mask; only some attentions take one."""
     impl = attention_implementation(model)
@@ -163,6 +175,9 @@ class PreferenceTrainer(Trainer):
                             for k, v in eval_dataset.items()}
         else:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, names, "eval")
+        for split, data in (("train", train_dataset), *_named(eval_dataset)):
+            if data is not None:
+                check_fits_model(data, model, args.max_length, split)
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length,
                                                args.truncation_mode, args.pad_to_multiple_of,
@@ -204,7 +219,7 @@ class PreferenceTrainer(Trainer):
         kind = validate_preference_dataset(dataset, args.paired, names, name)
         return prepare_preference_dataset(dataset, tokenizer, kind=kind,
                                           unpair=not args.paired, max_length=args.max_length,
-                                          name=name)
+                                          name=name, truncation_mode=args.truncation_mode)
 
     # -----------------------------------------------------------------------------------
     # loss

@@ -20,6 +20,7 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 from .data import (
     DataError,
     PreferenceCollator,
+    check_fits_model,
     prepare_preference_dataset,
     validate_preference_dataset,
 )
@@ -111,6 +112,9 @@ class RewardTrainer(Trainer):
             disable_dropout(model)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        for split, data in (("train", train_dataset), ("eval", eval_dataset)):
+            if data is not None:
+                check_fits_model(data, model, args.max_length, split)
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length)
         super().__init__(model=model, args=args, data_collator=data_collator,

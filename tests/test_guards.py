@@ -171,3 +171,63 @@ def test_ppo_prompts_get_the_same_turn_checks():
                               {"prompt": [turn("system", "Be kind."), turn("human", "Hi.")]}])
     with pytest.raises(DataError, match=r"row 1, column 'prompt', message 1: unknown role 'human'"):
         validate_prompt_dataset(rows)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(loss_type=["ipo"], label_smoothing=0.1),
+     r"label_smoothing=0.1 is ignored by loss \['ipo'\]: set it to 0, or use .*sigmoid"),
+    (dict(loss_type=["simpo"], simpo_gamma=-0.5), r"simpo_gamma .* must be >= 0, got -0.5"),
+])
+def test_values_a_loss_would_ignore_or_misread_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PreferenceConfig(output_dir="x", **kwargs)
+    # smoothing that one of several losses reads is accepted
+    PreferenceConfig(output_dir="x", loss_type=["sigmoid", "sft"], label_smoothing=0.1)
+
+
+def test_degenerate_pairs_are_counted(policy_dir, tok, tmp_path):
+    pairs = preference_pairs(6, seed=0).to_list()
+    pairs[1]["rejected"] = pairs[1]["chosen"]
+    pairs[4]["rejected"] = pairs[4]["chosen"]
+    from datasets import Dataset
+    args = PreferenceConfig(output_dir=str(tmp_path), max_length=64, **BASE)
+    with pytest.warns(UserWarning, match="2 of 6 pairs have identical chosen and rejected"):
+        PreferenceTrainer(str(policy_dir), args=args, train_dataset=Dataset.from_list(pairs),
+                          processing_class=tok)
+    # a max_length that keeps no completion token makes every pair identical
+    prompt = max(len(tok(p)["input_ids"]) for p in preference_pairs(6, seed=0)["prompt"])
+    args = PreferenceConfig(output_dir=str(tmp_path), max_length=prompt + 1, **BASE)
+    with pytest.warns(UserWarning, match=f"pairs become identical once cut to "
+                                         f"max_length={prompt + 1}"):
+        PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(6, seed=0),
+                          processing_class=tok)
+
+
+def test_kto_with_one_label_warns(policy_dir, tok, tmp_path):
+    from rlhf_ext.tiny import unpaired_dataset
+    data = unpaired_dataset(8, seed=0).map(lambda _: {"label": True})
+    args = PreferenceConfig(output_dir=str(tmp_path), loss_type=["kto"], max_length=64, **BASE)
+    with pytest.warns(UserWarning, match="8 desirable and 0 undesirable rows"):
+        PreferenceTrainer(str(policy_dir), args=args, train_dataset=data, processing_class=tok)
+
+
+def test_a_tokenizer_beyond_the_vocabulary_is_refused(tok, tmp_path):
+    small = build_model("tiny", tok, vocab_size=len(tok) - 5)  # a smaller vocabulary
+    args = PreferenceConfig(output_dir=str(tmp_path), max_length=64, **BASE)
+    with pytest.raises(DataError, match=rf"row \d+, column '\w+_ids': token id \d+ is outside "
+                                        rf"the model's vocabulary of {len(tok) - 5}"):
+        PreferenceTrainer(small, args=args, train_dataset=preference_pairs(16),
+                          processing_class=tok)
+
+
+def test_sequences_beyond_the_model_positions_are_refused(tok, tmp_path):
+    positions = 32
+    build_model("tiny", tok, max_position_embeddings=positions).save_pretrained(tmp_path / "m")
+    data = preference_pairs(4).map(lambda r, i: {"chosen": r["chosen"] * (8 if i == 2 else 1)},
+                                   with_indices=True)
+    args = RewardConfig(output_dir=str(tmp_path), max_length=None, **BASE)
+    with pytest.raises(DataError, match=rf"row 2: \d+ tokens, more than the model's "
+                                        rf"{positions} positions. Set max_length={positions}"):
+        RewardTrainer(str(tmp_path / "m"), args=args, train_dataset=data, processing_class=tok)
+    args = RewardConfig(output_dir=str(tmp_path), max_length=positions, **BASE)
+    RewardTrainer(str(tmp_path / "m"), args=args, train_dataset=data, processing_class=tok)
