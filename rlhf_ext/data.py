@@ -204,7 +204,14 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
     from trl.data_utils import extract_prompt, unpair_preference_dataset
 
     if kind == "paired" and "prompt" not in dataset.column_names:
+        others = [c for c in dataset.column_names if c not in (*PAIRED_COLUMNS, *keep)]
         dataset = dataset.map(extract_prompt, desc=f"extracting {name} prompts")
+        empty = sum(not len(p) for p in dataset["prompt"])
+        if others and empty:
+            raise DataError(
+                f"{name} dataset: no 'prompt' column, and in {empty} of {len(dataset)} rows "
+                "chosen and rejected share no beginning, so their prompt would be empty while "
+                f"column(s) {others} are dropped. Rename the prompt column to 'prompt'.")
     if kind == "paired" and unpair:
         dataset = unpair_preference_dataset(dataset)
         kind = "unpaired"

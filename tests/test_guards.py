@@ -231,3 +231,12 @@ def test_sequences_beyond_the_model_positions_are_refused(tok, tmp_path):
         RewardTrainer(str(tmp_path / "m"), args=args, train_dataset=data, processing_class=tok)
     args = RewardConfig(output_dir=str(tmp_path), max_length=positions, **BASE)
     RewardTrainer(str(tmp_path / "m"), args=args, train_dataset=data, processing_class=tok)
+
+
+def test_a_prompt_column_under_another_name_is_not_dropped_silently(policy_dir, tok, tmp_path):
+    data = preference_pairs(4).rename_column("prompt", "question")
+    args = PreferenceConfig(output_dir=str(tmp_path), max_length=64, **BASE)
+    with pytest.raises(DataError, match=r"no 'prompt' column, and in \d+ of 4 rows.*"
+                                        r"column\(s\) \['question'\] are dropped. Rename the "
+                                        r"prompt column to 'prompt'"):
+        PreferenceTrainer(str(policy_dir), args=args, train_dataset=data, processing_class=tok)
