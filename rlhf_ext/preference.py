@@ -32,10 +32,10 @@ from .models import (
 )
 from .reference import ReferenceLogps
 from .trainer_utils import (
+    CheckedTraining,
     add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
-    check_finite_weights,
     keep_token_out_of_args,
 )
 
@@ -137,7 +137,7 @@ def check_prefix_sharing_attention(model, args: PreferenceConfig) -> None:
             f"with attn_implementation='sdpa', or use padding_free=True instead")
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(CheckedTraining, Trainer):
     """Offline preference optimisation; the constructor takes trl.DPOTrainer's arguments."""
 
     _tag_names = ["rlhf-ext", "preference"]
@@ -298,10 +298,6 @@ class PreferenceTrainer(Trainer):
                 - self._metrics[mode]["rewards/rejected"][-1])
         for key, value in out.metrics.items():
             self._mean(mode, key, value)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        check_finite_weights(self.model, output_dir or self.args.output_dir)
-        super()._save(output_dir, state_dict)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         add_averaged_metrics(self._metrics, logs)

@@ -28,10 +28,10 @@ from .heads import RewardModel, RewardModelConfig
 from .hub import trainer_model_card
 from .models import add_adapters, disable_dropout, keep_4bit_differentiable, load_tokenizer
 from .trainer_utils import (
+    CheckedTraining,
     add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
-    check_finite_weights,
     keep_token_out_of_args,
 )
 
@@ -86,7 +86,7 @@ def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs) -> Re
     return RewardModel.from_backbone(name_or_path, **kwargs)
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(CheckedTraining, Trainer):
     """Trains a RewardModel on preference pairs; constructor as trl.RewardTrainer's."""
 
     def __init__(self, model, args: RewardConfig | None = None, data_collator=None,
@@ -163,10 +163,6 @@ class RewardTrainer(Trainer):
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
         chosen, rejected = out.rewards.chunk(2)
         return loss.detach(), torch.stack([chosen, rejected], -1), None
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        check_finite_weights(self.model, output_dir or self.args.output_dir)
-        super()._save(output_dir, state_dict)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         add_averaged_metrics(self._metrics, logs)

@@ -1,16 +1,19 @@
-"""SFT: TRL's SFTTrainer as it is, with rlhf_ext's model card (method, hyperparameters,
-final metrics, tags), so every recipe pushes the same kind of card."""
+"""SFT: TRL's SFTTrainer with the package's guards (trainer_utils.CheckedTraining, the
+finite-loss check) and rlhf_ext's model card (method, hyperparameters, final metrics,
+tags), so every recipe pushes the same kind of card."""
 
 from __future__ import annotations
 
 from trl import SFTTrainer as _TRLSFTTrainer
 
 from .hub import trainer_model_card
-from .trainer_utils import keep_token_out_of_args
+from .trainer_utils import CheckedTraining, check_finite_loss, keep_token_out_of_args
 
 
-class SFTTrainer(_TRLSFTTrainer):
-    """``trl.SFTTrainer``; only the model card differs."""
+class SFTTrainer(CheckedTraining, _TRLSFTTrainer):
+    """``trl.SFTTrainer``, with the package's guards (a non-finite loss or gradient stops
+    training, nothing non-finite is saved, resume picks the newest complete checkpoint)
+    and its model card."""
 
     _tag_names = ["rlhf-ext", "sft"]
 
@@ -20,6 +23,13 @@ class SFTTrainer(_TRLSFTTrainer):
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         super().__init__(model, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            check_finite_loss(self, out[0] if return_outputs else out,
+                              "non-finite weights or inputs")
+        return out
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         args = self.args

@@ -1,4 +1,6 @@
-"""What the trainers share around the Trainer: metrics averaged between two logs."""
+"""What the trainers share around the Trainer: metrics averaged between two logs, the
+finite-value guards, the hub token kept out of saved arguments, and resuming from the
+newest complete checkpoint (``CheckedTraining``, mixed into every trainer)."""
 
 from __future__ import annotations
 
@@ -68,3 +70,115 @@ def keep_token_out_of_args(args) -> None:
     if getattr(args, "hub_token", None):
         os.environ["HF_TOKEN"] = args.hub_token
         args.hub_token = None
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: resume from the newest one that was written completely
+# ---------------------------------------------------------------------------------------
+
+_FALSE = {"", "false", "no", "none", "0"}
+_LAST = {"true", "yes", "last", "1"}
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when it is. The Trainer writes
+    trainer_state.json last, so a save cut short lacks it; every JSON must parse, every
+    safetensors header must match its file's size, and every torch file (a zip) must
+    have its directory, which sits at the end of the file."""
+    import json
+    import os
+    import zipfile
+
+    from safetensors import safe_open
+
+    if not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+        return "no trainer_state.json (the save was cut short)"
+    weights = False
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if name.endswith(".json"):
+                    with open(path) as f:
+                        json.load(f)
+                elif name.endswith(".safetensors"):
+                    weights = True
+                    with safe_open(path, "pt"):
+                        pass
+                elif name.endswith((".pt", ".pth", ".bin")):
+                    weights = weights or name.startswith("pytorch_model")
+                    with zipfile.ZipFile(path):
+                        pass
+            except Exception as e:  # noqa: BLE001 - any unreadable file makes it incomplete
+                return f"{os.path.relpath(path, folder)} is unreadable ({type(e).__name__})"
+        weights = weights or any(d.startswith("global_step") for d in os.listdir(root))
+    return None if weights else "no model weights"
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-<step> folder of ``output_dir`` that ``checkpoint_problem``
+    accepts; newer incomplete ones are named in a warning and skipped."""
+    import os
+    import re
+    import warnings
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
+    for _, name in steps:
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"skipping incomplete checkpoint {folder}: {problem}", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(value, output_dir: str) -> str | None:
+    """``resume_from_checkpoint`` as recipes and ``train()`` take it -> a folder or None.
+    True (or "true"/"last" from a command line) is the newest complete checkpoint in
+    ``output_dir``, or a fresh start when there is none; a path must be complete."""
+    import logging
+
+    if value is None or value is False or (isinstance(value, str) and value.lower() in _FALSE):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in _LAST):
+        folder = last_complete_checkpoint(output_dir)
+        if folder is None:
+            logging.getLogger(__name__).warning(
+                "resume_from_checkpoint: no complete checkpoint in %s; starting from the "
+                "beginning", output_dir)
+        return folder
+    problem = checkpoint_problem(str(value))
+    if problem is not None:
+        raise ValueError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: "
+                         f"{problem}. Pass true to resume from the newest complete one.")
+    return str(value)
+
+
+class CheckedTraining:
+    """Mixed into every trainer of the package: ``train(resume_from_checkpoint=True)``
+    resumes from the newest complete checkpoint; a non-finite gradient norm stops
+    training before the optimizer step; a non-finite model is never saved."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=folder, trial=trial, **kwargs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        import math
+
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # fp16's loss scaler expects overflows and skips those steps itself
+        if grad_norm is not None and not self.args.fp16 and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)} "
+                "while the loss was finite. Likely causes: an overflow in low precision or a "
+                "learning rate too high; nothing from this step was applied or saved.")
+        return grad_norm
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        check_finite_weights(self.model, output_dir or self.args.output_dir)
+        super()._save(output_dir, state_dict)

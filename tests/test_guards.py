@@ -240,3 +240,70 @@ def test_a_prompt_column_under_another_name_is_not_dropped_silently(policy_dir, 
                                         r"column\(s\) \['question'\] are dropped. Rename the "
                                         r"prompt column to 'prompt'"):
         PreferenceTrainer(str(policy_dir), args=args, train_dataset=data, processing_class=tok)
+
+
+def test_the_newest_complete_checkpoint_is_chosen(policy_dir, tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlhf_ext.trainer_utils import checkpoint_problem, resolve_checkpoint
+
+    def trainer(steps):
+        args = PreferenceConfig(output_dir=str(tmp_path), max_steps=steps, save_steps=1,
+                                per_device_train_batch_size=4, max_length=64, **BASE)
+        return PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(16),
+                                 processing_class=tok)
+
+    trainer(3).train()
+    after_three = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()  # killed before the state
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # killed while writing the weights
+    assert checkpoint_problem(str(tmp_path / "checkpoint-2")) == \
+        "model.safetensors is unreadable (SafetensorError)"
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint .*checkpoint-3: no "
+                                         "trainer_state.json"):
+        assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    with pytest.raises(ValueError, match="checkpoint-2' is not a complete checkpoint: "
+                                         "model.safetensors is unreadable.*Pass true"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path))
+    assert resolve_checkpoint("false", str(tmp_path)) is None
+    assert resolve_checkpoint(True, str(tmp_path / "empty")) is None  # nothing yet: fresh
+
+    resumed = trainer(3)
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        resumed.train(resume_from_checkpoint=True)  # steps 2 and 3 again, from checkpoint-1
+    for name, value in resumed.model.state_dict().items():
+        if name in after_three:
+            torch.testing.assert_close(value, after_three[name], rtol=0, atol=0)
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step(policy_dir, tok, tmp_path):
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=2, save_steps=1,
+                            per_device_train_batch_size=4, max_length=64, **BASE)
+    trainer = PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(16),
+                                processing_class=tok)
+    weight = trainer.model.model.norm.weight
+    before = weight.detach().clone()
+    weight.register_hook(lambda g: g * math.inf)  # an overflow in backward, finite loss
+    with pytest.raises(NonFiniteError, match="step 1: the gradient norm is (inf|nan) while the "
+                                             "loss was finite"):
+        trainer.train()
+    assert torch.equal(weight.detach(), before) and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_sft_stops_on_a_nan_loss(policy_dir, tok, tmp_path):
+    from trl import SFTConfig
+
+    from rlhf_ext.sft import SFTTrainer
+    from rlhf_ext.tiny import sft_dataset
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, save_steps=1, max_length=64,
+                     per_device_train_batch_size=4, **BASE)
+    trainer = SFTTrainer(str(policy_dir), args=args, train_dataset=sft_dataset(16),
+                         processing_class=tok)
+    with torch.no_grad():
+        trainer.model.model.norm.weight[0] = math.nan
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+        trainer.train()
+    with pytest.raises(NonFiniteError, match="model.norm.weight holds NaN"):
+        trainer.save_model()
+    assert not (tmp_path / "model.safetensors").exists()

@@ -38,3 +38,28 @@ def test_each_recipe_trains_its_loss(sft_run, world_dir, tmp_path, config, extra
     assert expected in card and str(sft_dir) in card
     assert (tmp_path / "out" / "tokenizer.json").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the output reloads
+
+
+def test_resume_true_skips_a_checkpoint_cut_short(sft_run, world_dir, tmp_path):
+    """A kill during the second save leaves checkpoint-2 without trainer_state.json:
+    `--resume_from_checkpoint true` takes checkpoint-1, the newest complete one."""
+    sft_dir, _ = sft_run
+    out = tmp_path / "out"
+    common = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+              "--logging_steps", "1",
+              "--tiny_eval_prompts", "0")
+    run_loss("recipes/tiny/dpo.yaml", world_dir, sft_dir, out, *common)
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 1, "resumed_from": "checkpoint-1"})  # a marker
+    state_file.write_text(json.dumps(state))
+    proc = run_recipe(["recipes/preference.py", "--config", "recipes/tiny/dpo.yaml",
+                       "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_dir),
+                       "--dataset_name", str(world_dir / "data" / "pairs"),
+                       "--output_dir", str(out), *common, "--resume_from_checkpoint", "true"],
+                      launcher="python")
+    assert "skipping incomplete checkpoint" in proc.stderr and "checkpoint-2" in proc.stderr
+    history = json.loads((out / "preference_summary.json").read_text())["log_history"]
+    assert {"step": 1, "resumed_from": "checkpoint-1"} in history
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]  # step 2 trained again

@@ -37,6 +37,7 @@ from ..models import (
 )
 from ..reward import score as reward_model_score
 from ..trainer_utils import (
+    CheckedTraining,
     check_finite_fields,
     check_finite_loss,
     check_finite_weights,
@@ -129,7 +130,7 @@ class PolicyAndValue(nn.Module):
                 every_n_layers=every_n_layers, offload=offload)
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(CheckedTraining, Trainer):
     """PPO with explicit per-token KL and GAE. ``reward`` is a RewardModel or any callable
     ``reward_fn(prompts, completions) -> list[float]``. For single-base mode pass the three
     models of ``single_base.build_single_base`` (policy, value, reward)."""
@@ -312,18 +313,21 @@ class PPOTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, plus, mid-iteration, this process's rollout: resuming
-        trains the rest of the iteration on the same experience."""
-        super()._save_checkpoint(model, trial)
+        trains the rest of the iteration on the same experience. The rollout goes first, so
+        trainer_state.json, written last, still marks a complete checkpoint."""
         steps_per_iteration = len(self.get_train_dataloader()) // \
             self.args.gradient_accumulation_steps
-        if self._experience is None or self.state.global_step % steps_per_iteration == 0:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial),
-                              f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        experience = {"epoch": self._experience["epoch"],
-                      "tensors": {k: v.cpu() for k, v in self._experience["tensors"].items()}}
-        torch.save(experience, os.path.join(folder, _experience_file(self.args.process_index)))
+        if self._experience is not None and self.state.global_step % steps_per_iteration:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            experience = {"epoch": self._experience["epoch"], "tensors": {
+                k: v.cpu() for k, v in self._experience["tensors"].items()}}
+            torch.save(experience, os.path.join(folder,
+                                                _experience_file(self.args.process_index)))
+            if self.args.world_size > 1:  # every rank's rollout is down before the state
+                self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         wrapper = self.accelerator.unwrap_model(model or self.model)
