@@ -307,3 +307,18 @@ def test_sft_stops_on_a_nan_loss(policy_dir, tok, tmp_path):
     with pytest.raises(NonFiniteError, match="model.norm.weight holds NaN"):
         trainer.save_model()
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_the_torch_floor_is_what_transformers_needs():
+    """pyproject must not admit a torch that transformers refuses, or one whose torch.load
+    unpickles anything by default (before 2.6)."""
+    import re
+    from importlib.metadata import requires
+    from pathlib import Path
+
+    from packaging.version import Version
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    ours = Version(re.search(r'"torch>=([\d.]+)"', pyproject).group(1))
+    theirs = [Version(m.group(1)) for r in requires("transformers")
+              if (m := re.match(r"torch>=([\d.]+); extra == \"torch\"", r))]
+    assert theirs and ours >= max(theirs) and ours >= Version("2.6")
