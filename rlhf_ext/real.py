@@ -12,6 +12,7 @@ ones dequantised to float32: a slightly degraded SmolLM2, not the original check
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -128,18 +129,62 @@ def conversational_datasets(out_dir: str | os.PathLike, n: int = 64, seed: int =
     return out
 
 
+STEERS = ["Write a one-sentence {tone} review of {film}.", "In one {tone} sentence, review {film}.",
+          "Give a {tone} one-line opinion of {film}."]
+
+
+def self_sampled_pairs(model, tokenizer, films: list[str], samples: int = 2,
+                       max_new_tokens: int = 32, temperature: float = 0.7, min_gap: float = 0.3,
+                       seed: int = 0):
+    """Preference pairs of the model's own reviews, labelled by VADER: for each film and
+    each of ``STEERS``, ``samples`` completions asked to be glowing and as many asked to be
+    scathing (steering the request gives sentiment to rank; the pairs' prompt is the plain
+    "Write a one-sentence review of <film>."). Every two completions of one film and steer
+    whose VADER scores differ by ``min_gap`` or more make a pair, the higher one chosen.
+
+    Returns a conversational prompt/chosen/rejected Dataset with ``film`` and the VADER
+    scores (``chosen_vader``, ``rejected_vader``) as extra columns.
+    """
+    from itertools import combinations
+
+    from datasets import Dataset
+
+    from .sampling import generate_completions
+
+    asks = [(film, steer, tone) for film in films for steer in STEERS
+            for tone in ("glowing", "scathing") for _ in range(samples)]
+    rendered = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": steer.format(tone=tone, film=film)}], tokenize=False,
+        add_generation_prompt=True) for film, steer, tone in asks]
+    texts = generate_completions(model, tokenizer, rendered, max_new_tokens, temperature,
+                                 batch_size=48, seed=seed).texts
+    scores = vader_scores(texts)
+    rows, per_group = [], 2 * samples
+    for start in range(0, len(asks), per_group):
+        film = asks[start][0]
+        group = list(zip(texts[start:start + per_group], scores[start:start + per_group]))
+        for (a, va), (b, vb) in combinations(group, 2):
+            if abs(va - vb) >= min_gap:
+                (c, vc), (r, vr) = sorted([(a, va), (b, vb)], key=lambda x: -x[1])
+                rows.append({"prompt": [{"role": "user", "content":
+                                         f"Write a one-sentence review of {film}."}],
+                             "chosen": [{"role": "assistant", "content": c}],
+                             "rejected": [{"role": "assistant", "content": r}],
+                             "film": film, "chosen_vader": vc, "rejected_vader": vr})
+    return Dataset.from_list(rows)
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
 def vader_scores(texts: list[str]) -> list[float]:
     """VADER's compound sentiment of each text, in [-1, 1] (lexicon and rules: gameable by
     repeating positive words)."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = _vader_cache.get("analyzer")
-    if analyzer is None:
-        analyzer = _vader_cache["analyzer"] = SentimentIntensityAnalyzer()
-    return [analyzer.polarity_scores(t)["compound"] for t in texts]
-
-
-_vader_cache: dict = {}
+    return [_vader().polarity_scores(t)["compound"] for t in texts]
 
 
 def vader_reward(prompts: list[str], completions: list[str]) -> list[float]:

@@ -63,6 +63,28 @@ def test_offline_loss_at_lr0_with_the_model_as_reference(smollm2, real_data, tmp
     assert logged(trainer, "loss") == pytest.approx([expected] * 2, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_reference_free_losses_from_their_logged_parts(smollm2, real_data, tmp_path, loss):
+    """ORPO's loss is nll_loss - beta * log_odds_ratio (both logged); SimPO's, one pair per
+    batch, is -log sigmoid(rewards/margins - gamma), gamma = beta / 2. Two steps, so the
+    second is computed by a trained model."""
+    beta = 0.1
+    args = PreferenceConfig(output_dir=str(tmp_path), loss_type=[loss], beta=beta,
+                            learning_rate=1e-5, max_steps=2, per_device_train_batch_size=1,
+                            max_length=96, logging_steps=1, report_to="none", use_cpu=True,
+                            save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = PreferenceTrainer(smollm2, args=args,
+                                train_dataset=load_from_disk(real_data / "pairs")["train"])
+    trainer.train()
+    if loss == "orpo":
+        want = [n - beta * r for n, r in zip(logged(trainer, "nll_loss"),
+                                              logged(trainer, "log_odds_ratio"))]
+    else:
+        want = [-math.log(1 / (1 + math.exp(-(m - beta / 2))))
+                for m in logged(trainer, "rewards/margins")]
+    assert len(want) == 2 and logged(trainer, "loss") == pytest.approx(want, rel=1e-5)
+
+
 def ppo_trainer(smollm2, real_data, out, lora_b_std=False, **overrides):
     settings = dict(output_dir=str(out), rollout_batch_size=4, per_device_train_batch_size=2,
                     num_ppo_epochs=1, num_train_epochs=1, learning_rate=0.0,
@@ -188,3 +210,32 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
                                 attention_mask=batch["attention_mask"]).rewards
     torch.testing.assert_close(torch.tensor(chosen + rejected), rewards.float(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2, tmp_path):
+    """The model's own one-sentence reviews (asked to be glowing or scathing), paired and
+    labelled by VADER: N = 30 steps on nine films rank the pairs of three unseen films
+    well above chance. Measured: 115 train / 36 held-out pairs; fresh head accuracy 0.56,
+    loss 0.76; trained 0.81 (29 of 36), loss 0.46, in about 160 s."""
+    from rlhf_ext.real import FILMS, self_sampled_pairs
+    from rlhf_ext.reward import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    pairs = self_sampled_pairs(AutoModelForCausalLM.from_pretrained(smollm2), tok, FILMS)
+    assert all(c - r >= 0.3 for c, r in zip(pairs["chosen_vader"], pairs["rejected_vader"]))
+    held_out = pairs.filter(lambda row: row["film"] in FILMS[9:])
+    train = pairs.filter(lambda row: row["film"] not in FILMS[9:])
+    args = RewardConfig(output_dir=str(tmp_path), learning_rate=3e-5, max_steps=30,
+                        per_device_train_batch_size=8, per_device_eval_batch_size=len(held_out),
+                        lr_scheduler_type="constant", max_length=80, report_to="none",
+                        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = RewardTrainer(smollm2, args=args, train_dataset=train, eval_dataset=held_out,
+                            processing_class=tok)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    print(f"pairs {len(train)} train / {len(held_out)} held out; accuracy "
+          f"{before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, loss "
+          f"{before['eval_loss']:.3f} -> {after['eval_loss']:.3f}")
+    assert len(held_out) >= 30 and after["eval_accuracy"] >= 0.7, after  # chance: 0.5
+    assert after["eval_loss"] < 0.6 < before["eval_loss"], (before, after)  # log 2 = 0.69
