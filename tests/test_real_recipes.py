@@ -6,8 +6,10 @@ short lengths and a CPU-sized batch overridden. Each asserts numbers a hand coun
 """
 
 import json
+import math
 
 import pytest
+import torch
 from conftest import run_recipe
 
 from rlhf_ext.real import conversational_datasets, smollm2_path
@@ -44,47 +46,69 @@ def test_sft_lora_all_linear(real, tmp_path):
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR == 4_884_480
 
 
+def test_sft_full_with_gradient_checkpointing(real, tmp_path):
+    summary = recipe(real, tmp_path, "sft", "recipes/qwen2.5-0.5b/sft.yaml", "sft",
+                     "--max_length", "64")
+    assert summary["trainable_parameters"] == BASE
+    assert 0 < first(summary, "train_loss") < math.log(49_152)  # pretrained: below uniform
+
+
+def test_sft_qlora(real, tmp_path):
+    summary = recipe(real, tmp_path, "sft", "recipes/llama3.1-8b/sft_qlora.yaml", "sft",
+                     "--max_length", "64")
+    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR
+
+
+def test_reward_full(real, tmp_path):
+    summary = recipe(real, tmp_path, "reward", "recipes/qwen2.5-0.5b/reward.yaml", "pairs",
+                     "--max_length", "64")
+    assert summary["trainable_parameters"] == BASE + SCORE_HEAD  # backbone (no LM head)
+
+
 @pytest.fixture(scope="module")
-def reward_qlora(real, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward_qlora")
-    return out, recipe(real, out, "reward", "recipes/llama3.1-8b/reward_qlora.yaml", "pairs",
+def reward_lora(real, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward_lora")
+    return out, recipe(real, out, "reward", "recipes/qwen2.5-0.5b/reward_lora.yaml", "pairs",
                        "--max_length", "64")
 
 
-def test_reward_qlora(reward_qlora):
-    out, summary = reward_qlora
-    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
+def test_reward_lora(reward_lora):
+    out, summary = reward_lora
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR + SCORE_HEAD
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert "score" in config["modules_to_save"]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 
 
-def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
-    """One 4-bit base, three adapters (policy, value, the reward model's)."""
-    summary = recipe(real, tmp_path, "ppo", "recipes/llama3.1-8b/ppo_qlora.yaml", "prompts",
-                     "--reward_model_path", str(reward_qlora[0]), "--response_length", "8",
+def test_ppo_full_against_a_lora_reward_model(real, reward_lora, tmp_path):
+    """ppo.yaml: full policy and value model, gradient checkpointing, bf16; the reward
+    model is the LoRA adapter of reward_lora.yaml on its base."""
+    summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo.yaml", "prompts",
+                     "--reward_model_path", str(reward_lora[0]), "--response_length", "8",
                      "--rollout_batch_size", "4")
-    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
-    assert summary["trainable_parameters"] == 2 * LORA_ALL_LINEAR + SCORE_HEAD  # policy, value
-    assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)  # policy == ref
-    # rollout and update in the same precision (bf16 autocast): the first ratio is 1
-    assert first(summary, "policy/approxkl_avg") == 0.0
-
-
-def test_ppo_lora_with_a_reward_function(real, tmp_path):
-    summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo_lora.yaml", "prompts",
-                     "--reward", "rlhf_ext.real:vader_reward", "--response_length", "8",
-                     "--rollout_batch_size", "4")
-    # LoRA policy; a full value model (SmolLM2 backbone + head)
-    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + SCORE_HEAD
-    assert -1.0 <= first(summary, "objective/scores") <= 1.0  # VADER's compound range
+    assert summary["trainable_parameters"] == BASE + BASE + SCORE_HEAD  # policy, value
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)
     assert first(summary, "policy/approxkl_avg") == 0.0 and first(summary, "val/ratio") == 1.0
 
 
-def test_kto_through_the_dpo_lora_recipe(real, tmp_path):
-    """Model == reference at the first step and KTO's KL estimate clamps at 0, so every
-    row's loss is 1 - sigmoid(0) = 0.5."""
-    summary = recipe(real, tmp_path, "preference", "recipes/qwen2.5-0.5b/dpo_lora.yaml",
-                     "unpaired", "--loss_type", "kto", "--max_length", "64")
-    assert first(summary, "train_loss") == pytest.approx(0.5, abs=1e-6)
+def test_dpo_full_padding_free_starts_at_log_2(real, tmp_path):
+    """At the first step the policy is its (frozen copy) reference, so the sigmoid loss is
+    log 2 exactly: both forwards run in the same bf16 autocast on the same batch."""
+    summary = recipe(real, tmp_path, "preference", "recipes/qwen2.5-0.5b/dpo.yaml", "pairs",
+                     "--max_length", "64")
+    assert summary["trainable_parameters"] == BASE
+    assert first(summary, "train_loss") == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_qlora_with_precomputed_reference(real, tmp_path):
+    """The reference log-probs are computed once before training, in full precision and
+    other batches; the bf16 policy at step 1 then differs from them by rounding only
+    (measured: loss 0.685, log 2 = 0.693)."""
+    summary = recipe(real, tmp_path, "preference", "recipes/llama3.1-8b/dpo_qlora.yaml",
+                     "pairs", "--max_length", "64", "--ref_logps_cache_dir",
+                     str(tmp_path / "ref_cache"))
+    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR
+    cached = [torch.load(f, weights_only=True) for f in (tmp_path / "ref_cache").glob("*.pt")]
+    assert all(sorted(c) == ["ref_chosen_logps", "ref_rejected_logps"] for c in cached)
+    assert sorted(len(c["ref_chosen_logps"]) for c in cached) == [4, 12]  # eval, train pairs
+    assert first(summary, "train_loss") == pytest.approx(math.log(2), abs=0.03)
