@@ -4,18 +4,19 @@ YAML recipe.
     accelerate launch recipes/sft.py --config recipes/tiny/sft.yaml [--key value ...]
     python recipes/sft.py --config recipes/tiny/sft.yaml
 
-Arguments: TRL's ScriptArguments, SFTConfig and ModelConfig, plus rlhf_ext's
-RecipeArguments (build the tiny world first; judge the result with its oracle).
+Arguments: TRL's ScriptArguments and ModelConfig, rlhf_ext's SFTConfig (TRL's with
+disable_dropout) and RecipeArguments (build the tiny world first; judge the result with
+its oracle).
 """
 
 import time
 
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, SFTConfig, get_peft_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from rlhf_ext.launch import RecipeArguments, finish_run, run_main
 from rlhf_ext.models import load_causal_lm
-from rlhf_ext.sft import SFTTrainer
+from rlhf_ext.sft import SFTConfig, SFTTrainer
 
 # What the recipe reads: a YAML key must be a field of one of these (tests/test_recipe_yamls.py).
 ARGUMENTS = (ScriptArguments, SFTConfig, ModelConfig, RecipeArguments)

@@ -4,10 +4,23 @@ tags), so every recipe pushes the same kind of card."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from trl import SFTConfig as _TRLSFTConfig
 from trl import SFTTrainer as _TRLSFTTrainer
 
 from .hub import trainer_model_card
+from .models import disable_dropout
 from .trainer_utils import CheckedTraining, check_finite_loss, keep_token_out_of_args
+
+
+@dataclass
+class SFTConfig(_TRLSFTConfig):
+    """``trl.SFTConfig`` plus ``disable_dropout`` (on by default, as in every trainer of
+    the package; TRL's SFT keeps dropout)."""
+
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Turn off dropout in the model (LoRA's and attention's too)."})
 
 
 class SFTTrainer(CheckedTraining, _TRLSFTTrainer):
@@ -23,6 +36,8 @@ class SFTTrainer(CheckedTraining, _TRLSFTTrainer):
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         super().__init__(model, *args, **kwargs)
+        if getattr(self.args, "disable_dropout", True):  # after TRL added any adapters
+            disable_dropout(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
