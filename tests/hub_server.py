@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +23,10 @@ class HubState:
         self.root = root
         self.requests: list[tuple[str, str, dict]] = []
         self.commits = 0
+        self.heads: dict[str, str] = {}  # repo -> latest commit id
+
+    def head(self, repo: str) -> str:
+        return self.heads.get(repo, "0" * 40)
 
     def repo_dir(self, repo: str) -> Path:
         return self.root / repo
@@ -77,7 +82,10 @@ def _handler(state: HubState):
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(base64.b64decode(item["value"]["content"]))
                 state.commits += 1
-                oid = hashlib.sha1(str(state.commits).encode()).hexdigest()
+                # unique across servers and runs: a client cache keyed by commit id never
+                # serves an earlier run's files
+                oid = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
+                state.heads[repo] = oid
                 return self._send(200, {"commitUrl": f"{self._base()}/{repo}/commit/{oid}",
                                         "commitOid": oid})
             return self._send(404, {"error": f"not found: {path}"})
@@ -91,7 +99,7 @@ def _handler(state: HubState):
                     data = target.read_bytes()
                     etag = '"' + hashlib.sha1(data).hexdigest() + '"'
                     return self._send(200, data, "application/octet-stream",
-                                      {"ETag": etag, "X-Repo-Commit": "0" * 40})
+                                      {"ETag": etag, "X-Repo-Commit": state.head(repo)})
                 return self._send(404, {"error": "no such file"},
                                   headers={"X-Error-Code": "EntryNotFound"})
             if len(parts) >= 5 and parts[0] == "api" and parts[1] == "models":
@@ -101,7 +109,7 @@ def _handler(state: HubState):
                     return self._send(404, {"error": "no such repo"},
                                       headers={"X-Error-Code": "RepoNotFound"})
                 files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-                return self._send(200, {"id": repo, "sha": "0" * 40,
+                return self._send(200, {"id": repo, "sha": state.head(repo),
                                         "siblings": [{"rfilename": f} for f in files]})
             return self._send(404, {"error": "not found"})
 

@@ -16,8 +16,11 @@ TOKEN = "hf_rlhfExtTestToken0123456789"
 
 
 def hub_env(hub):
+    """The client's environment: this test's server, and a download cache of its own (the
+    machine's ~/.cache/huggingface must neither serve nor keep these files)."""
     return {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"}
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5",
+            "HF_HUB_CACHE": str(hub.state.root.parent / "hf_cache")}
 
 
 def run(cmd, env):
