@@ -112,3 +112,49 @@ def test_dpo_qlora_with_precomputed_reference(real, tmp_path):
     assert all(sorted(c) == ["ref_chosen_logps", "ref_rejected_logps"] for c in cached)
     assert sorted(len(c["ref_chosen_logps"]) for c in cached) == [4, 12]  # eval, train pairs
     assert first(summary, "train_loss") == pytest.approx(math.log(2), abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def reward_qlora(real, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward_qlora")
+    return out, recipe(real, out, "reward", "recipes/llama3.1-8b/reward_qlora.yaml", "pairs",
+                       "--max_length", "64")
+
+
+def test_reward_qlora(reward_qlora):
+    out, summary = reward_qlora
+    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + SCORE_HEAD
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "score" in config["modules_to_save"]
+
+
+def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
+    """One 4-bit base, three adapters (policy, value, the reward model's)."""
+    summary = recipe(real, tmp_path, "ppo", "recipes/llama3.1-8b/ppo_qlora.yaml", "prompts",
+                     "--reward_model_path", str(reward_qlora[0]), "--response_length", "8",
+                     "--rollout_batch_size", "4")
+    assert summary["quantized_linear_layers"] == LINEAR_LAYERS
+    assert summary["trainable_parameters"] == 2 * LORA_ALL_LINEAR + SCORE_HEAD  # policy, value
+    assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)  # policy == ref
+    # rollout and update in the same precision (bf16 autocast): the first ratio is 1
+    assert first(summary, "policy/approxkl_avg") == 0.0
+
+
+def test_ppo_lora_with_a_reward_function(real, tmp_path):
+    summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo_lora.yaml", "prompts",
+                     "--reward", "rlhf_ext.real:vader_reward", "--response_length", "8",
+                     "--rollout_batch_size", "4")
+    # LoRA policy; a full value model (SmolLM2 backbone + head)
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + SCORE_HEAD
+    assert -1.0 <= first(summary, "objective/scores") <= 1.0  # VADER's compound range
+    assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)
+    assert first(summary, "policy/approxkl_avg") == 0.0 and first(summary, "val/ratio") == 1.0
+
+
+def test_kto_through_the_dpo_lora_recipe(real, tmp_path):
+    """Model == reference at the first step and KTO's KL estimate clamps at 0, so every
+    row's loss is 1 - sigmoid(0) = 0.5."""
+    summary = recipe(real, tmp_path, "preference", "recipes/qwen2.5-0.5b/dpo_lora.yaml",
+                     "unpaired", "--loss_type", "kto", "--max_length", "64")
+    assert first(summary, "train_loss") == pytest.approx(0.5, abs=1e-6)
