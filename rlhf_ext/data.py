@@ -276,14 +276,19 @@ def warn_degenerate(dataset, max_length: int | None, truncation_mode: str = "kee
     return counts
 
 
-def check_fits_model(dataset, model, max_length: int | None, name: str = "train") -> None:
-    """Token ids inside the model's vocabulary and sequences within its positions, checked
-    on the tokenized rows before training (else step 1 fails with an index error)."""
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None)
+def model_limits(model) -> tuple[int | None, int | None]:
+    """(vocabulary size, positions) of a model, None where it does not say."""
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
     config = getattr(model.config, "backbone_config", model.config)
     positions = getattr(config, "max_position_embeddings", None) or \
         getattr(config, "n_positions", None)
+    return vocab, positions
+
+
+def check_fits_model(dataset, model, max_length: int | None, name: str = "train") -> None:
+    """Token ids inside the model's vocabulary and sequences within its positions, checked
+    on the tokenized rows before training (else step 1 fails with an index error)."""
+    vocab, positions = model_limits(model)
     columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids",
                            "kl_completion_ids") if c in dataset.column_names]
     prompts = list(dataset["prompt_ids"])

@@ -322,3 +322,18 @@ def test_the_torch_floor_is_what_transformers_needs():
     theirs = [Version(m.group(1)) for r in requires("transformers")
               if (m := re.match(r"torch>=([\d.]+); extra == \"torch\"", r))]
     assert theirs and ours >= max(theirs) and ours >= Version("2.6")
+
+
+@pytest.mark.parametrize("policy_kwargs, response_length, match", [
+    (dict(vocab_size=100), 4, r"row 0, column 'prompt': token id \d+ is outside the model's "
+                              r"vocabulary of 100"),
+    (dict(max_position_embeddings=16), 12, r"row \d+, column 'prompt': \d+ tokens plus "
+                                           r"response_length=12 exceed the model's 16 positions"),
+])
+def test_ppo_prompts_must_fit_the_policy(tok, tmp_path, policy_kwargs, response_length, match):
+    policy = build_model("tiny", tok, seed=0, **policy_kwargs)
+    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4,
+                     per_device_train_batch_size=2, response_length=response_length, **BASE)
+    with pytest.raises(DataError, match=match):
+        PPOTrainer(policy, args, tok, prompt_dataset(8), reward=lambda p, c: [0.0] * len(c),
+                   value_model=None)

@@ -84,6 +84,26 @@ def render_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: int,
+                            name: str = "train") -> None:
+    """Before any sampling: every prompt, rendered and tokenized as the rollout does, has
+    token ids inside the model's vocabulary and leaves room for ``response_length`` new
+    tokens within its positions. Raises ``DataError`` naming the row."""
+    from ..data import DataError, model_limits
+
+    vocab, positions = model_limits(model)
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if vocab is not None and ids and max(ids) >= vocab:
+            raise DataError(f"{name} dataset, row {row}, column 'prompt': token id {max(ids)} is "
+                            f"outside the model's vocabulary of {vocab}. The tokenizer is not "
+                            "the model's: load the model's own.")
+        if positions is not None and len(ids) + response_length > positions:
+            raise DataError(f"{name} dataset, row {row}, column 'prompt': {len(ids)} tokens plus "
+                            f"response_length={response_length} exceed the model's {positions} "
+                            "positions. Shorten or drop the prompt, or lower response_length.")
+
+
 def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None,
                          device) -> float:
     if reduce is None:

@@ -47,6 +47,7 @@ from . import core
 from .experience import ExperienceLoader
 from .rollout import (
     Batch,
+    check_prompts_fit_model,
     checked_scores,
     response_logits,
     response_logps,
@@ -149,6 +150,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         keep_token_out_of_args(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
+        check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
+                                args.response_length)
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
             if m is not None:
