@@ -244,11 +244,10 @@ def _cut(prompt: list[int], completion: list[int], max_length: int | None,
 
 
 def warn_degenerate(dataset, max_length: int | None, truncation_mode: str = "keep_start",
-                    name: str = "train") -> dict[str, int]:
+                    name: str = "train") -> None:
     """Count rows a loss learns nothing from, and warn with the counts: pairs whose chosen
     and rejected are the same tokens, pairs that truncation makes the same, and unpaired
-    data with one label only. Returns the counts (tokenized rows)."""
-    counts = {}
+    data with one label only (tokenized rows)."""
     if "chosen_ids" in dataset.column_names:
         same = cut_same = 0
         for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
@@ -257,7 +256,6 @@ def warn_degenerate(dataset, max_length: int | None, truncation_mode: str = "kee
             elif _cut(p, c, max_length, truncation_mode) == _cut(p, r, max_length,
                                                                  truncation_mode):
                 cut_same += 1
-        counts = {"identical": same, "identical_after_truncation": cut_same}
         if same:
             warnings.warn(f"{name} dataset: {same} of {len(dataset)} pairs have identical chosen "
                           "and rejected completions; they carry no preference. Drop them.",
@@ -267,13 +265,11 @@ def warn_degenerate(dataset, max_length: int | None, truncation_mode: str = "kee
                           f"once cut to max_length={max_length} ({truncation_mode}); raise "
                           "max_length or shorten the prompts.", stacklevel=2)
     elif "label" in dataset.column_names:
-        labels = list(dataset["label"])
-        counts = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
-        if 0 in counts.values():
-            warnings.warn(f"{name} dataset: {counts['desirable']} desirable and "
-                          f"{counts['undesirable']} undesirable rows; KTO needs both kinds "
+        desirable = sum(dataset["label"])
+        if desirable in (0, len(dataset)):
+            warnings.warn(f"{name} dataset: {desirable} desirable and "
+                          f"{len(dataset) - desirable} undesirable rows; KTO needs both kinds "
                           "(its reference point and weights assume a mix).", stacklevel=2)
-    return counts
 
 
 def model_limits(model) -> tuple[int | None, int | None]:
@@ -283,6 +279,14 @@ def model_limits(model) -> tuple[int | None, int | None]:
     positions = getattr(config, "max_position_embeddings", None) or \
         getattr(config, "n_positions", None)
     return vocab, positions
+
+
+def check_in_vocabulary(ids: list[int], vocab: int | None, where: str) -> None:
+    """Token ids a model of ``vocab`` embeddings can look up; ``where`` names the row."""
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise DataError(f"{where}: token id {max(ids)} is outside the model's vocabulary of "
+                        f"{vocab}. The tokenizer is not the model's: load the model's own, or "
+                        "resize the embeddings (model.resize_token_embeddings(len(tokenizer))).")
 
 
 def check_fits_model(dataset, model, max_length: int | None, name: str = "train") -> None:
@@ -295,12 +299,7 @@ def check_fits_model(dataset, model, max_length: int | None, name: str = "train"
     longest, longest_row = 0, 0
     for column in columns:
         for row, ids in enumerate(dataset[column]):
-            if vocab is not None and ids and max(ids) >= vocab:
-                raise DataError(
-                    f"{name} dataset, row {row}, column {column!r}: token id {max(ids)} is "
-                    f"outside the model's vocabulary of {vocab}. The tokenizer is not the "
-                    "model's: load the model's own, or resize the embeddings "
-                    "(model.resize_token_embeddings(len(tokenizer))).")
+            check_in_vocabulary(ids, vocab, f"{name} dataset, row {row}, column {column!r}")
             n = len(ids) + (0 if column == "prompt_ids" else len(prompts[row]))
             if n > longest:
                 longest, longest_row = n, row

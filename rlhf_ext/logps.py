@@ -97,14 +97,6 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
 
 
-def model_dtype(model) -> torch.dtype:
-    """The dtype the attention scores are computed in (float parameters' dtype)."""
-    for p in unwrap(model).parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def final_hidden(model, **inputs) -> Tensor:
     """The last layer's (normalised) hidden states [B, T, H], through ``model``'s own
     forward (so DDP and DeepSpeed wrappers see the call), with the LM head on one position
@@ -138,7 +130,7 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     if segment_ids is not None:
         mask = prefix_sharing_mask(segment_ids)
         if attention_implementation(model) == "eager":  # eager adds the mask to the scores
-            mask = additive_mask(mask, model_dtype(model))
+            mask = additive_mask(mask, unwrap(model).dtype)
         hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
                               attention_mask=mask)
     else:

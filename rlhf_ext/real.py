@@ -165,7 +165,7 @@ def self_sampled_pairs(model, tokenizer, films: list[str], samples: int = 2,
         group = list(zip(texts[start:start + per_group], scores[start:start + per_group]))
         for (a, va), (b, vb) in combinations(group, 2):
             if abs(va - vb) >= min_gap:
-                (c, vc), (r, vr) = sorted([(a, va), (b, vb)], key=lambda x: -x[1])
+                (c, vc), (r, vr) = ((a, va), (b, vb)) if va > vb else ((b, vb), (a, va))
                 rows.append({"prompt": [{"role": "user", "content":
                                          f"Write a one-sentence review of {film}."}],
                              "chosen": [{"role": "assistant", "content": c}],

@@ -66,11 +66,15 @@ def test_reward_full(real, tmp_path):
     assert summary["trainable_parameters"] == BASE + SCORE_HEAD  # backbone (no LM head)
 
 
+def reward_run(real, tmp_path_factory, config):
+    """(output folder, summary) of a reward recipe that a PPO test then loads."""
+    out = tmp_path_factory.mktemp(config.split("/")[-1][:-5])
+    return out, recipe(real, out, "reward", config, "pairs", "--max_length", "64")
+
+
 @pytest.fixture(scope="module")
 def reward_lora(real, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward_lora")
-    return out, recipe(real, out, "reward", "recipes/qwen2.5-0.5b/reward_lora.yaml", "pairs",
-                       "--max_length", "64")
+    return reward_run(real, tmp_path_factory, "recipes/qwen2.5-0.5b/reward_lora.yaml")
 
 
 def test_reward_lora(reward_lora):
@@ -116,9 +120,7 @@ def test_dpo_qlora_with_precomputed_reference(real, tmp_path):
 
 @pytest.fixture(scope="module")
 def reward_qlora(real, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward_qlora")
-    return out, recipe(real, out, "reward", "recipes/llama3.1-8b/reward_qlora.yaml", "pairs",
-                       "--max_length", "64")
+    return reward_run(real, tmp_path_factory, "recipes/llama3.1-8b/reward_qlora.yaml")
 
 
 def test_reward_qlora(reward_qlora):

@@ -89,17 +89,15 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
     """Before any sampling: every prompt, rendered and tokenized as the rollout does, has
     token ids inside the model's vocabulary and leaves room for ``response_length`` new
     tokens within its positions. Raises ``DataError`` naming the row."""
-    from ..data import DataError, model_limits
+    from ..data import DataError, check_in_vocabulary, model_limits
 
     vocab, positions = model_limits(model)
     texts = [render_prompt(tokenizer, p) for p in prompts]
     for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-        if vocab is not None and ids and max(ids) >= vocab:
-            raise DataError(f"{name} dataset, row {row}, column 'prompt': token id {max(ids)} is "
-                            f"outside the model's vocabulary of {vocab}. The tokenizer is not "
-                            "the model's: load the model's own.")
+        where = f"{name} dataset, row {row}, column 'prompt'"
+        check_in_vocabulary(ids, vocab, where)
         if positions is not None and len(ids) + response_length > positions:
-            raise DataError(f"{name} dataset, row {row}, column 'prompt': {len(ids)} tokens plus "
+            raise DataError(f"{where}: {len(ids)} tokens plus "
                             f"response_length={response_length} exceed the model's {positions} "
                             "positions. Shorten or drop the prompt, or lower response_length.")
 
