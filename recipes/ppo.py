@@ -54,7 +54,7 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
         from rlhf_ext.ppo.single_base import build_single_base
 
         policy, value_model, reward = build_single_base(
-            policy, peft_config, ppo_args.reward_model_path, seed=training_args.seed)
+            policy, peft_config, ppo_args.reward_model_path)
         reward_tokenizer, peft_config = None, None
     elif ppo_args.reward == "oracle":
         from rlhf_ext.tiny import oracle_score

@@ -190,9 +190,22 @@ class RewardModel(_HeadModel):
 
 
 class ValueModel(_HeadModel):
-    """V(x, y_<=t) = W h_t + b at every position (the PPO critic)."""
+    """V(x, y_<=t) = W h_t + b at every position (the PPO critic).
+
+    A new head starts at zero (V = 0 everywhere): with the reward head's random init the
+    values of SmolLM2-135M differed by about 1.2 from one token to the next, twice the
+    spread of its VADER rewards, so GAE's first advantages were mostly that noise and
+    PPO drifted away from the reference without gaining reward. From zero, the first
+    advantages are the (discounted) returns themselves."""
 
     config_class = ValueModelConfig
+
+    def _init_weights(self, module):
+        if module is self.score:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 **kwargs) -> ValueOutput:

@@ -14,7 +14,6 @@ each LoRA layer's active adapter for the duration of one forward pass
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -79,17 +78,15 @@ class AdapterHead(nn.Module):
         set_peft_model_state_dict(self.peft_model, lora, adapter_name=self.adapter)
 
 
-def _new_head(hidden: int, seed: int) -> nn.Linear:
+def _new_value_head(hidden: int) -> nn.Linear:
+    """V = 0 everywhere at the start, as ValueModel's head (rlhf_ext.heads)."""
     head = nn.Linear(hidden, 1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+    nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
 
 
-def build_single_base(base_model, policy_lora, reward_adapter_dir: str, value_lora=None,
-                      seed: int = 0):
+def build_single_base(base_model, policy_lora, reward_adapter_dir: str, value_lora=None):
     """(policy PeftModel, value AdapterHead, reward AdapterHead) over one copy of
     ``base_model`` (a causal LM, possibly 4-bit).
 
@@ -108,7 +105,7 @@ def build_single_base(base_model, policy_lora, reward_adapter_dir: str, value_lo
     for name, p in policy.named_parameters():
         if ".value." in name or name.endswith(".value"):
             p.requires_grad_(True)
-    value = AdapterHead(policy, "value", _new_head(hidden, seed), "value")
+    value = AdapterHead(policy, "value", _new_value_head(hidden), "value")
 
     config = LoraConfig.from_pretrained(reward_adapter_dir)
     config.modules_to_save = None
