@@ -77,3 +77,23 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def sequence_kl(model, ref_model, tokenizer, prompts: list[str], completion_ids: list[list[int]],
+                batch_size: int = 64) -> list[float]:
+    """Sampled estimate of KL(pi || ref) per sequence: sum_t log pi(y_t) - log ref(y_t) for
+    y sampled from pi (temperature 1)."""
+    from .ppo.rollout import build_batch, response_logits, response_logps
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+                      for p in prompts[start:start + batch_size]]
+        batch = build_batch(tokenizer, prompt_ids, completion_ids[start:start + batch_size],
+                            device)
+        logps = response_logps(response_logits(model, batch), batch, 1.0)
+        ref = response_logps(response_logits(ref_model, batch), batch, 1.0)
+        out.extend(((logps - ref) * batch.response_mask).sum(1).tolist())
+    return out
