@@ -3,12 +3,17 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo test lint
+.PHONY: setup demo demo-real test lint
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(PY) recipes/demo.py
+
+# the DPO paper's sentiment experiment on SmolLM2-135M-Instruct, judged by VADER (~30 min;
+# DEMO_ARGS=--full for the frontier, reruns reuse finished stages)
+demo-real: setup
+	$(PY) recipes/demo_real.py $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m ruff check .

@@ -87,8 +87,6 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 FILMS = ["a space opera", "a courtroom drama", "a silent comedy", "a nature documentary",
          "a heist thriller", "a musical", "a war epic", "a ghost story", "a cooking film",
          "a sports biopic", "an animated fable", "a detective mystery"]
-ASKS = ["Write a one-sentence review of {}.", "In one sentence, what did you think of {}?",
-        "Give a short opinion of {} you just watched."]
 GOOD = ["It was {} and {}: I loved every minute.", "A {}, {} film that I would happily see again."]
 BAD = ["It was {} and {}: I regret every minute.", "A {}, {} film that I would never see again."]
 GOOD_WORDS = ["wonderful", "moving", "brilliant", "delightful", "inspiring", "charming"]
@@ -104,6 +102,8 @@ def conversational_datasets(out_dir: str | os.PathLike, n: int = 64, seed: int =
     import random
 
     from datasets import Dataset, DatasetDict
+
+    from .real_task import ASKS
 
     rng = random.Random(seed)
     rows = []
@@ -127,51 +127,6 @@ def conversational_datasets(out_dir: str | os.PathLike, n: int = 64, seed: int =
                  for k, part in (("train", rows[:cut]), ("test", rows[cut:]))}
         DatasetDict(split).save_to_disk(str(out / name))
     return out
-
-
-STEERS = ["Write a one-sentence {tone} review of {film}.", "In one {tone} sentence, review {film}.",
-          "Give a {tone} one-line opinion of {film}."]
-
-
-def self_sampled_pairs(model, tokenizer, films: list[str], samples: int = 2,
-                       max_new_tokens: int = 32, temperature: float = 0.7, min_gap: float = 0.3,
-                       seed: int = 0):
-    """Preference pairs of the model's own reviews, labelled by VADER: for each film and
-    each of ``STEERS``, ``samples`` completions asked to be glowing and as many asked to be
-    scathing (steering the request gives sentiment to rank; the pairs' prompt is the plain
-    "Write a one-sentence review of <film>."). Every two completions of one film and steer
-    whose VADER scores differ by ``min_gap`` or more make a pair, the higher one chosen.
-
-    Returns a conversational prompt/chosen/rejected Dataset with ``film`` and the VADER
-    scores (``chosen_vader``, ``rejected_vader``) as extra columns.
-    """
-    from itertools import combinations
-
-    from datasets import Dataset
-
-    from .sampling import generate_completions
-
-    asks = [(film, steer, tone) for film in films for steer in STEERS
-            for tone in ("glowing", "scathing") for _ in range(samples)]
-    rendered = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": steer.format(tone=tone, film=film)}], tokenize=False,
-        add_generation_prompt=True) for film, steer, tone in asks]
-    texts = generate_completions(model, tokenizer, rendered, max_new_tokens, temperature,
-                                 batch_size=48, seed=seed).texts
-    scores = vader_scores(texts)
-    rows, per_group = [], 2 * samples
-    for start in range(0, len(asks), per_group):
-        film = asks[start][0]
-        group = list(zip(texts[start:start + per_group], scores[start:start + per_group]))
-        for (a, va), (b, vb) in combinations(group, 2):
-            if abs(va - vb) >= min_gap:
-                (c, vc), (r, vr) = ((a, va), (b, vb)) if va > vb else ((b, vb), (a, va))
-                rows.append({"prompt": [{"role": "user", "content":
-                                         f"Write a one-sentence review of {film}."}],
-                             "chosen": [{"role": "assistant", "content": c}],
-                             "rejected": [{"role": "assistant", "content": r}],
-                             "film": film, "chosen_vader": vc, "rejected_vader": vr})
-    return Dataset.from_list(rows)
 
 
 @functools.cache
