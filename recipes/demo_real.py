@@ -33,15 +33,15 @@ PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 # the frontier of --full: (family, knob, values); the first value is the default run's point
 FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0.2])}
 SIZES = {  # what --quick shrinks; the default fits 30 minutes on a 2-core CPU
-    "default": dict(pair_films=26, samples=2, eval_asks=2, eval_samples=1, reference_samples=16,
+    "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=1, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
-    # the tests' run: no reward model (nor best-of-N), dpo for 12 larger, faster steps and ppo_vader
-    # for two iterations: the whole pipeline, too short to move held-out VADER reliably
-    "quick": dict(pair_films=8, samples=2, eval_asks=1, eval_samples=2, reference_samples=4,
+    # the tests' run: no reward model (nor best-of-N), dpo for 8 larger, faster steps and
+    # ppo_vader for two iterations: the whole pipeline, too short to move held-out VADER
+    "quick": dict(pair_films=8, samples=2, eval_asks=1, eval_samples=2, reference_samples=2,
                   best_of=[], reward=["--max_steps", "4"],
-                  preference=["--max_steps", "12", "--per_device_train_batch_size", "8",
-                              "--learning_rate", "5e-4"],
+                  preference=["--max_steps", "8", "--per_device_train_batch_size", "8",
+                              "--learning_rate", "5e-4", "--logging_steps", "2"],
                   ppo=["--num_train_epochs", "2"]),
 }
 MAX_NEW_TOKENS = 32
@@ -323,6 +323,10 @@ def plot(report: dict, out: Path) -> list[str]:
         kl, reward = zip(*points)
         style = "o-" if len(points) > 1 else "o"
         ax.plot(kl, reward, style, label=family, markersize=7)
+    for name, value in report["knob"].items():  # beta / kl_coef beside each frontier point
+        m = report["methods"][name]
+        ax.annotate(str(value), (m["kl_to_reference"], m["vader"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
     ax.set(title="SmolLM2-135M-Instruct: VADER score against KL to the reference\n"
                  "(held-out films; each point one trained policy)",
            xlabel="sampled KL(policy || reference), nats per completion",

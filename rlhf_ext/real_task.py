@@ -23,7 +23,6 @@ GENRES = ["space opera", "courtroom drama", "silent comedy", "nature documentary
 QUALIFIERS = ["French", "Korean", "1970s", "black-and-white", "three-hour"]
 ASKS = ["Write a one-sentence review of {}.", "In one sentence, what did you think of {}?",
         "Give a short opinion of {} you just watched."]
-SYSTEM = "You are a film critic."  # short: SmolLM2's default system prompt is 10 tokens longer
 STEERS = ["Write a one-sentence {tone} review of {film}.",
           "In one {tone} sentence, review {film}.", "Give a {tone} one-line opinion of {film}."]
 
@@ -36,8 +35,11 @@ def films(seed: int = 0, held_out: int = 22) -> tuple[list[str], list[str]]:
 
 
 def conversation(request: str) -> list[dict]:
-    """The request as the user's turn after the critic's system prompt."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": request}]
+    """The request as the one user turn (the chat template adds SmolLM2's own system
+    prompt). A shorter system prompt ("You are a film critic.") saved 10 tokens a
+    sequence, but a reward head on the pairs it gave ranked held-out pairs at 0.59, not
+    0.81 (tests/test_real_model.py)."""
+    return [{"role": "user", "content": request}]
 
 
 def review_prompts(film_names: list[str], asks: int = len(ASKS)) -> list[list[dict]]:

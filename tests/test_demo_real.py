@@ -1,12 +1,13 @@
-"""make demo-real, reduced (recipes/demo_real.py --quick): SmolLM2-135M-Instruct, VADER as
-the judge, the pairs sampled and labelled, DPO trained 12 steps and PPO against VADER two
-iterations, every policy judged on prompts about films no stage trained on.
+"""make demo-real, reduced (recipes/demo_real.py --quick --methods dpo): SmolLM2-135M-Instruct,
+VADER as the judge, the pairs sampled and labelled, DPO trained 8 steps, judged on prompts
+about films no stage trained on. (PPO on the real model: tests/test_real_recipes.py and
+tests/test_real_model.py; the demo's PPO stages run the same recipe.)
 
-Too short to move held-out VADER reliably on 2 cores (measured: DPO +0.11 at a KL of 7.6,
-ppo_vader -0.19 at a KL of 0.16, within the noise of 44 samples), so what is asserted is
-the pipeline: the pairs and their labels, the held-out split, the report's schema and its
-exact parts (the reference's KL 0 and win rate 0.5, DPO's training margins), and that a
-rerun reuses every stage and evaluation.
+Too short to move held-out VADER reliably on 2 cores (measured with 12 steps: DPO +0.11
+at a KL of 7.6, PPO against VADER for two iterations -0.19 at a KL of 0.16, both within
+the noise of 44 samples), so what is asserted is the pipeline: the pairs and their labels,
+the held-out split, the report's schema and its exact parts (the reference's KL 0 and win
+rate 0.5, DPO's training margins), and that a rerun reuses every stage and evaluation.
 """
 
 import json
@@ -23,13 +24,13 @@ METRICS = {"vader", "vader_se", "win_rate_vs_reference", "kl_to_reference", "mea
 
 def test_reduced_real_demo(tmp_path):
     out = tmp_path / "demo_real"
-    args = ["recipes/demo_real.py", "--out", str(out), "--quick", "--methods", "dpo,ppo_vader"]
+    args = ["recipes/demo_real.py", "--out", str(out), "--quick", "--methods", "dpo"]
     run_recipe(args, launcher="python", timeout=900)
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["quick"] is True
-    assert list(report["methods"]) == ["reference", "ppo_vader", "dpo"]
+    assert list(report["methods"]) == ["reference", "dpo"]
     assert report["reward_model"] is None  # neither PPO against it nor best-of-N asked
-    assert set(report["stage_seconds"]) == {"ppo_vader", "dpo"}
+    assert set(report["stage_seconds"]) == {"dpo"}
 
     # the pairs: the reference's own reviews, chosen and rejected differing by >= 0.3 VADER;
     # the training labels are Bradley-Terry draws (some prefer the lower score), the
@@ -61,16 +62,12 @@ def test_reduced_real_demo(tmp_path):
         assert 0 <= m["win_rate_vs_reference"] <= 1 and m["mean_length"] > 0, name
     ref = report["methods"]["reference"]
     assert ref["kl_to_reference"] == 0.0 and ref["win_rate_vs_reference"] == 0.5
-    for name in ("dpo", "ppo_vader"):
-        assert report["methods"][name]["kl_to_reference"] > 0, name  # trained: it moved
+    assert report["methods"]["dpo"]["kl_to_reference"] > 0  # trained: it moved
 
-    # DPO learned its pairs: the implicit reward margin grew; PPO's curves are finite
+    # DPO learned its pairs: the implicit reward margin (logged every 2 of 8 steps) grew
     dpo = report["training"]["dpo"]
-    assert dpo["reward_key"] == "rewards/margins" and dpo["reward"][-1] > dpo["reward"][0] + 0.2
-    ppo = report["training"]["ppo_vader"]
-    assert ppo["reward_key"] == "objective/scores" and len(ppo["kl"]) == 2
-    assert all(math.isfinite(v) and -1 <= v <= 1 for v in ppo["reward"])
-    assert abs(ppo["kl"][0]) < 1e-4  # the first rollouts come from the reference itself
+    assert dpo["reward_key"] == "rewards/margins" and len(dpo["reward"]) == 4
+    assert dpo["reward"][-1] > dpo["reward"][0] + 0.2, dpo["reward"]
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()

@@ -210,3 +210,34 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
                                 attention_mask=batch["attention_mask"]).rewards
     torch.testing.assert_close(torch.tensor(chosen + rejected), rewards.float(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2, tmp_path):
+    """The model's own one-sentence reviews (asked to be glowing or scathing), paired and
+    labelled by VADER: N = 30 steps on nine films rank the pairs of three unseen films
+    well above chance. Measured: 115 train / 36 held-out pairs; fresh head accuracy 0.56,
+    loss 0.76; trained 0.81 (29 of 36), loss 0.46, in about 160 s."""
+    from rlhf_ext.real import FILMS
+    from rlhf_ext.real_task import self_sampled_pairs
+    from rlhf_ext.reward import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    pairs = self_sampled_pairs(AutoModelForCausalLM.from_pretrained(smollm2), tok, FILMS,
+                               scale=None)  # VADER's order, no label noise
+    assert all(c - r >= 0.3 for c, r in zip(pairs["chosen_vader"], pairs["rejected_vader"]))
+    held_out = pairs.filter(lambda row: row["film"] in FILMS[9:])
+    train = pairs.filter(lambda row: row["film"] not in FILMS[9:])
+    args = RewardConfig(output_dir=str(tmp_path), learning_rate=3e-5, max_steps=30,
+                        per_device_train_batch_size=8, per_device_eval_batch_size=len(held_out),
+                        lr_scheduler_type="constant", max_length=80, report_to="none",
+                        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = RewardTrainer(smollm2, args=args, train_dataset=train, eval_dataset=held_out,
+                            processing_class=tok)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    print(f"pairs {len(train)} train / {len(held_out)} held out; accuracy "
+          f"{before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, loss "
+          f"{before['eval_loss']:.3f} -> {after['eval_loss']:.3f}")
+    assert len(held_out) >= 30 and after["eval_accuracy"] >= 0.7, after  # chance: 0.5
+    assert after["eval_loss"] < 0.6 < before["eval_loss"], (before, after)  # log 2 = 0.69
