@@ -1,7 +1,9 @@
-"""PPO with rlhf_ext's PPOTrainer: explicit per-token KL, the score on the last token, GAE.
+"""Online RL with rlhf_ext's PPOTrainer: explicit per-token KL, the score on the last token,
+GAE with a value model, or a critic-free estimator (grpo, rloo, reinforce_pp...).
 
     accelerate launch recipes/ppo.py --config recipes/tiny/ppo.yaml
     accelerate launch recipes/ppo.py --config recipes/tiny/ppo.yaml --reward oracle
+    accelerate launch recipes/ppo.py --config recipes/tiny/grpo_oracle.yaml
 
 Arguments: TRL's ScriptArguments (dataset_name: a prompt dataset) and ModelConfig (the
 policy; LoRA, 4-bit), rlhf_ext's PPOConfig, RecipeArguments and PPOModelArguments.
@@ -73,7 +75,9 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
     else:
         raise ValueError(f"reward must be 'model', 'oracle' or 'module:function', "
                          f"got {ppo_args.reward!r}")
-    if not ppo_args.single_base:
+    if not training_args.uses_critic:  # grpo, rloo, reinforce_pp...: no value model
+        value_model = None
+    elif not ppo_args.single_base:
         reward_path = ppo_args.reward_model_path if ppo_args.reward == "model" else None
         value_path = (ppo_args.value_model_path or reward_path
                       or model_args.model_name_or_path)

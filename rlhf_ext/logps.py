@@ -23,12 +23,15 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
     return out.reshape(labels.shape)
 
 
-def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> Tensor:
-    """log softmax(head(hidden))[target] for K positions, ``chunk_size`` at a time: the
-    [K, V] logits never exist, only one [chunk, V] block, and under autograd each block
-    is recomputed in backward (activation checkpointing) instead of kept.
+def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512,
+               temperature: float = 1.0, with_entropy: bool = False):
+    """log softmax(head(hidden) / temperature)[target] for K positions, ``chunk_size`` at a
+    time: the [K, V] logits never exist, only one [chunk, V] block, and under autograd each
+    block is recomputed in backward (activation checkpointing) instead of kept. With
+    ``with_entropy`` also the entropy of each position's distribution (no gradient),
+    from the same blocks.
 
-    Shapes: hidden [K, H], targets [K] -> [K] (float32).
+    Shapes: hidden [K, H], targets [K] -> [K] (float32), or ([K], [K]) with entropy.
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -37,8 +40,35 @@ def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512) -> 
     # positions only).
     recompute = torch.is_grad_enabled() and not is_deepspeed_zero3_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    return _in_blocks(lambda h, t: _block_logps(head(h), t, 1.0), hidden, targets,
-                      chunk_size, recompute)
+    if not with_entropy:
+        return _in_blocks(lambda h, t: _block_logps(head(h), t, temperature), hidden,
+                          targets, chunk_size, recompute)
+    if torch.is_grad_enabled():
+        raise ValueError("with_entropy is for scoring without gradients (torch.no_grad)")
+    out = _in_blocks(lambda h, t: _block_logps_entropy(head(h), t, temperature), hidden,
+                     targets, chunk_size, False)
+    if out.ndim == 1:  # no positions
+        return out, out
+    return out[:, 0], out[:, 1]
+
+
+def _block_logps_entropy(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """Target log-prob and entropy per row, in place where it can: at most two [N, V]
+    float32 blocks alive (z, then exp(z - lse) written over by p * z).
+    H = lse - sum softmax(z) z. [N, V], [N] -> [N, 2]."""
+    z = logits.float()  # the head's fresh output (or its float32 copy): ours to overwrite
+    if temperature != 1.0:
+        z.div_(temperature)
+    lse = torch.logsumexp(z, -1)
+    logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    p_times_z = (z - lse.unsqueeze(-1)).exp_().mul_(z)
+    return torch.stack([logps, lse - p_times_z.sum(-1)], -1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per position. [..., V] -> [...] (float32)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bool) -> Tensor:

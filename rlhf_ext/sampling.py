@@ -84,7 +84,7 @@ def sequence_kl(model, ref_model, tokenizer, prompts: list[str], completion_ids:
                 batch_size: int = 64) -> list[float]:
     """Sampled estimate of KL(pi || ref) per sequence: sum_t log pi(y_t) - log ref(y_t) for
     y sampled from pi (temperature 1)."""
-    from .ppo.rollout import build_batch, response_logits, response_logps
+    from .ppo.rollout import build_batch, response_logps
 
     device = next(model.parameters()).device
     out = []
@@ -93,7 +93,7 @@ def sequence_kl(model, ref_model, tokenizer, prompts: list[str], completion_ids:
                       for p in prompts[start:start + batch_size]]
         batch = build_batch(tokenizer, prompt_ids, completion_ids[start:start + batch_size],
                             device)
-        logps = response_logps(response_logits(model, batch), batch, 1.0)
-        ref = response_logps(response_logits(ref_model, batch), batch, 1.0)
+        logps = response_logps(model, batch, 1.0)
+        ref = response_logps(ref_model, batch, 1.0)
         out.extend(((logps - ref) * batch.response_mask).sum(1).tolist())
     return out

@@ -157,3 +157,20 @@ def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
     for kl in [h["objective/kl"] for h in summary["log_history"] if "objective/kl" in h]:
         beta *= 1 + min(max(kl / 1.0 - 1, -0.2), 0.2) * 16 / 100
     assert state["kl_ctl"]["value"] == pytest.approx(beta, rel=1e-9)
+
+
+def test_grpo_two_processes(world_dir, tmp_path):
+    """A critic-free estimator on two processes: each samples its own groups (4 samples of
+    2 prompts), both train one policy, no value model exists."""
+    summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
+        "--config", "recipes/tiny/grpo_oracle.yaml", "--tiny_world_dir", str(world_dir),
+        "--model_name_or_path", str(world_dir / "base"),
+        "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
+        "--rollout_batch_size", "8", "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--tiny_eval_prompts", "0", "--num_sample_generations", "0"],
+        "ddp")
+    assert_two_processes(summary, "DistributedDataParallel")
+    assert len(losses(summary)) == 4  # 2 iterations x (8 samples / minibatches of 4)
+    logged = {k for h in summary["log_history"] for k in h}
+    assert "loss/kl_avg" in logged and "loss/value_avg" not in logged
+    assert not (tmp_path / "value_model").exists()

@@ -35,6 +35,40 @@ def test_non_finite_config_values_are_refused(make, field, value):
         make(value)
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(advantage_estimator="ppo"), "advantage_estimator must be one of gae, grpo"),
+    (dict(advantage_estimator="grpo"), "set num_generations >= 2"),
+    (dict(advantage_estimator="rloo", num_generations=3, rollout_batch_size=8),
+     r"rollout_batch_size \(8\) counts samples: it must be a multiple of num_generations \(3\)"),
+    (dict(advantage_estimator="grpo", num_generations=4, whiten_rewards=True),
+     "whiten_rewards is a gae option"),
+    (dict(loss_aggregation="sum"), "loss_aggregation must be one of token_mean"),
+    (dict(kl_loss_estimator="k4"), "kl_loss_estimator must be k1, k2 or k3"),
+    (dict(kl_loss_coef=-0.1), "kl_coef and kl_loss_coef must be >= 0"),
+])
+def test_online_rl_settings_are_checked_at_config_time(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(output_dir="x", **fields)
+
+
+def test_gae_needs_a_value_model_and_critic_free_drops_one(policy_dir, tok, tmp_path):
+    policy = build_model("tiny", tok, seed=0)
+    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4,
+                     per_device_train_batch_size=2, response_length=4, **BASE)
+    reward = lambda p, c: [0.0] * len(c)  # noqa: E731
+    with pytest.raises(ValueError, match="advantage_estimator='gae' learns a value model"):
+        PPOTrainer(policy, args, tok, prompt_dataset(8), reward=reward)
+    args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4, num_generations=2,
+                     advantage_estimator="rloo", per_device_train_batch_size=2,
+                     response_length=4, **BASE)
+    value = ValueModel.from_backbone(str(policy_dir), seed=1)
+    with pytest.warns(UserWarning, match="uses no value model"):
+        trainer = PPOTrainer(policy, args, tok, prompt_dataset(8), reward=reward,
+                             value_model=value)
+    assert trainer.value_model is None
+    assert not any(p is q for p in trainer.model.parameters() for q in value.parameters())
+
+
 def test_nan_margin_names_its_row(policy_dir, tok, tmp_path):
     pairs = preference_pairs(4, seed=0).add_column("margin", [0.5, math.nan, 0.0, 1.0])
     with pytest.raises(DataError, match="row 1, column 'margin'"):

@@ -54,25 +54,30 @@ def make_trainer(tok, policy_dir, out, **kw):
                      save_steps=2, logging_steps=1, disable_tqdm=True, num_sample_generations=0,
                      seed=3, **kw)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
-    value = ValueModel.from_backbone(str(policy_dir), seed=1)
+    value = ValueModel.from_backbone(str(policy_dir), seed=1) if args.uses_critic else None
     return PPOTrainer(policy, args, tok, prompt_dataset(40, seed=2),
                       reward=lambda p, c: [oracle_score(x) for x in c], value_model=value)
 
 
-@pytest.mark.parametrize("stop", [8, 6])  # 4 updates per iteration: at its end, mid-way
-def test_resume_matches_uninterrupted(world_dir, tmp_path, stop):
+GRPO = dict(advantage_estimator="grpo", num_generations=4, kl_loss_coef=0.05)
+
+
+# 4 updates per iteration: stop at its end, or mid-way; GRPO (no value model) mid-way
+@pytest.mark.parametrize("stop, estimator", [(8, {}), (6, {}), (6, GRPO)])
+def test_resume_matches_uninterrupted(world_dir, tmp_path, stop, estimator):
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
-    full = make_trainer(tok, tmp_path / "policy", tmp_path / "full")
+    full = make_trainer(tok, tmp_path / "policy", tmp_path / "full", **estimator)
     full.train()
-    part = make_trainer(tok, tmp_path / "policy", tmp_path / "part")
+    part = make_trainer(tok, tmp_path / "policy", tmp_path / "part", **estimator)
     part.add_callback(StopAt(stop))
     part.train()
     assert part.state.global_step == stop
     checkpoint = tmp_path / "part" / f"checkpoint-{stop}"
     # mid-iteration, the checkpoint keeps the iteration's rollout for the remaining updates
     assert (checkpoint / "ppo_experience_0.pt").exists() == (stop % 4 != 0)
-    resumed = make_trainer(tok, tmp_path / "policy", tmp_path / "part")
+    assert (checkpoint / "value_model").exists() == (not estimator)
+    resumed = make_trainer(tok, tmp_path / "policy", tmp_path / "part", **estimator)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == full.state.global_step == 16
     assert resumed.kl_ctl.value == pytest.approx(full.kl_ctl.value, rel=1e-9)
@@ -82,3 +87,18 @@ def test_resume_matches_uninterrupted(world_dir, tmp_path, stop):
     # the optimizer state came back too
     sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     torch.testing.assert_close(sa[0]["exp_avg"], sb[0]["exp_avg"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_critic_free_estimators_lift_the_oracle_score(sft_run, world_dir, tmp_path, estimator):
+    sft_dir, sft = sft_run
+    summary = run_ppo("recipes/tiny/grpo_oracle.yaml", world_dir, sft_dir, tmp_path / "rl",
+                      "--advantage_estimator", estimator)
+    assert summary["tiny/oracle_score"] > sft["tiny/oracle_score"] + 0.25, summary
+    assert summary["tiny/kl_to_ref"] < KL_BOUND
+    history = summary["log_history"]
+    assert no_nan(history)
+    logged = {k for h in history for k in h}
+    assert "loss/kl_avg" in logged and "loss/value_avg" not in logged
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert not (tmp_path / "rl" / "value_model").exists()  # no critic trained or saved

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from rlhf_ext.logps import entropy_from_logits
 from rlhf_ext.ppo import core
 
 T = torch.tensor
@@ -117,4 +118,73 @@ def test_masked_whiten_and_running_moments():
 def test_entropy_from_logits():
     logits = torch.log(T([[[0.5, 0.25, 0.25]]]))
     expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert core.entropy_from_logits(logits).item() == pytest.approx(expected)
+    assert entropy_from_logits(logits).item() == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------
+# critic-free estimators and loss aggregation
+# ---------------------------------------------------------------------------------------
+
+SCORES = T([1.0, 3.0, 2.0, 6.0, 0.0, 0.0])  # two groups of three: [1, 3, 2], [6, 0, 0]
+
+
+def test_group_baselines_by_hand():
+    std0 = 1.0                       # [1, 3, 2]: mean 2, unbiased var ((1 + 1 + 0) / 2) = 1
+    std1 = math.sqrt((16 + 4 + 4) / 2)  # [6, 0, 0]: mean 2, var 12
+    grpo = core.group_baseline_scores(SCORES, 3, "grpo")
+    torch.testing.assert_close(grpo, T([-1 / (std0 + 1e-4), 1 / (std0 + 1e-4), 0.0,
+                                        4 / (std1 + 1e-4), -2 / (std1 + 1e-4),
+                                        -2 / (std1 + 1e-4)]))
+    torch.testing.assert_close(core.group_baseline_scores(SCORES, 3, "grpo", False),
+                               T([-1.0, 1, 0, 4, -2, -2]))
+    # rloo: each minus the mean of the other two
+    torch.testing.assert_close(core.group_baseline_scores(SCORES, 3, "rloo"),
+                               T([1 - 2.5, 3 - 1.5, 2 - 2.0, 6 - 0.0, 0 - 3.0, 0 - 3.0]))
+    torch.testing.assert_close(core.group_baseline_scores(SCORES, 3, "reinforce_pp_baseline"),
+                               T([-1.0, 1, 0, 4, -2, -2]))
+    assert core.group_baseline_scores(SCORES, 1, "reinforce_pp") is SCORES
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        core.group_baseline_scores(SCORES, 4, "grpo")
+
+
+def test_returns_to_go_by_hand():
+    rewards = T([[0.1, -0.2, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    mask = T([[1.0, 1, 1, 0], [1, 1, 1, 1]])
+    g = 0.9
+    expected = T([[0.1 + g * (-0.2) + g * g * 1.0, -0.2 + g * 1.0, 1.0, 0.0],
+                  [0.5 * (1 + g + g**2 + g**3), 0.5 * (1 + g + g**2), 0.5 * (1 + g), 0.5]])
+    torch.testing.assert_close(core.returns_to_go(rewards, mask, g), expected)
+
+
+def test_critic_free_advantages_with_kl_in_the_reward():
+    # one group of two: scores 1 and 3, grpo without scaling -> -1, +1 on the last token;
+    # kl 0.2 per token with coefficient 0.5 -> -0.1 per token, summed to go
+    scores, mask = T([1.0, 3.0]), T([[1.0, 1, 1], [1, 1, 0]])
+    kl = 0.2 * mask
+    adv = core.critic_free_advantages(scores, kl, mask, 0.5, "grpo", 2, scale_rewards=False)
+    torch.testing.assert_close(adv, T([[-1.3, -1.2, -1.1], [0.8, 0.9, 0.0]]))
+    # kl_coef 0: every token of a response carries its baselined score
+    adv = core.critic_free_advantages(scores, kl, mask, 0.0, "rloo", 2)
+    torch.testing.assert_close(adv, T([[-2.0, -2.0, -2.0], [2.0, 2.0, 0.0]]))
+    # REINFORCE++: whitened over the batch's 5 real tokens, padding 0
+    adv = core.critic_free_advantages(scores, kl, mask, 0.0, "reinforce_pp", 1)
+    x = T([1.0, 1, 1, 3, 3])
+    w = (x - x.mean()) / x.std()
+    torch.testing.assert_close(adv, T([[w[0], w[1], w[2]], [w[3], w[4], 0.0]]), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_loss_aggregations_by_hand():
+    loss = T([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    assert core.aggregate(loss, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert core.aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert core.aggregate(loss, mask, "seq_mean_token_sum", horizon=4).item() == \
+        pytest.approx((6 + 4) / 2 / 4)
+    with pytest.raises(ValueError, match="token_mean"):
+        core.aggregate(loss, mask, "sum")
+    # the policy loss uses it: at ratio 1 the loss is -A aggregated
+    adv = T([[1.0, 1.0, 1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]])
+    pg, _ = core.policy_loss(torch.zeros(2, 4), torch.zeros(2, 4), adv, mask, 0.2,
+                             "seq_mean_token_mean")
+    assert pg.item() == pytest.approx(-(1.0 + -2.0) / 2)

@@ -113,19 +113,118 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 
 
 # ---------------------------------------------------------------------------------------
+# critic-free estimators: a baseline from the other samples of the same prompt (or none),
+# the score shaped into per-token rewards as for GAE, then the reward-to-go
+# ---------------------------------------------------------------------------------------
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+
+
+def group_baseline_scores(scores: Tensor, group_size: int, estimator: str,
+                          scale_rewards: bool = True) -> Tensor:
+    """Scores relative to the other samples of their prompt. ``scores`` holds groups of
+    ``group_size`` consecutive samples of one prompt each; with m, s the group's mean and
+    (Bessel-corrected) std:
+
+    - grpo (Shao et al. 2024): (x - m) / (s + 1e-4); without ``scale_rewards``, x - m
+      (Dr. GRPO, Liu et al. 2025);
+    - rloo (Ahmadian et al. 2024): x minus the mean of the group's other samples,
+      = (x - m) G / (G - 1);
+    - reinforce_pp_baseline (REINFORCE++ with a group baseline, Hu 2025): x - m;
+    - reinforce_pp: x unchanged (no baseline; its advantages are whitened over the batch).
+
+    Shapes: scores [B] (B = groups x G) -> [B].
+    """
+    if estimator == "reinforce_pp":
+        return scores
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"{estimator} needs groups of >= 2 samples per prompt; got "
+                         f"{scores.shape[0]} scores in groups of {group_size}")
+    groups = scores.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if estimator == "grpo":
+        out = centred / (groups.std(1, keepdim=True) + 1e-4) if scale_rewards else centred
+    elif estimator == "rloo":
+        out = centred * group_size / (group_size - 1)
+    elif estimator == "reinforce_pp_baseline":
+        out = centred
+    else:
+        raise ValueError(f"unknown advantage_estimator {estimator!r}; choose one of "
+                         f"{', '.join(ESTIMATORS)}")
+    return out.reshape(-1)
+
+
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = sum over k >= t of gamma^(k - t) r_k within each row's real tokens, 0 on
+    padding. [B, T], [B, T] -> [B, T]."""
+    mask = mask.to(rewards.dtype)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def critic_free_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float,
+                           estimator: str, group_size: int, gamma: float = 1.0,
+                           scale_rewards: bool = True) -> Tensor:
+    """Advantages without a value model: the baselined score (``group_baseline_scores``)
+    on the last real token, -kl_coef * KL_t on every real token (``shape_rewards``), summed
+    to go (``returns_to_go``); REINFORCE++ then whitens them over the batch's tokens.
+    With kl_coef = 0 every token of a response gets its baselined score.
+
+    Shapes: scores [B], kl [B, T], mask [B, T] -> [B, T].
+    """
+    baselined = group_baseline_scores(scores, group_size, estimator, scale_rewards)
+    advantages = returns_to_go(shape_rewards(baselined, kl, mask, kl_coef), mask, gamma)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        advantages = masked_whiten(advantages, mask)
+    return advantages
+
+
+# ---------------------------------------------------------------------------------------
 # losses
 # ---------------------------------------------------------------------------------------
 
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def aggregate(loss: Tensor, mask: Tensor, mode: str = "token_mean",
+              horizon: int | None = None) -> Tensor:
+    """A per-token loss as one number:
+
+    - token_mean: mean over every real token of the batch (long responses weigh more);
+    - seq_mean_token_mean: mean over sequences of each sequence's token mean (GRPO's paper);
+    - seq_mean_token_sum: mean over sequences of each sequence's token sum divided by the
+      constant ``horizon`` (the response length): Dr. GRPO (Liu et al. 2025), no length bias.
+
+    Shapes: loss [B, T], mask [B, T] -> scalar.
+    """
+    if mode == "token_mean":
+        return masked_mean(loss, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(loss, mask, dim=1).mean()
+    if mode == "seq_mean_token_sum":
+        if not horizon:
+            raise ValueError("seq_mean_token_sum needs the horizon (response_length)")
+        return (loss * mask.to(loss.dtype)).sum(1).mean() / horizon
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose {', '.join(AGGREGATIONS)}")
+
+
 def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-                clip: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate: mean over tokens of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)),
-    ratio = exp(logps - old_logps). Returns (loss, stats: clipfrac, approxkl, ratio)."""
+                clip: float, aggregation: str = "token_mean", horizon: int | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) per token,
+    ratio = exp(logps - old_logps), aggregated (``aggregate``).
+    Shapes: [B, T] each -> (loss, stats: clipfrac, approxkl, ratio as token means)."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, horizon)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
@@ -144,12 +243,6 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     err_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     return loss, {"clipfrac": masked_mean((err_clipped > err).float(), mask).detach()}
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position. [B, T, V] -> [B, T]."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..logps import token_logps
+from ..logps import final_hidden, head_logps, output_head
 from ..sampling import generate_completions
 from . import core
 
@@ -45,17 +45,31 @@ def build_batch(tokenizer, prompt_ids: list[list[int]], response_ids: list[list[
                  torch.tensor(resp, device=device, dtype=torch.float32), p_width)
 
 
-def response_logits(model, batch: Batch) -> Tensor:
-    """Logits that predict the response tokens. -> [B, C, V]."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False)
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows start:stop of a batch (same prompt width)."""
+    return Batch(batch.input_ids[start:stop], batch.attention_mask[start:stop],
+                 batch.position_ids[start:stop], batch.response_mask[start:stop],
+                 batch.prompt_width)
+
+
+def response_logps(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """log pi(response token) at the sampling temperature, with the LM head only at the
+    positions that predict a real response token (``logps.head_logps``, in blocks): no
+    [B, C, V] logits. With ``with_entropy`` also each position's entropy (no gradient).
+    Padding gets 0. -> [B, C] (or ([B, C], [B, C]))."""
+    hidden = final_hidden(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids)
+    r, c = batch.response_mask.nonzero(as_tuple=True)
     p = batch.prompt_width
-    return out.logits[:, p - 1:-1]
+    out = head_logps(hidden[r, p - 1 + c], output_head(model), batch.input_ids[r, p + c],
+                     temperature=temperature, with_entropy=with_entropy)
+    shape = batch.response_mask.shape
 
+    def scatter(values: Tensor) -> Tensor:
+        full = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        return full.index_put((r, c), values)
 
-def response_logps(logits: Tensor, batch: Batch, temperature: float) -> Tensor:
-    """log pi(response token) at the sampling temperature. [B, C, V] -> [B, C]."""
-    return token_logps(logits, batch.input_ids[:, batch.prompt_width:], temperature)
+    return (scatter(out[0]), scatter(out[1])) if with_entropy else scatter(out)
 
 
 def response_values(value_model, batch: Batch) -> Tensor:
@@ -64,6 +78,31 @@ def response_values(value_model, batch: Batch) -> Tensor:
                       position_ids=batch.position_ids)
     p = batch.prompt_width
     return out.values[:, p - 1:-1].float()
+
+
+@dataclass
+class Scored:
+    """What the rollout's scoring forwards give, [B, C] each (values None without a critic)."""
+
+    old_logps: Tensor
+    ref_logps: Tensor
+    entropy: Tensor
+    values: Tensor | None
+
+
+def scoring_forwards(policy, reference: Callable[[Batch], Tensor], value_model, batch: Batch,
+                     temperature: float, chunk: int) -> Scored:
+    """The policy's log-probs and entropy, the reference's log-probs and the values, in
+    chunks of ``chunk`` rows: one chunk's activations at a time, so peak memory follows
+    ``chunk`` (local_rollout_forward_batch_size), not the rollout batch."""
+    parts = []
+    for start in range(0, batch.input_ids.shape[0], chunk):
+        sub = rows(batch, start, start + chunk)
+        logps, entropy = response_logps(policy, sub, temperature, with_entropy=True)
+        values = response_values(value_model, sub) if value_model is not None else None
+        parts.append((logps, reference(sub), entropy, values))
+    cat = [torch.cat(column) if column[0] is not None else None for column in zip(*parts)]
+    return Scored(*cat)
 
 
 @dataclass
@@ -138,7 +177,9 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             prompts: list, reward: Callable[[list, list[str]], list[float]],
             args, kl_coef: float, moments: core.RunningMoments | None, seed: int,
             gather: Callable[[Tensor], Tensor] | None = None) -> RolloutResult:
-    """One rollout: sample, score, compute the per-token KL penalty and GAE advantages.
+    """One rollout: sample, score, compute the per-token KL penalty and the advantages
+    (GAE with ``value_model``, else the critic-free ``args.advantage_estimator``; group
+    estimators expect each prompt ``args.num_generations`` times in a row).
     ``prompts``: strings or conversations. ``gather`` (``accelerator.gather``) makes the
     score statistics and the logged metrics those of all processes' rollouts together."""
     device = next(policy.parameters()).device
@@ -152,12 +193,10 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     mask = batch.response_mask
 
     policy.eval()
-    value_model.eval()
-    logits = response_logits(policy, batch)
-    old_logps = response_logps(logits, batch, args.temperature)
-    entropy = core.masked_mean(core.entropy_from_logits(logits / args.temperature), mask)
-    ref_logps = reference(batch)
-    values = response_values(value_model, batch)
+    if value_model is not None:
+        value_model.eval()
+    scored = scoring_forwards(policy, reference, value_model, batch, args.temperature,
+                              args.local_rollout_forward_batch_size)
 
     raw = torch.tensor(checked_scores(reward, prompts, sampled.texts), dtype=torch.float32,
                        device=device)
@@ -168,19 +207,24 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         moments.update(gather(scores) if gather is not None else scores)
         scores = moments.normalize(scores)
 
-    kl = core.per_token_kl(old_logps, ref_logps, args.kl_estimator) * mask
-    rewards = core.shape_rewards(scores, kl, mask, kl_coef)
-    if args.whiten_rewards:
-        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = core.gae(rewards, values, mask, args.gamma, args.lam)
-    if args.whiten_advantages:
-        advantages = core.masked_whiten(advantages, mask)
+    kl = core.per_token_kl(scored.old_logps, scored.ref_logps, args.kl_estimator) * mask
+    if args.advantage_estimator == "gae":
+        rewards = core.shape_rewards(scores, kl, mask, kl_coef)
+        if args.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, scored.values, mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+    else:
+        advantages = core.critic_free_advantages(
+            scores, kl, mask, kl_coef, args.advantage_estimator, args.num_generations,
+            args.gamma, args.scale_rewards)
 
     sequence_kl = kl.sum(1)
     non_score = (-kl_coef * kl).sum(1)
     metrics = {  # means over every process's rollout (the KL controller reads objective/kl)
         "objective/kl": sequence_kl.mean().item(),
-        "objective/entropy": entropy.item(),
+        "objective/entropy": core.masked_mean(scored.entropy, mask).item(),
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (scores + non_score).mean().item(),
         "objective/scores": raw.mean().item(),
@@ -191,8 +235,9 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     experience = {
         "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
         "position_ids": batch.position_ids, "response_mask": mask,
-        "old_logps": old_logps, "old_values": values, "advantages": advantages,
-        "returns": returns,
+        "old_logps": scored.old_logps, "ref_logps": scored.ref_logps, "advantages": advantages,
         "prompt_width": torch.full((len(prompts),), batch.prompt_width, device=device),
     }
+    if args.advantage_estimator == "gae":
+        experience.update(old_values=scored.values, returns=returns)
     return RolloutResult(experience, metrics, prompts, sampled.texts, raw.tolist())

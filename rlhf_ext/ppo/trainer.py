@@ -49,7 +49,6 @@ from .rollout import (
     Batch,
     check_prompts_fit_model,
     checked_scores,
-    response_logits,
     response_logps,
     response_values,
     rollout,
@@ -65,7 +64,26 @@ class PPOConfig(TrainingArguments):
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     total_episodes: int | None = field(default=None, metadata={
         "help": "Total prompts to roll out; sets num_train_epochs (= iterations)."})
-    local_rollout_forward_batch_size: int = 64
+    local_rollout_forward_batch_size: int = field(default=64, metadata={
+        "help": "Rows per sampling and scoring forward in the rollout: its peak memory "
+                "follows this, not rollout_batch_size."})
+    advantage_estimator: str = field(default="gae", metadata={
+        "help": "gae (PPO with a value model), or critic-free (no value model): grpo, rloo, "
+                "reinforce_pp (REINFORCE++), reinforce_pp_baseline (REINFORCE++ with a "
+                "group baseline)."})
+    num_generations: int = field(default=1, metadata={
+        "help": "Samples per prompt (a group); grpo, rloo and reinforce_pp_baseline need >= 2. "
+                "rollout_batch_size counts samples and must be a multiple of it."})
+    scale_rewards: bool = field(default=True, metadata={
+        "help": "grpo: divide by the group's std (False: Dr. GRPO's unscaled advantages)."})
+    loss_aggregation: str = field(default="token_mean", metadata={
+        "help": "How per-token policy (and KL) losses become one: token_mean, "
+                "seq_mean_token_mean (GRPO), seq_mean_token_sum (Dr. GRPO: token sums / "
+                "response_length)."})
+    kl_loss_coef: float = field(default=0.0, metadata={
+        "help": "KL to the reference as a loss term (GRPO's beta), beside or instead of "
+                "kl_coef's KL in the reward."})
+    kl_loss_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3."})
     response_length: int = field(default=53, metadata={"help": "max_new_tokens of rollouts."})
     temperature: float = 0.7
     top_k: int = 0
@@ -80,8 +98,10 @@ class PPOConfig(TrainingArguments):
     cliprange: float = 0.2
     cliprange_value: float | None = 0.2
     vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
+    whiten_advantages: bool = field(default=True, metadata={
+        "help": "gae only: whiten advantages over the rollout's tokens (the critic-free "
+                "estimators normalise as their method defines)."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "gae only."})
     missing_eos_penalty: float | None = None
     score_clip: float | None = None
     normalize_scores: bool = False
@@ -95,16 +115,43 @@ class PPOConfig(TrainingArguments):
     def __post_init__(self):
         check_finite_fields(self, ("temperature", "kl_coef", "kl_target", "gamma", "lam",
                                    "cliprange", "cliprange_value", "vf_coef",
-                                   "missing_eos_penalty", "score_clip", "learning_rate"))
+                                   "missing_eos_penalty", "score_clip", "learning_rate",
+                                   "kl_loss_coef"))
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: PPO's log-probs "
                              "are those of softmax(logits / temperature), which greedy decoding "
                              "does not sample from")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        for name in ("kl_estimator", "kl_loss_estimator"):
+            if getattr(self, name) not in ("k1", "k2", "k3"):
+                raise ValueError(f"{name} must be k1, k2 or k3, got {getattr(self, name)!r}")
+        self._check_estimator()
         if self.total_episodes is not None:
             self.num_train_epochs = math.ceil(self.total_episodes / self.rollout_batch_size)
         super().__post_init__()
+
+    def _check_estimator(self) -> None:
+        name = self.advantage_estimator
+        if name not in core.ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {', '.join(core.ESTIMATORS)}, "
+                             f"got {name!r}")
+        if self.loss_aggregation not in core.AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {', '.join(core.AGGREGATIONS)}, "
+                             f"got {self.loss_aggregation!r}")
+        if self.num_generations < 1 or self.rollout_batch_size % self.num_generations:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) counts samples: "
+                             f"it must be a multiple of num_generations ({self.num_generations})")
+        if name in core.GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ValueError(f"{name} compares samples of the same prompt: set "
+                             "num_generations >= 2 (e.g. 4 or 8)")
+        if name != "gae" and self.whiten_rewards:
+            raise ValueError(f"whiten_rewards is a gae option; {name} normalises its own "
+                             "advantages: drop whiten_rewards")
+        if self.kl_loss_coef < 0 or self.kl_coef < 0:
+            raise ValueError("kl_coef and kl_loss_coef must be >= 0")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
 
 
 class PolicyAndValue(nn.Module):
@@ -114,30 +161,38 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, prompt_width: int):
-        """Policy logits [B, C, V] and values [B, C] at the response positions. Training
-        calls this through the wrapper (DDP, DeepSpeed), whose forward arms the gradient
-        synchronisation; calling the inner modules directly would skip it."""
-        batch = Batch(input_ids, attention_mask, position_ids, None, prompt_width)
-        return response_logits(self.policy, batch), response_values(self.value_model, batch)
+    def forward(self, input_ids, attention_mask, position_ids, response_mask, prompt_width: int,
+                temperature: float):
+        """Policy log-probs [B, C] of the response tokens (LM head at response positions
+        only) and values [B, C] (None without a value model). Training calls this through
+        the wrapper (DDP, DeepSpeed), whose forward arms the gradient synchronisation;
+        calling the inner modules directly would skip it."""
+        batch = Batch(input_ids, attention_mask, position_ids, response_mask, prompt_width)
+        values = (response_values(self.value_model, batch)
+                  if self.value_model is not None else None)
+        return response_logps(self.policy, batch, temperature), values
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
                                         every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
         their activations in the backward pass (a PeftModel passes it to its base)."""
         for m in (self.policy, self.value_model):
+            if m is None:
+                continue
             m.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=activation_checkpointing_kwargs,
                 every_n_layers=every_n_layers, offload=offload)
 
 
 class PPOTrainer(CheckedTraining, Trainer):
-    """PPO with explicit per-token KL and GAE. ``reward`` is a RewardModel or any callable
+    """Online RL on one trainer: PPO with explicit per-token KL and GAE
+    (``advantage_estimator='gae'``, needs ``value_model``), or the critic-free GRPO, RLOO,
+    REINFORCE++ (no value model). ``reward`` is a RewardModel or any callable
     ``reward_fn(prompts, completions) -> list[float]``. For single-base mode pass the three
     models of ``single_base.build_single_base`` (policy, value, reward)."""
 
     def __init__(self, model, args: PPOConfig, processing_class, train_dataset,
-                 reward: RewardModel | Callable, value_model: ValueModel,
+                 reward: RewardModel | Callable, value_model: ValueModel | None = None,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -148,6 +203,16 @@ class PPOTrainer(CheckedTraining, Trainer):
                              "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
                              "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
         keep_token_out_of_args(args)
+        if args.uses_critic and value_model is None:
+            raise ValueError("advantage_estimator='gae' learns a value model: pass value_model="
+                             "ValueModel.from_backbone(path), or choose a critic-free "
+                             "estimator (grpo, rloo, reinforce_pp, reinforce_pp_baseline)")
+        if not args.uses_critic and value_model is not None:
+            import warnings
+
+            warnings.warn(f"advantage_estimator={args.advantage_estimator!r} uses no value "
+                          "model: the value_model passed is not trained or saved", stacklevel=2)
+            value_model = None
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
         check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
@@ -171,7 +236,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         if isinstance(reward, nn.Module):
             reward.eval().requires_grad_(False)
             tok = reward_tokenizer or processing_class
-            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c))
+            chunk = args.local_rollout_forward_batch_size
+            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c),
+                                                             batch_size=chunk)
         else:
             self.reward_fn = reward
         self.reward_model = reward if isinstance(reward, nn.Module) else None
@@ -200,8 +267,10 @@ class PPOTrainer(CheckedTraining, Trainer):
         return ExperienceLoader(self)
 
     def _iteration_prompts(self, epoch: int) -> list:
-        """The prompts of iteration ``epoch``: a seeded pass over the data, this process's share."""
-        n, size = len(self.prompts), self.args.rollout_batch_size
+        """The prompts of iteration ``epoch``: a seeded pass over the data, this process's
+        share, each prompt ``num_generations`` times in a row (one group)."""
+        group = self.args.num_generations
+        n, size = len(self.prompts), self.args.rollout_batch_size // group
         world, rank = self.args.world_size, self.args.process_index
         start = (epoch * world + rank) * size
         out = []
@@ -209,15 +278,15 @@ class PPOTrainer(CheckedTraining, Trainer):
             pass_index, offset = divmod(i, n)
             order = list(range(n))
             random.Random(self.args.seed * 7919 + pass_index).shuffle(order)
-            out.append(self.prompts[order[offset]])
+            out.extend([self.prompts[order[offset]]] * group)
         return out
 
     def _reference_logps(self, batch: Batch) -> torch.Tensor:
         temperature = self.args.temperature
         if self.ref_model is not None:
-            return response_logps(response_logits(self.ref_model, batch), batch, temperature)
+            return response_logps(self.ref_model, batch, temperature)
         with adapters_disabled(self.policy):
-            return response_logps(response_logits(self.policy, batch), batch, temperature)
+            return response_logps(self.policy, batch, temperature)
 
     def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
         resumed, self._resumed_experience = self._resumed_experience, None
@@ -263,22 +332,29 @@ class PPOTrainer(CheckedTraining, Trainer):
     # -----------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = Batch(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                      inputs["response_mask"], int(inputs["prompt_width"][0]))
-        logits, values = model(batch.input_ids, batch.attention_mask, batch.position_ids,
-                               batch.prompt_width)
-        logps = response_logps(logits, batch, self.args.temperature)
-        mask = batch.response_mask
+        args = self.args
+        mask = inputs["response_mask"]
+        logps, values = model(inputs["input_ids"], inputs["attention_mask"],
+                              inputs["position_ids"], mask, int(inputs["prompt_width"][0]),
+                              args.temperature)
         pg_loss, pg = core.policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask,
-                                       self.args.cliprange)
-        vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
-                                      self.args.cliprange_value)
-        loss = pg_loss + self.args.vf_coef * vf_loss
+                                       args.cliprange, args.loss_aggregation,
+                                       args.response_length)
+        loss, logged = pg_loss, {"policy/approxkl_avg": pg["approxkl"],
+                                 "policy/clipfrac_avg": pg["clipfrac"], "val/ratio": pg["ratio"],
+                                 "loss/policy_avg": pg_loss}
+        if values is not None:
+            vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
+                                          args.cliprange_value)
+            loss = loss + args.vf_coef * vf_loss
+            logged.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"]})
+        if args.kl_loss_coef:
+            kl = core.per_token_kl(logps, inputs["ref_logps"], args.kl_loss_estimator)
+            kl_loss = core.aggregate(kl, mask, args.loss_aggregation, args.response_length)
+            loss = loss + args.kl_loss_coef * kl_loss
+            logged["loss/kl_avg"] = kl_loss
         check_finite_loss(self, loss, "non-finite rewards or values")
-        for key, value in (("policy/approxkl_avg", pg["approxkl"]),
-                           ("policy/clipfrac_avg", pg["clipfrac"]), ("val/ratio", pg["ratio"]),
-                           ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
-                           ("val/clipfrac_avg", vf["clipfrac"])):
+        for key, value in logged.items():
             self._metrics[key].append(self.accelerator.gather(value.detach()).mean().item())
         return loss
 
@@ -305,7 +381,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         check_finite_weights(wrapper, output_dir)
         os.makedirs(output_dir, exist_ok=True)
         wrapper.policy.save_pretrained(output_dir)
-        wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+        if wrapper.value_model is not None:
+            wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         state = {"kl_ctl": self.kl_ctl.state_dict(),
@@ -342,7 +419,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         else:
             _load_weights(wrapper.policy, os.path.join(resume_from_checkpoint, "model.safetensors"))
         value_dir = os.path.join(resume_from_checkpoint, "value_model")
-        if hasattr(wrapper.value_model, "load_checkpoint"):  # single-base AdapterHead
+        if wrapper.value_model is None:
+            pass
+        elif hasattr(wrapper.value_model, "load_checkpoint"):  # single-base AdapterHead
             wrapper.value_model.load_checkpoint(value_dir)
         else:
             _load_weights(wrapper.value_model, os.path.join(value_dir, "model.safetensors"))
@@ -358,11 +437,15 @@ class PPOTrainer(CheckedTraining, Trainer):
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         reward = "a reward model" if self.reward_model is not None else "a reward function"
+        estimator = self.args.advantage_estimator
+        method = "PPO (per-token KL, GAE)" if estimator == "gae" else \
+            f"{estimator} (critic-free, clipped policy loss)"
         trainer_model_card(
             self, method="ppo", model_name=model_name, dataset_name=dataset_name, tags=tags,
-            summary=f"PPO (per-token KL, GAE) from `{self.base_model_name}` against {reward}.",
+            summary=f"{method} from `{self.base_model_name}` against {reward}.",
             hyperparameters={k: getattr(self.args, k) for k in (
-                "learning_rate", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
+                "learning_rate", "advantage_estimator", "num_generations", "loss_aggregation",
+                "kl_loss_coef", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
                 "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                 "response_length", "temperature", "per_device_train_batch_size")},
             model=self.policy)

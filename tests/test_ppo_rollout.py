@@ -1,0 +1,92 @@
+"""The rollout's memory follows local_rollout_forward_batch_size, not the rollout batch, and
+its chunked, completion-only scoring equals the full-logits computation."""
+
+import copy
+import random
+from types import SimpleNamespace
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlhf_ext.heads import ValueModel
+from rlhf_ext.ppo.rollout import response_logps, rollout
+
+VOCAB = 131072  # a large vocabulary (Qwen2.5 has 151,936): the logits dominate memory
+PROMPT, RESPONSE, CHUNK = 12, 16, 4
+MIB = 2**20
+
+
+def status_mib(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def peak_during(fn) -> float:
+    """MiB of resident memory above the start that ``fn()`` reached at its peak (Linux:
+    writing 5 to clear_refs resets the peak, VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_mib("VmRSS")
+    fn()
+    return status_mib("VmHWM") - before
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="w0", eos_token="w1",
+                                   unk_token="w0")
+
+
+def test_rollout_memory_follows_the_forward_chunk(tmp_path):
+    torch.manual_seed(0)
+    tok = word_tokenizer()
+    policy = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False))
+    ref = copy.deepcopy(policy)
+    policy.save_pretrained(tmp_path / "base")
+    value = ValueModel.from_backbone(str(tmp_path / "base"))
+    args = SimpleNamespace(
+        response_length=RESPONSE, temperature=0.9, top_k=0, top_p=1.0,
+        local_rollout_forward_batch_size=CHUNK, missing_eos_penalty=None, score_clip=None,
+        kl_estimator="k1", advantage_estimator="gae", num_generations=1, gamma=1.0, lam=0.95,
+        whiten_rewards=False, whiten_advantages=True)
+    rng = random.Random(0)
+    results = {}
+
+    def run(batch: int):
+        prompts = [" ".join(f"w{rng.randrange(2, VOCAB)}" for _ in range(PROMPT))
+                   for _ in range(batch)]
+        results[batch] = rollout(
+            policy=policy, reference=lambda b: response_logps(ref, b, args.temperature),
+            value_model=value, tokenizer=tok, prompts=prompts,
+            reward=lambda p, c: [float(len(x)) for x in c], args=args, kl_coef=0.1,
+            moments=None, seed=0)
+
+    run(CHUNK)  # warm-up: first-call allocations
+    peaks = {batch: peak_during(lambda b=batch: run(b)) for batch in (8, 32)}
+    # what the rollout used to build per chunk: logits at every position of [prompt | response]
+    chunk_logits = CHUNK * (PROMPT + RESPONSE) * VOCAB * 4 / MIB  # 56 MiB
+    assert peaks[32] < 2 * chunk_logits, peaks            # the old rollout: ~1,600 MiB here
+    assert peaks[32] < peaks[8] + 0.5 * chunk_logits, peaks  # flat in the rollout batch
+
+    # chunked, response-only log-probs and entropy equal the full-logits ones
+    out = results[8].experience
+    mask = out["response_mask"]
+    with torch.no_grad():
+        logits = policy(input_ids=out["input_ids"], attention_mask=out["attention_mask"],
+                        position_ids=out["position_ids"]).logits.float() / args.temperature
+    p = int(out["prompt_width"][0])
+    logp_all = torch.log_softmax(logits[:, p - 1:-1], -1)
+    full = logp_all.gather(-1, out["input_ids"][:, p:, None])[..., 0] * mask
+    torch.testing.assert_close(out["old_logps"], full, rtol=0, atol=2e-5)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    expected = ((entropy * mask).sum() / mask.sum()).item()
+    assert abs(results[8].metrics["objective/entropy"] - expected) < 1e-4
+    assert out["old_values"].shape == mask.shape == (8, out["input_ids"].shape[1] - p)
