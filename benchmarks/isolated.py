@@ -18,9 +18,10 @@ def report(result: dict) -> None:
     print(_TAG + json.dumps(result))
 
 
-def run_isolated(script: str, args: list[str], name: str) -> dict:
-    """In the parent: run ``script args`` in a fresh one-thread process; its ``report``."""
-    proc = subprocess.run([sys.executable, script, *args], env={**os.environ, **ENV},
+def run_isolated(script: str, args: list[str], name: str, env: dict | None = None) -> dict:
+    """In the parent: run ``script args`` in a fresh one-thread process (``env`` added to
+    its environment); its ``report``."""
+    proc = subprocess.run([sys.executable, script, *args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(_TAG)]
     if proc.returncode or not lines:

@@ -203,6 +203,10 @@ class PPOTrainer(CheckedTraining, Trainer):
                              "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
                              "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
         keep_token_out_of_args(args)
+        processing_class = load_tokenizer(processing_class, model.config._name_or_path)
+        validate_prompt_dataset(train_dataset)
+        check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
+                                args.response_length)
         if args.uses_critic and value_model is None:
             raise ValueError("advantage_estimator='gae' learns a value model: pass value_model="
                              "ValueModel.from_backbone(path), or choose a critic-free "
@@ -213,10 +217,6 @@ class PPOTrainer(CheckedTraining, Trainer):
             warnings.warn(f"advantage_estimator={args.advantage_estimator!r} uses no value "
                           "model: the value_model passed is not trained or saved", stacklevel=2)
             value_model = None
-        processing_class = load_tokenizer(processing_class, model.config._name_or_path)
-        validate_prompt_dataset(train_dataset)
-        check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
-                                args.response_length)
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
             if m is not None:
