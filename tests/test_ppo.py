@@ -47,12 +47,12 @@ def test_ppo_with_oracle_reward(sft_run, world_dir, tmp_path):
 
 
 def make_trainer(tok, policy_dir, out, **kw):
-    args = PPOConfig(output_dir=str(out), rollout_batch_size=16, num_ppo_epochs=2,
-                     per_device_train_batch_size=8, num_train_epochs=4, learning_rate=3e-3,
-                     response_length=12, temperature=1.0, kl_coef=0.1, kl_target=1.0,
-                     kl_horizon=100, report_to="none", use_cpu=True, save_strategy="steps",
-                     save_steps=2, logging_steps=1, disable_tqdm=True, num_sample_generations=0,
-                     seed=3, **kw)
+    settings = dict(rollout_batch_size=16, num_ppo_epochs=2, per_device_train_batch_size=8,
+                    num_train_epochs=4, learning_rate=3e-3, response_length=12,
+                    temperature=1.0, kl_coef=0.1, kl_target=1.0, kl_horizon=100)
+    args = PPOConfig(output_dir=str(out), report_to="none", use_cpu=True,
+                     save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,
+                     num_sample_generations=0, seed=3, **{**settings, **kw})
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     value = ValueModel.from_backbone(str(policy_dir), seed=1) if args.uses_critic else None
     return PPOTrainer(policy, args, tok, prompt_dataset(40, seed=2),
@@ -102,3 +102,24 @@ def test_critic_free_estimators_lift_the_oracle_score(sft_run, world_dir, tmp_pa
     assert "loss/kl_avg" in logged and "loss/value_avg" not in logged
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     assert not (tmp_path / "rl" / "value_model").exists()  # no critic trained or saved
+
+
+def test_one_step_rollouts_skip_the_old_log_probs_and_no_kl_skips_the_reference(world_dir,
+                                                                              tmp_path):
+    """A rollout that is exactly one optimizer step, with no KL in the reward, needs no
+    separate old log-probs (the update's own are them: ratio 1), and with no KL at all no
+    reference model is kept."""
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
+    trainer = make_trainer(tok, tmp_path / "policy", tmp_path / "out",
+                           advantage_estimator="rloo", num_generations=4, kl_coef=0.0,
+                           kl_target=None, num_ppo_epochs=1, gradient_accumulation_steps=2,
+                           max_steps=2)
+    assert trainer.ref_model is None
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert not {"old_logps", "ref_logps"} & set(trainer._experience["tensors"])
+    history = trainer.state.log_history
+    assert [h["val/ratio"] for h in history if "val/ratio" in h] == [1.0, 1.0]
+    assert [h["policy/clipfrac_avg"] for h in history if "val/ratio" in h] == [0.0, 0.0]
+    assert not any("objective/kl" in h for h in history)

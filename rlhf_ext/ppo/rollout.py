@@ -82,25 +82,28 @@ def response_values(value_model, batch: Batch) -> Tensor:
 
 @dataclass
 class Scored:
-    """What the rollout's scoring forwards give, [B, C] each (values None without a critic)."""
+    """What the rollout's scoring forwards give, [B, C] each; None where not asked for."""
 
-    old_logps: Tensor
-    ref_logps: Tensor
-    entropy: Tensor
+    old_logps: Tensor | None
+    ref_logps: Tensor | None
+    entropy: Tensor | None
     values: Tensor | None
 
 
-def scoring_forwards(policy, reference: Callable[[Batch], Tensor], value_model, batch: Batch,
-                     temperature: float, chunk: int) -> Scored:
-    """The policy's log-probs and entropy, the reference's log-probs and the values, in
-    chunks of ``chunk`` rows: one chunk's activations at a time, so peak memory follows
-    ``chunk`` (local_rollout_forward_batch_size), not the rollout batch."""
+def scoring_forwards(policy, reference: Callable[[Batch], Tensor] | None, value_model,
+                     batch: Batch, temperature: float, chunk: int) -> Scored:
+    """The policy's log-probs and entropy, the reference's log-probs and the values (each
+    skipped when its model is None), in chunks of ``chunk`` rows: one chunk's activations
+    at a time, so peak memory follows ``chunk`` (local_rollout_forward_batch_size), not the
+    rollout batch."""
     parts = []
     for start in range(0, batch.input_ids.shape[0], chunk):
         sub = rows(batch, start, start + chunk)
-        logps, entropy = response_logps(policy, sub, temperature, with_entropy=True)
+        logps, entropy = (response_logps(policy, sub, temperature, with_entropy=True)
+                          if policy is not None else (None, None))
         values = response_values(value_model, sub) if value_model is not None else None
-        parts.append((logps, reference(sub), entropy, values))
+        ref = reference(sub) if reference is not None else None
+        parts.append((logps, ref, entropy, values))
     cat = [torch.cat(column) if column[0] is not None else None for column in zip(*parts)]
     return Scored(*cat)
 
@@ -179,7 +182,9 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             gather: Callable[[Tensor], Tensor] | None = None) -> RolloutResult:
     """One rollout: sample, score, compute the per-token KL penalty and the advantages
     (GAE with ``value_model``, else the critic-free ``args.advantage_estimator``; group
-    estimators expect each prompt ``args.num_generations`` times in a row).
+    estimators expect each prompt ``args.num_generations`` times in a row). ``reference``
+    is None when no KL is asked for; the policy's scoring forward is skipped when the
+    update is exactly on-policy (``args.needs_rollout_logps``).
     ``prompts``: strings or conversations. ``gather`` (``accelerator.gather``) makes the
     score statistics and the logged metrics those of all processes' rollouts together."""
     device = next(policy.parameters()).device
@@ -195,7 +200,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     policy.eval()
     if value_model is not None:
         value_model.eval()
-    scored = scoring_forwards(policy, reference, value_model, batch, args.temperature,
+    scored = scoring_forwards(policy if args.needs_rollout_logps else None, reference,
+                              value_model, batch, args.temperature,
                               args.local_rollout_forward_batch_size)
 
     raw = torch.tensor(checked_scores(reward, prompts, sampled.texts), dtype=torch.float32,
@@ -207,7 +213,9 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         moments.update(gather(scores) if gather is not None else scores)
         scores = moments.normalize(scores)
 
-    kl = core.per_token_kl(scored.old_logps, scored.ref_logps, args.kl_estimator) * mask
+    has_kl = scored.old_logps is not None and scored.ref_logps is not None
+    kl = (core.per_token_kl(scored.old_logps, scored.ref_logps, args.kl_estimator) * mask
+          if has_kl else torch.zeros_like(mask))  # without it, kl_coef is 0
     if args.advantage_estimator == "gae":
         rewards = core.shape_rewards(scores, kl, mask, kl_coef)
         if args.whiten_rewards:
@@ -220,24 +228,26 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             scores, kl, mask, kl_coef, args.advantage_estimator, args.num_generations,
             args.gamma, args.scale_rewards)
 
-    sequence_kl = kl.sum(1)
-    non_score = (-kl_coef * kl).sum(1)
-    metrics = {  # means over every process's rollout (the KL controller reads objective/kl)
-        "objective/kl": sequence_kl.mean().item(),
-        "objective/entropy": core.masked_mean(scored.entropy, mask).item(),
-        "objective/non_score_reward": non_score.mean().item(),
-        "objective/rlhf_reward": (scores + non_score).mean().item(),
-        "objective/scores": raw.mean().item(),
-        "val/num_eos_tokens": finished.float().sum().item(),
-        "response_length": mask.sum(1).mean().item(),
-    }
+    metrics = {"objective/scores": raw.mean().item(),
+               "val/num_eos_tokens": finished.float().sum().item(),
+               "response_length": mask.sum(1).mean().item()}
+    if has_kl:  # means over every process's rollout (the KL controller reads objective/kl)
+        non_score = (-kl_coef * kl).sum(1)
+        metrics.update({"objective/kl": kl.sum(1).mean().item(),
+                        "objective/non_score_reward": non_score.mean().item(),
+                        "objective/rlhf_reward": (scores + non_score).mean().item()})
+    if scored.entropy is not None:
+        metrics["objective/entropy"] = core.masked_mean(scored.entropy, mask).item()
     metrics = {k: _mean_over_processes(v, gather, device) for k, v in metrics.items()}
     experience = {
         "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
         "position_ids": batch.position_ids, "response_mask": mask,
-        "old_logps": scored.old_logps, "ref_logps": scored.ref_logps, "advantages": advantages,
+        "advantages": advantages,
         "prompt_width": torch.full((len(prompts),), batch.prompt_width, device=device),
     }
+    for key in ("old_logps", "ref_logps"):
+        if getattr(scored, key) is not None:
+            experience[key] = getattr(scored, key)
     if args.advantage_estimator == "gae":
         experience.update(old_values=scored.values, returns=returns)
     return RolloutResult(experience, metrics, prompts, sampled.texts, raw.tolist())

@@ -153,6 +153,20 @@ class PPOConfig(TrainingArguments):
     def uses_critic(self) -> bool:
         return self.advantage_estimator == "gae"
 
+    @property
+    def needs_reference(self) -> bool:
+        """A KL to the reference is asked for (in the reward, as a loss, or a KL target)."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0 or self.kl_target is not None
+
+    @property
+    def needs_rollout_logps(self) -> bool:
+        """False when each rollout is exactly one optimizer step (one epoch, one minibatch
+        of it all) and no KL sits in the reward: the update's own log-probs are then the
+        old ones (ratio 1), and the rollout's policy forward is skipped."""
+        one_step = self.num_ppo_epochs == 1 and self.rollout_batch_size == \
+            self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return not (one_step and self.kl_coef == 0 and self.kl_target is None)
+
 
 class PolicyAndValue(nn.Module):
     """The modules the optimizer updates: the policy and the value model."""
@@ -228,7 +242,9 @@ class PPOTrainer(CheckedTraining, Trainer):
                       reward if isinstance(reward, nn.Module) else None):
                 if m is not None:
                     disable_dropout(m)
-        if ref_model is None and not is_peft_model(model):
+        if not args.needs_reference:
+            ref_model = None  # no KL asked for: no reference kept or run
+        elif ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -297,7 +313,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         was_training = self.model.training
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
-            result = rollout(policy=self.policy, reference=self._reference_logps,
+            reference = self._reference_logps if self.args.needs_reference else None
+            result = rollout(policy=self.policy, reference=reference,
                              value_model=self.value_model, tokenizer=self.processing_class,
                              prompts=prompts, reward=self.reward_fn, args=self.args,
                              kl_coef=self.kl_ctl.value, moments=self.moments,
@@ -306,7 +323,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         for key, value in result.metrics.items():
             self._metrics[key].append(value)
         self._metrics["kl_coef"].append(self.kl_ctl.value)
-        self.kl_ctl.update(result.metrics["objective/kl"],
+        self.kl_ctl.update(result.metrics.get("objective/kl", 0.0),
                            self.args.rollout_batch_size * self.args.world_size)
         self._maybe_keep_samples(epoch, result)
         self._experience = {"epoch": epoch, "tensors": result.experience}
@@ -337,7 +354,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         logps, values = model(inputs["input_ids"], inputs["attention_mask"],
                               inputs["position_ids"], mask, int(inputs["prompt_width"][0]),
                               args.temperature)
-        pg_loss, pg = core.policy_loss(logps, inputs["old_logps"], inputs["advantages"], mask,
+        old_logps = inputs["old_logps"] if "old_logps" in inputs else logps.detach()
+        pg_loss, pg = core.policy_loss(logps, old_logps, inputs["advantages"], mask,
                                        args.cliprange, args.loss_aggregation,
                                        args.response_length)
         loss, logged = pg_loss, {"policy/approxkl_avg": pg["approxkl"],
