@@ -6,7 +6,9 @@ PPOTrainer (the last TRL with PPO), GRPO against the installed TRL's GRPOTrainer
 Same prompts (chat-templated film-review requests), response length, rollout and minibatch
 sizes, one PPO epoch, float32, one thread, each run in its own process; PPO: a reward
 model and a value model on SmolLM2's backbone with fresh heads, the reference a copy of
-the policy. TRL 1.12.0 is installed (without dependencies, beside this environment's
+the policy; GRPO: 4 samples per prompt, VADER as the reward function, KL to the reference
+as a loss term (beta 0.04), one optimizer step per rollout; ours also with prefix sharing
+(each group's prompt computed once). TRL 1.12.0 is installed (without dependencies, beside this environment's
 transformers) into a folder of its own under the rlhf_ext cache the first time.
 Printed: seconds per iteration (median after the first), rollout tokens per second
 (response tokens sampled per second of iteration), peak resident memory of the process,
@@ -108,16 +110,18 @@ def ours(a) -> dict:
         return out
 
     rollout_module.generate_completions = counted
-    grpo = a.mode == "grpo-ours"
+    grpo = a.mode.startswith("grpo")
     args = PPOConfig(
         output_dir=a.out, rollout_batch_size=a.rollout, per_device_train_batch_size=a.minibatch,
         gradient_accumulation_steps=a.rollout // a.minibatch, num_ppo_epochs=1,
-        num_train_epochs=a.iterations, local_rollout_forward_batch_size=a.chunk,
+        num_train_epochs=a.iterations,
+        local_rollout_forward_batch_size=a.rollout if grpo else a.chunk,
         response_length=a.response, temperature=0.7, learning_rate=1e-6,
         gradient_checkpointing=a.checkpointing, report_to="none", save_strategy="no",
         logging_steps=1, num_sample_generations=0, use_cpu=True, disable_tqdm=True,
         **(dict(advantage_estimator="grpo", num_generations=a.group, kl_coef=0.0,
-                kl_loss_coef=0.04, loss_aggregation="token_mean") if grpo else {}))
+                kl_loss_coef=0.04, loss_aggregation="token_mean",
+                prefix_sharing=a.mode == "grpo-ours-shared") if grpo else {}))
     policy = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     n = a.rollout // (a.group if grpo else 1) * a.iterations
@@ -135,14 +139,13 @@ def ours(a) -> dict:
 
 def trl_ppo(a) -> dict:
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
-        AutoTokenizer
-
     import trl
     import trl.experimental.ppo.ppo_trainer as ppo_module
-    from rlhf_ext.real import smollm2_path
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from rlhf_ext.real import smollm2_path
 
     assert trl.__version__ == TRL_PPO_VERSION, trl.__version__
     torch.manual_seed(0)
@@ -188,12 +191,12 @@ def trl_ppo(a) -> dict:
 
 def trl_grpo(a) -> dict:
     import torch
+    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import trl
-    from rlhf_ext.real import smollm2_path, vader_scores
     from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_ext.real import smollm2_path, vader_scores
 
     torch.manual_seed(0)
     path = str(smollm2_path())
@@ -225,7 +228,8 @@ def trl_grpo(a) -> dict:
     return out
 
 
-CHILDREN = {"ppo-ours": ours, "grpo-ours": ours, "ppo-trl": trl_ppo, "grpo-trl": trl_grpo}
+CHILDREN = {"ppo-trl": trl_ppo, "ppo-ours": ours, "grpo-trl": trl_grpo, "grpo-ours": ours,
+            "grpo-ours-shared": ours}
 
 
 # -------------------------------------------------------------------------------------
@@ -237,7 +241,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--rollout", type=int, default=16, help="samples per iteration")
     parser.add_argument("--minibatch", type=int, default=4, help="rows per forward/backward")
-    parser.add_argument("--chunk", type=int, default=8, help="local_rollout_forward_batch_size")
+    parser.add_argument("--chunk", type=int, default=8,
+                        help="PPO's local_rollout_forward_batch_size (GRPO: the whole rollout "
+                             "at once, as TRL's GRPOTrainer generates it)")
     parser.add_argument("--response", type=int, default=48)
     parser.add_argument("--group", type=int, default=4, help="GRPO samples per prompt")
     parser.add_argument("--checkpointing", action="store_true",
@@ -273,12 +279,13 @@ def main() -> None:
     print("| algorithm | trainer | s / iteration | rollout tokens / s | peak MiB | speed vs TRL "
           "| memory vs TRL |\n|---|---|---|---|---|---|---|")
     for algo in ("ppo", "grpo"):
-        trl_r, our_r = results.get(f"{algo}-trl"), results.get(f"{algo}-ours")
-        for name, r in (("TRL", trl_r), ("rlhf_ext", our_r)):
+        trl_r = results.get(f"{algo}-trl")
+        for name, r in (("TRL", trl_r), ("rlhf_ext", results.get(f"{algo}-ours")),
+                        ("rlhf_ext, prefix sharing", results.get(f"{algo}-ours-shared"))):
             if r is None:
                 continue
             speed = memory = ""
-            if trl_r and our_r:
+            if trl_r:
                 speed = f"{trl_r['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x"
                 memory = f"{r['peak_mib'] / trl_r['peak_mib']:.2f}x"
             label = f"TRL {TRL_PPO_VERSION if algo == 'ppo' else r.get('trl', '')}" \

@@ -123,3 +123,23 @@ def test_one_step_rollouts_skip_the_old_log_probs_and_no_kl_skips_the_reference(
     assert [h["val/ratio"] for h in history if "val/ratio" in h] == [1.0, 1.0]
     assert [h["policy/clipfrac_avg"] for h in history if "val/ratio" in h] == [0.0, 0.0]
     assert not any("objective/kl" in h for h in history)
+
+
+def test_grpo_with_prefix_sharing_trains_as_without(world_dir, tmp_path):
+    """The packed groups change the layout, not the math: same rollouts, same losses, same
+    weights (each rollout one minibatch, so both see the same rows per step)."""
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
+    runs = {}
+    for shared in (False, True):
+        trainer = make_trainer(tok, tmp_path / "policy", tmp_path / str(shared), **GRPO,
+                               per_device_train_batch_size=16, num_train_epochs=2,
+                               prefix_sharing=shared)
+        trainer.train()
+        runs[shared] = trainer
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs.values()]
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+    for (name, a), (_, b) in zip(runs[False].model.named_parameters(),
+                                 runs[True].model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)

@@ -3,13 +3,14 @@ its chunked, completion-only scoring equals the full-logits computation."""
 
 import copy
 import random
-from types import SimpleNamespace
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf_ext.heads import ValueModel
+from rlhf_ext.ppo import PPOConfig
 from rlhf_ext.ppo.rollout import response_logps, rollout
 
 VOCAB = 131072  # a large vocabulary (Qwen2.5 has 151,936): the logits dominate memory
@@ -52,11 +53,10 @@ def test_rollout_memory_follows_the_forward_chunk(tmp_path):
     ref = copy.deepcopy(policy)
     policy.save_pretrained(tmp_path / "base")
     value = ValueModel.from_backbone(str(tmp_path / "base"))
-    args = SimpleNamespace(
-        response_length=RESPONSE, temperature=0.9, top_k=0, top_p=1.0,
-        local_rollout_forward_batch_size=CHUNK, missing_eos_penalty=None, score_clip=None,
-        kl_estimator="k1", advantage_estimator="gae", num_generations=1, gamma=1.0, lam=0.95,
-        whiten_rewards=False, whiten_advantages=True)
+    args = PPOConfig(
+        output_dir=str(tmp_path / "out"), response_length=RESPONSE, temperature=0.9,
+        local_rollout_forward_batch_size=CHUNK, rollout_batch_size=32, report_to="none",
+        use_cpu=True)
     rng = random.Random(0)
     results = {}
 
@@ -90,3 +90,37 @@ def test_rollout_memory_follows_the_forward_chunk(tmp_path):
     expected = ((entropy * mask).sum() / mask.sum()).item()
     assert abs(results[8].metrics["objective/entropy"] - expected) < 1e-4
     assert out["old_values"].shape == mask.shape == (8, out["input_ids"].shape[1] - p)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_shared_groups_equal_the_padded_rows(world_dir, attention):
+    """Three prompts of different lengths, three samples each (lengths 1 to 7, some cut
+    without eos): the log-probs and entropies from one packed row per group equal those of
+    the padded rows."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ext.ppo.rollout import build_batch, pack_groups
+    from rlhf_ext.tiny import build_model
+
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    model = build_model("tiny", tok, seed=0)
+    model.config._attn_implementation = attention
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in (3, 6, 4)]
+    lengths = [1, 7, 4, 5, 2, 7, 3, 3, 6]
+    responses = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
+    batch = build_batch(tok, [p for p in prompts for _ in range(3)], responses, "cpu")
+    with torch.no_grad():
+        padded = response_logps(model, batch, 0.8, with_entropy=True)
+        shared = response_logps(model, batch, 0.8, with_entropy=True, group=3)
+    for a, b in zip(padded, shared):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+    assert (padded[0] != 0).sum() == sum(lengths)
+    packed = pack_groups(batch, 3)
+    assert packed["input_ids"].shape == (3, batch.prompt_width + 3 * 7)
+    # the second group's prompt has 6 real tokens: each response restarts at position 6
+    c = batch.prompt_width
+    assert packed["position_ids"][1, c].item() == packed["position_ids"][1, c + 7].item() == 6
+    with pytest.raises(ValueError, match="share one prompt"):
+        response_logps(model, batch, 0.8, group=9)

@@ -51,8 +51,10 @@ class IterationSampler(torch.utils.data.Sampler):
         self.experience.tensors = self.trainer.make_experience(self.epoch)
         n = self.experience.tensors["input_ids"].shape[0]
         generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
+        unit = args.shared_prompt_group  # prefix sharing: shuffle whole groups
         for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(n, generator=generator)
+            order = (torch.randperm(n // unit, generator=generator)[:, None] * unit
+                     + torch.arange(unit)).flatten()
             for start in range(0, n, args.per_device_train_batch_size):
                 yield order[start:start + args.per_device_train_batch_size].tolist()
 

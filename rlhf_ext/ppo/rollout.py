@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..logps import final_hidden, head_logps, output_head
+from ..logps import (
+    additive_mask,
+    attention_implementation,
+    final_hidden,
+    head_logps,
+    output_head,
+    prefix_sharing_mask,
+    unwrap,
+)
 from ..sampling import generate_completions
 from . import core
 
@@ -52,17 +60,37 @@ def rows(batch: Batch, start: int, stop: int) -> Batch:
                  batch.prompt_width)
 
 
-def response_logps(model, batch: Batch, temperature: float, with_entropy: bool = False):
+def response_logps(model, batch: Batch, temperature: float, with_entropy: bool = False,
+                   group: int = 1):
     """log pi(response token) at the sampling temperature, with the LM head only at the
     positions that predict a real response token (``logps.head_logps``, in blocks): no
     [B, C, V] logits. With ``with_entropy`` also each position's entropy (no gradient).
-    Padding gets 0. -> [B, C] (or ([B, C], [B, C]))."""
-    hidden = final_hidden(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids)
-    r, c = batch.response_mask.nonzero(as_tuple=True)
+    Padding gets 0. -> [B, C] (or ([B, C], [B, C])).
+
+    ``group`` > 1: rows come in groups of that many samples of one prompt (consecutive,
+    identical prompt columns), and each group runs as one row
+    [prompt | response 1 | ... | response G] whose responses see the prompt and themselves
+    only (``logps.prefix_sharing_mask``), every response positioned right after the
+    prompt: the prompt is computed once per group instead of G times."""
+    r, c = batch.response_mask.nonzero(as_tuple=True)  # real response tokens
     p = batch.prompt_width
-    out = head_logps(hidden[r, p - 1 + c], output_head(model), batch.input_ids[r, p + c],
-                     temperature=temperature, with_entropy=with_entropy)
+    if group == 1:
+        hidden = final_hidden(model, input_ids=batch.input_ids,
+                              attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids)
+        predictors, targets = hidden[r, p - 1 + c], batch.input_ids[r, p + c]
+    else:
+        packed = pack_groups(batch, group)
+        mask = prefix_sharing_mask(packed["segment_ids"])
+        if attention_implementation(model) == "eager":
+            mask = additive_mask(mask, unwrap(model).dtype)
+        hidden = final_hidden(model, input_ids=packed["input_ids"], attention_mask=mask,
+                              position_ids=packed["position_ids"])
+        g, column = r // group, p + (r % group) * (batch.input_ids.shape[1] - p) + c
+        predictors = hidden[g, torch.where(c == 0, p - 1, column - 1)]
+        targets = packed["input_ids"][g, column]
+    out = head_logps(predictors, output_head(model), targets, temperature=temperature,
+                     with_entropy=with_entropy)
     shape = batch.response_mask.shape
 
     def scatter(values: Tensor) -> Tensor:
@@ -70,6 +98,31 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
         return full.index_put((r, c), values)
 
     return (scatter(out[0]), scatter(out[1])) if with_entropy else scatter(out)
+
+
+def pack_groups(batch: Batch, group: int) -> dict[str, Tensor]:
+    """Groups of ``group`` consecutive rows sharing a prompt, each packed into one row
+    [prompt (P) | response 1 (C) | ... | response G (C)] with segment ids (0 prompt, k for
+    response k, -1 padding) and positions (each response's restart after the prompt).
+    Shapes: [B, P + C] rows -> [B / group, P + G C] each."""
+    b, width = batch.input_ids.shape
+    p, c, n = batch.prompt_width, width - batch.prompt_width, b // group
+    if b % group:
+        raise ValueError(f"{b} rows do not split into groups of {group}")
+    ids = batch.input_ids.view(n, group, width)
+    if not bool((ids[:, :, :p] == ids[:, :1, :p]).all()):
+        raise ValueError("prefix sharing needs the samples of a group to share one prompt")
+    positions = batch.position_ids.view(n, group, width)
+    live = batch.response_mask.view(n, group, c).bool()
+    segment = torch.arange(1, group + 1, device=ids.device).view(1, group, 1)
+    prompt_live = batch.attention_mask.view(n, group, width)[:, 0, :p].bool()
+    return {
+        "input_ids": torch.cat([ids[:, 0, :p], ids[:, :, p:].reshape(n, group * c)], 1),
+        "position_ids": torch.cat([positions[:, 0, :p],
+                                   positions[:, :, p:].reshape(n, group * c)], 1),
+        "segment_ids": torch.cat([torch.where(prompt_live, 0, -1),
+                                  torch.where(live, segment, -1).reshape(n, group * c)], 1),
+    }
 
 
 def response_values(value_model, batch: Batch) -> Tensor:
@@ -91,15 +144,16 @@ class Scored:
 
 
 def scoring_forwards(policy, reference: Callable[[Batch], Tensor] | None, value_model,
-                     batch: Batch, temperature: float, chunk: int) -> Scored:
+                     batch: Batch, temperature: float, chunk: int, group: int = 1) -> Scored:
     """The policy's log-probs and entropy, the reference's log-probs and the values (each
     skipped when its model is None), in chunks of ``chunk`` rows: one chunk's activations
     at a time, so peak memory follows ``chunk`` (local_rollout_forward_batch_size), not the
-    rollout batch."""
+    rollout batch. With ``group`` > 1 (prefix sharing; ``chunk`` a multiple of it) the
+    policy and ``reference`` run each group's prompt once."""
     parts = []
     for start in range(0, batch.input_ids.shape[0], chunk):
         sub = rows(batch, start, start + chunk)
-        logps, entropy = (response_logps(policy, sub, temperature, with_entropy=True)
+        logps, entropy = (response_logps(policy, sub, temperature, True, group)
                           if policy is not None else (None, None))
         values = response_values(value_model, sub) if value_model is not None else None
         ref = reference(sub) if reference is not None else None
@@ -202,7 +256,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         value_model.eval()
     scored = scoring_forwards(policy if args.needs_rollout_logps else None, reference,
                               value_model, batch, args.temperature,
-                              args.local_rollout_forward_batch_size)
+                              args.local_rollout_forward_batch_size, args.shared_prompt_group)
 
     raw = torch.tensor(checked_scores(reward, prompts, sampled.texts), dtype=torch.float32,
                        device=device)

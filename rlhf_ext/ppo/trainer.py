@@ -1,6 +1,7 @@
-"""PPOConfig / PPOTrainer: PPO on the transformers Trainer's own loop.
+"""PPOConfig / PPOTrainer: online RL on the transformers Trainer's own loop: PPO (GAE with
+a value model) or, by ``advantage_estimator``, the critic-free GRPO, RLOO, REINFORCE++.
 
-One Trainer epoch is one PPO iteration: the train dataloader (``ExperienceLoader``) runs a
+One Trainer epoch is one iteration: the train dataloader (``ExperienceLoader``) runs a
 rollout with the current policy, then yields its experience in shuffled minibatches
 ``num_ppo_epochs`` times. The Trainer does everything else: optimizer and scheduler over
 policy + value parameters, gradient accumulation and clipping, callbacks, logging,
@@ -84,6 +85,11 @@ class PPOConfig(TrainingArguments):
         "help": "KL to the reference as a loss term (GRPO's beta), beside or instead of "
                 "kl_coef's KL in the reward."})
     kl_loss_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3."})
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "With num_generations > 1: the samples of one prompt run as one row "
+                "[prompt | response 1 | ... | response G] in the policy's and reference's "
+                "forwards, so the prompt is computed once per group (sdpa or eager "
+                "attention; minibatches then hold whole groups)."})
     response_length: int = field(default=53, metadata={"help": "max_new_tokens of rollouts."})
     temperature: float = 0.7
     top_k: int = 0
@@ -146,12 +152,27 @@ class PPOConfig(TrainingArguments):
         if name != "gae" and self.whiten_rewards:
             raise ValueError(f"whiten_rewards is a gae option; {name} normalises its own "
                              "advantages: drop whiten_rewards")
+        if self.prefix_sharing:
+            g = self.num_generations
+            if g < 2:
+                raise ValueError("prefix_sharing shares a prompt among its num_generations "
+                                 "samples: set num_generations >= 2")
+            for name in ("per_device_train_batch_size", "local_rollout_forward_batch_size"):
+                if getattr(self, name) % g:
+                    raise ValueError(f"prefix_sharing runs whole groups: {name} "
+                                     f"({getattr(self, name)}) must be a multiple of "
+                                     f"num_generations ({g})")
         if self.kl_loss_coef < 0 or self.kl_coef < 0:
             raise ValueError("kl_coef and kl_loss_coef must be >= 0")
 
     @property
     def uses_critic(self) -> bool:
         return self.advantage_estimator == "gae"
+
+    @property
+    def shared_prompt_group(self) -> int:
+        """Rows per packed forward row: num_generations with prefix_sharing, else 1."""
+        return self.num_generations if self.prefix_sharing else 1
 
     @property
     def needs_reference(self) -> bool:
@@ -176,7 +197,7 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask, position_ids, response_mask, prompt_width: int,
-                temperature: float):
+                temperature: float, group: int = 1):
         """Policy log-probs [B, C] of the response tokens (LM head at response positions
         only) and values [B, C] (None without a value model). Training calls this through
         the wrapper (DDP, DeepSpeed), whose forward arms the gradient synchronisation;
@@ -184,7 +205,7 @@ class PolicyAndValue(nn.Module):
         batch = Batch(input_ids, attention_mask, position_ids, response_mask, prompt_width)
         values = (response_values(self.value_model, batch)
                   if self.value_model is not None else None)
-        return response_logps(self.policy, batch, temperature), values
+        return response_logps(self.policy, batch, temperature, group=group), values
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
                                         every_n_layers: int = 1, offload: bool = False):
@@ -231,6 +252,14 @@ class PPOTrainer(CheckedTraining, Trainer):
             warnings.warn(f"advantage_estimator={args.advantage_estimator!r} uses no value "
                           "model: the value_model passed is not trained or saved", stacklevel=2)
             value_model = None
+        if args.prefix_sharing:
+            from ..logps import PREFIX_SHARING_ATTENTIONS, attention_implementation
+
+            impl = attention_implementation(model)
+            if impl not in PREFIX_SHARING_ATTENTIONS:
+                raise ValueError(f"prefix_sharing needs a dense attention mask "
+                                 f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the policy uses "
+                                 f"{impl!r}: load it with attn_implementation='sdpa'")
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
             if m is not None:
@@ -298,11 +327,11 @@ class PPOTrainer(CheckedTraining, Trainer):
         return out
 
     def _reference_logps(self, batch: Batch) -> torch.Tensor:
-        temperature = self.args.temperature
+        temperature, group = self.args.temperature, self.args.shared_prompt_group
         if self.ref_model is not None:
-            return response_logps(self.ref_model, batch, temperature)
+            return response_logps(self.ref_model, batch, temperature, group=group)
         with adapters_disabled(self.policy):
-            return response_logps(self.policy, batch, temperature)
+            return response_logps(self.policy, batch, temperature, group=group)
 
     def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
         resumed, self._resumed_experience = self._resumed_experience, None
@@ -353,7 +382,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         mask = inputs["response_mask"]
         logps, values = model(inputs["input_ids"], inputs["attention_mask"],
                               inputs["position_ids"], mask, int(inputs["prompt_width"][0]),
-                              args.temperature)
+                              args.temperature, args.shared_prompt_group)
         old_logps = inputs["old_logps"] if "old_logps" in inputs else logps.detach()
         pg_loss, pg = core.policy_loss(logps, old_logps, inputs["advantages"], mask,
                                        args.cliprange, args.loss_aggregation,
