@@ -40,10 +40,20 @@ SIZES = {  # what --quick shrinks; the default fits 30 minutes on a 2-core CPU
     "quick": dict(pair_films=8, samples=2, eval_asks=1, eval_samples=2, reference_samples=2,
                   best_of=[], reward=["--max_steps", "4"],
                   preference=["--max_steps", "8", "--per_device_train_batch_size", "8",
-                              "--learning_rate", "5e-4", "--logging_steps", "2"],
+                              "--learning_rate", "5e-4", "--logging_steps", "2",
+                              "--prefix_sharing", "true"],
                   ppo=["--num_train_epochs", "2"]),
 }
 MAX_NEW_TOKENS = 32
+# critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each
+# group's prompt computed once; GRPO with its KL as a loss term (k3), RLOO with the KL in
+# the reward as PPO has it
+CRITIC_FREE = {
+    "grpo_vader": ["--advantage_estimator", "grpo", "--num_generations", "4",
+                   "--prefix_sharing", "true", "--kl_coef", "0", "--kl_loss_coef", "0.05"],
+    "rloo_vader": ["--advantage_estimator", "rloo", "--num_generations", "4",
+                   "--prefix_sharing", "true", "--kl_coef", "0.05"],
+}
 
 
 def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str] | None):
@@ -61,6 +71,9 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
                      "ppo", value))
     plan.append(("ppo_vader", "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
                  ppo + ["--reward", "rlhf_ext.real:vader_reward"], "ppo_vader", None))
+    for name, extra in CRITIC_FREE.items():  # the same trainer, no value model
+        plan.append((name, "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
+                     ppo + ["--reward", "rlhf_ext.real:vader_reward", *extra], name, None))
     pref = ["--dataset_name", str(data / "pairs"), *size["preference"]]
     knob, values = FRONTIER["dpo"]
     for loss in PREFERENCE_LOSSES:
