@@ -71,9 +71,10 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
                      "ppo", value))
     plan.append(("ppo_vader", "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
                  ppo + ["--reward", "rlhf_ext.real:vader_reward"], "ppo_vader", None))
-    for name, extra in CRITIC_FREE.items():  # the same trainer, no value model
-        plan.append((name, "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
-                     ppo + ["--reward", "rlhf_ext.real:vader_reward", *extra], name, None))
+    for name, extra in CRITIC_FREE.items():  # --full or by name: the default keeps 30 min
+        if full or (methods is not None and name in methods):
+            plan.append((name, "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
+                         ppo + ["--reward", "rlhf_ext.real:vader_reward", *extra], name, None))
     pref = ["--dataset_name", str(data / "pairs"), *size["preference"]]
     knob, values = FRONTIER["dpo"]
     for loss in PREFERENCE_LOSSES:
@@ -281,7 +282,8 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true", help="rerun finished stages")
     parser.add_argument("--quick", action="store_true", help="the reduced run of the tests")
     parser.add_argument("--full", action="store_true",
-                        help="three DPO betas and three PPO KL coefficients (the frontier)")
+                        help="three DPO betas and three PPO KL coefficients (the frontier), "
+                             "and GRPO and RLOO against VADER")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset, e.g. dpo,ppo (the reward model always runs)")
     parser.add_argument("--seed", type=int, default=0)
