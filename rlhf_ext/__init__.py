@@ -5,11 +5,13 @@ Importing the package registers the reward and value heads with the Auto classes
 
 from .heads import RewardModel, RewardModelConfig, ValueModel, ValueModelConfig
 from .losses import LOSSES, LossParams, compute_loss, resolve_loss_types
+from .ppo import PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer, load_reward_model, score
 
 __all__ = [
-    "LOSSES", "LossParams", "PreferenceConfig", "PreferenceTrainer", "RewardConfig",
-    "RewardModel", "RewardModelConfig", "RewardTrainer", "ValueModel", "ValueModelConfig",
+    "LOSSES", "LossParams", "PPOConfig", "PPOTrainer", "PreferenceConfig", "PreferenceTrainer",
+    "RewardConfig", "RewardModel", "RewardModelConfig", "RewardTrainer", "ValueModel",
+    "ValueModelConfig",
     "compute_loss", "load_reward_model", "resolve_loss_types", "score",
 ]
