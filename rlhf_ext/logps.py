@@ -65,12 +65,6 @@ def _block_logps_entropy(logits: Tensor, targets: Tensor, temperature: float) ->
     return torch.stack([logps, lse - p_times_z.sum(-1)], -1)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position. [..., V] -> [...] (float32)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bool) -> Tensor:
     """``fn(rows_block, targets_block) -> [n]`` over blocks of ``chunk_size`` rows,
     concatenated; with ``recompute`` each block is checkpointed. [N, ...], [N] -> [N]."""

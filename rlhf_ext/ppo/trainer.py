@@ -1,5 +1,6 @@
-"""PPOConfig / PPOTrainer: online RL on the transformers Trainer's own loop: PPO (GAE with
-a value model) or, by ``advantage_estimator``, the critic-free GRPO, RLOO, REINFORCE++.
+"""PPOTrainer: online RL on the transformers Trainer's own loop: PPO (GAE with a value
+model) or, by ``advantage_estimator``, the critic-free GRPO, RLOO, REINFORCE++ (fields
+and checks: ``config.PPOConfig``).
 
 One Trainer epoch is one iteration: the train dataloader (``ExperienceLoader``) runs a
 rollout with the current policy, then yields its experience in shuffled minibatches
@@ -13,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from ..data import as_replies, validate_prompt_dataset
 from ..heads import RewardModel, ValueModel
@@ -39,12 +38,12 @@ from ..models import (
 from ..reward import score as reward_model_score
 from ..trainer_utils import (
     CheckedTraining,
-    check_finite_fields,
     check_finite_loss,
     check_finite_weights,
     keep_token_out_of_args,
 )
 from . import core
+from .config import PPOConfig
 from .experience import ExperienceLoader
 from .rollout import (
     Batch,
@@ -54,139 +53,6 @@ from .rollout import (
     response_values,
     rollout,
 )
-
-
-@dataclass
-class PPOConfig(TrainingArguments):
-    """TrainingArguments plus PPO's fields (TRL PPOConfig's names where they exist)."""
-
-    rollout_batch_size: int = field(default=64, metadata={
-        "help": "Prompts sampled per PPO iteration (per process)."})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
-    total_episodes: int | None = field(default=None, metadata={
-        "help": "Total prompts to roll out; sets num_train_epochs (= iterations)."})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={
-        "help": "Rows per sampling and scoring forward in the rollout: its peak memory "
-                "follows this, not rollout_batch_size."})
-    advantage_estimator: str = field(default="gae", metadata={
-        "help": "gae (PPO with a value model), or critic-free (no value model): grpo, rloo, "
-                "reinforce_pp (REINFORCE++), reinforce_pp_baseline (REINFORCE++ with a "
-                "group baseline)."})
-    num_generations: int = field(default=1, metadata={
-        "help": "Samples per prompt (a group); grpo, rloo and reinforce_pp_baseline need >= 2. "
-                "rollout_batch_size counts samples and must be a multiple of it."})
-    scale_rewards: bool = field(default=True, metadata={
-        "help": "grpo: divide by the group's std (False: Dr. GRPO's unscaled advantages)."})
-    loss_aggregation: str = field(default="token_mean", metadata={
-        "help": "How per-token policy (and KL) losses become one: token_mean, "
-                "seq_mean_token_mean (GRPO), seq_mean_token_sum (Dr. GRPO: token sums / "
-                "response_length)."})
-    kl_loss_coef: float = field(default=0.0, metadata={
-        "help": "KL to the reference as a loss term (GRPO's beta), beside or instead of "
-                "kl_coef's KL in the reward."})
-    kl_loss_estimator: str = field(default="k3", metadata={"help": "k1, k2 or k3."})
-    prefix_sharing: bool = field(default=False, metadata={
-        "help": "With num_generations > 1: the samples of one prompt run as one row "
-                "[prompt | response 1 | ... | response G] in the policy's and reference's "
-                "forwards, so the prompt is computed once per group (sdpa or eager "
-                "attention; minibatches then hold whole groups)."})
-    response_length: int = field(default=53, metadata={"help": "max_new_tokens of rollouts."})
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    kl_coef: float = field(default=0.05, metadata={"help": "beta (initial when adaptive)."})
-    kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3."})
-    kl_target: float | None = field(default=None, metadata={
-        "help": "Target KL for the adaptive controller (Ziegler et al.); None = fixed beta."})
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float | None = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = field(default=True, metadata={
-        "help": "gae only: whiten advantages over the rollout's tokens (the critic-free "
-                "estimators normalise as their method defines)."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "gae only."})
-    missing_eos_penalty: float | None = None
-    score_clip: float | None = None
-    normalize_scores: bool = False
-    disable_dropout: bool = field(default=True, metadata={
-        "help": "Turn off dropout in policy, value, reward and reference models: the rollout's "
-                "log-probs and the update's must come from the same function."})
-    num_sample_generations: int = field(default=10, metadata={
-        "help": "How many times to log a table of sample completions (0: never)."})
-    remove_unused_columns: bool = False
-
-    def __post_init__(self):
-        check_finite_fields(self, ("temperature", "kl_coef", "kl_target", "gamma", "lam",
-                                   "cliprange", "cliprange_value", "vf_coef",
-                                   "missing_eos_penalty", "score_clip", "learning_rate",
-                                   "kl_loss_coef"))
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}: PPO's log-probs "
-                             "are those of softmax(logits / temperature), which greedy decoding "
-                             "does not sample from")
-        for name in ("kl_estimator", "kl_loss_estimator"):
-            if getattr(self, name) not in ("k1", "k2", "k3"):
-                raise ValueError(f"{name} must be k1, k2 or k3, got {getattr(self, name)!r}")
-        self._check_estimator()
-        if self.total_episodes is not None:
-            self.num_train_epochs = math.ceil(self.total_episodes / self.rollout_batch_size)
-        super().__post_init__()
-
-    def _check_estimator(self) -> None:
-        name = self.advantage_estimator
-        if name not in core.ESTIMATORS:
-            raise ValueError(f"advantage_estimator must be one of {', '.join(core.ESTIMATORS)}, "
-                             f"got {name!r}")
-        if self.loss_aggregation not in core.AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {', '.join(core.AGGREGATIONS)}, "
-                             f"got {self.loss_aggregation!r}")
-        if self.num_generations < 1 or self.rollout_batch_size % self.num_generations:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) counts samples: "
-                             f"it must be a multiple of num_generations ({self.num_generations})")
-        if name in core.GROUP_ESTIMATORS and self.num_generations < 2:
-            raise ValueError(f"{name} compares samples of the same prompt: set "
-                             "num_generations >= 2 (e.g. 4 or 8)")
-        if name != "gae" and self.whiten_rewards:
-            raise ValueError(f"whiten_rewards is a gae option; {name} normalises its own "
-                             "advantages: drop whiten_rewards")
-        if self.prefix_sharing:
-            g = self.num_generations
-            if g < 2:
-                raise ValueError("prefix_sharing shares a prompt among its num_generations "
-                                 "samples: set num_generations >= 2")
-            for name in ("per_device_train_batch_size", "local_rollout_forward_batch_size"):
-                if getattr(self, name) % g:
-                    raise ValueError(f"prefix_sharing runs whole groups: {name} "
-                                     f"({getattr(self, name)}) must be a multiple of "
-                                     f"num_generations ({g})")
-        if self.kl_loss_coef < 0 or self.kl_coef < 0:
-            raise ValueError("kl_coef and kl_loss_coef must be >= 0")
-
-    @property
-    def uses_critic(self) -> bool:
-        return self.advantage_estimator == "gae"
-
-    @property
-    def shared_prompt_group(self) -> int:
-        """Rows per packed forward row: num_generations with prefix_sharing, else 1."""
-        return self.num_generations if self.prefix_sharing else 1
-
-    @property
-    def needs_reference(self) -> bool:
-        """A KL to the reference is asked for (in the reward, as a loss, or a KL target)."""
-        return self.kl_coef > 0 or self.kl_loss_coef > 0 or self.kl_target is not None
-
-    @property
-    def needs_rollout_logps(self) -> bool:
-        """False when each rollout is exactly one optimizer step (one epoch, one minibatch
-        of it all) and no KL sits in the reward: the update's own log-probs are then the
-        old ones (ratio 1), and the rollout's policy forward is skipped."""
-        one_step = self.num_ppo_epochs == 1 and self.rollout_batch_size == \
-            self.per_device_train_batch_size * self.gradient_accumulation_steps
-        return not (one_step and self.kl_coef == 0 and self.kl_target is None)
 
 
 class PolicyAndValue(nn.Module):
