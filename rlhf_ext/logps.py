@@ -18,51 +18,74 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
     """
     flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     recompute = torch.is_grad_enabled() and flat.requires_grad and flat.dtype != torch.float32
-    out = _in_blocks(lambda block, t: _block_logps(block, t, temperature), flat, targets,
-                     chunk_size, recompute)
+    out = _in_blocks(lambda block, t: _block_outputs(block, t, temperature), flat,
+                     targets, chunk_size, recompute)
     return out.reshape(labels.shape)
 
 
+TOKEN_STATS = ("entropy", "mean_logit", "top1", "log_sum_sq")
+
+
 def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 512,
-               temperature: float = 1.0, with_entropy: bool = False):
+               temperature: float = 1.0, stats: tuple[str, ...] = ()):
     """log softmax(head(hidden) / temperature)[target] for K positions, ``chunk_size`` at a
     time: the [K, V] logits never exist, only one [chunk, V] block, and under autograd each
-    block is recomputed in backward (activation checkpointing) instead of kept. With
-    ``with_entropy`` also the entropy of each position's distribution (no gradient),
-    from the same blocks.
+    block is recomputed in backward (activation checkpointing) instead of kept.
 
-    Shapes: hidden [K, H], targets [K] -> [K] (float32), or ([K], [K]) with entropy.
+    ``stats`` (names from ``TOKEN_STATS``, no gradient) come from the same blocks: the
+    distribution's ``entropy``, the ``mean_logit`` over the vocabulary, ``top1`` (1.0
+    where the target is the argmax) and ``log_sum_sq`` = log sum_v p_v^2 (WPO's weights).
+
+    Shapes: hidden [K, H], targets [K] -> [K] (float32); with ``stats``
+    ([K], {name: [K]}).
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    unknown = set(stats) - set(TOKEN_STATS)
+    if unknown:
+        raise ValueError(f"unknown token stats {sorted(unknown)}; known: {TOKEN_STATS}")
     # ZeRO-3 releases the head's gathered weight after the call, so a recompute would see
     # a different tensor: there the blocks are kept (the [K, V] logits, still completion
     # positions only).
     recompute = torch.is_grad_enabled() and not is_deepspeed_zero3_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    if not with_entropy:
-        return _in_blocks(lambda h, t: _block_logps(head(h), t, temperature), hidden,
-                          targets, chunk_size, recompute)
-    if torch.is_grad_enabled():
-        raise ValueError("with_entropy is for scoring without gradients (torch.no_grad)")
-    out = _in_blocks(lambda h, t: _block_logps_entropy(head(h), t, temperature), hidden,
-                     targets, chunk_size, False)
+    out = _in_blocks(lambda h, t: _block_outputs(head(h), t, temperature, stats, fresh=True),
+                     hidden, targets, chunk_size, recompute)
+    if not stats:
+        return out
     if out.ndim == 1:  # no positions
-        return out, out
-    return out[:, 0], out[:, 1]
+        return out, {name: out for name in stats}
+    return out[:, 0], {name: out[:, 1 + i].detach() for i, name in enumerate(stats)}
 
 
-def _block_logps_entropy(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """Target log-prob and entropy per row, in place where it can: at most two [N, V]
-    float32 blocks alive (z, then exp(z - lse) written over by p * z).
-    H = lse - sum softmax(z) z. [N, V], [N] -> [N, 2]."""
-    z = logits.float()  # the head's fresh output (or its float32 copy): ours to overwrite
+def _block_outputs(logits: Tensor, targets: Tensor, temperature: float,
+                   stats: tuple[str, ...] = (), fresh: bool = False) -> Tensor:
+    """Target log-prob per row, then each of ``stats`` (no gradient), with at most two
+    [N, V] float32 blocks alive: z, and one temporary (exp(z - lse) written over by p * z
+    for the entropy: H = lse - sum softmax(z) z). ``fresh``: the block is the head's new
+    output, which without autograd may be overwritten.
+    [N, V], [N] -> [N] or [N, 1 + len(stats)]."""
+    z = logits.float()
     if temperature != 1.0:
-        z.div_(temperature)
+        in_place = fresh and not torch.is_grad_enabled()
+        z = z.div_(temperature) if in_place else z / temperature
     lse = torch.logsumexp(z, -1)
     logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    p_times_z = (z - lse.unsqueeze(-1)).exp_().mul_(z)
-    return torch.stack([logps, lse - p_times_z.sum(-1)], -1)
+    if not stats:
+        return logps
+    columns = [logps]
+    with torch.no_grad():
+        z, lse = z.detach(), lse.detach()
+        for name in stats:
+            if name == "entropy":
+                columns.append(lse - (z - lse.unsqueeze(-1)).exp_().mul_(z).sum(-1))
+            elif name == "mean_logit":
+                columns.append(z.mean(-1))
+            elif name == "top1":
+                columns.append((z.argmax(-1) == targets).float())
+            else:  # log_sum_sq
+                columns.append(torch.logsumexp(2 * (z - lse.unsqueeze(-1)), -1))
+    return torch.stack(columns, -1)
 
 
 def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bool) -> Tensor:
@@ -74,14 +97,6 @@ def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bo
         pieces.append(checkpoint(fn, block, block_targets, use_reentrant=False) if recompute
                       else fn(block, block_targets))
     return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
-
-
-def _block_logps(block: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """[N, V], [N] -> [N] float32."""
-    block = block.float()
-    if temperature != 1.0:
-        block = block / temperature
-    return block.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(block, -1)
 
 
 def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
@@ -135,9 +150,14 @@ def output_head(model):
 
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
                    completion_mask: Tensor, position_ids: Tensor | None = None,
-                   sequence_ids: Tensor | None = None, segment_ids: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor]:
-    """Summed completion log-probs and completion token counts of each sequence.
+                   sequence_ids: Tensor | None = None, segment_ids: Tensor | None = None,
+                   ld_alpha: float | None = None, stats: tuple[str, ...] = ()):
+    """Summed completion log-probs and completion token counts of each sequence; with
+    ``stats`` also a dict of per-sequence sums over completion tokens of each named
+    ``TOKEN_STATS`` value and of ``logps`` (the plain log-prob sum, detached).
+
+    ``ld_alpha`` (LD-DPO, paired batches, chosen first): tokens past the shorter
+    completion of the pair count ``ld_alpha`` times (``length_desensitized_weights``).
 
     Three layouts (``data.PreferenceCollator``):
     - padded: [B, T] rows -> ([B], [B]);
@@ -174,19 +194,49 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
         index, n = sequence_ids[rows, cols], int(sequence_ids.max()) + 1
     else:
         index, n = rows, input_ids.shape[0]
-    logps = head_logps(hidden[rows, predictors], output_head(model), input_ids[rows, cols])
-    sums = logps.new_zeros(n).index_add(0, index, logps)
+    head_stats = tuple(name for name in stats if name != "logps")
+    logps = head_logps(hidden[rows, predictors], output_head(model), input_ids[rows, cols],
+                       stats=head_stats)
+    per_token = {}
+    if head_stats:
+        logps, per_token = logps
     counts = torch.zeros(n, dtype=torch.float32, device=logps.device).index_add(
         0, index, torch.ones_like(logps))
-    return sums, counts
+    weighted = logps
+    if ld_alpha is not None:
+        weighted = logps * length_desensitized_weights(index, n, ld_alpha)
+    sums = logps.new_zeros(n).index_add(0, index, weighted)
+    if not stats:
+        return sums, counts
+    per_token["logps"] = logps.detach()
+    return sums, counts, {name: logps.new_zeros(n).index_add(0, index, per_token[name])
+                          for name in stats}
 
 
-def batch_logps(model, inputs: dict, prefix: str = "") -> tuple[Tensor, Tensor]:
-    """``sequence_logps`` of a collated batch (padded or padding-free); ``prefix`` picks
-    another set of sequences in it (``kl_`` for KTO's mismatched pairs)."""
+def length_desensitized_weights(index: Tensor, n: int, alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024): 1 for a completion's first tokens, as many
+    as the shorter completion of its pair has, ``alpha`` for the rest, so a verbose
+    completion's excess counts less. Sequences 0..n/2-1 are the chosen, n/2.. the rejected
+    (pair i = sequences i and n/2 + i); tokens of a sequence come in order.
+
+    Shapes: index [K] (each token's sequence) -> [K] float32.
+    """
+    counts = torch.bincount(index, minlength=n)
+    shared = torch.minimum(counts[:n // 2], counts[n // 2:]).repeat(2)
+    order = torch.sort(index, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    ordinal = torch.empty_like(index)
+    ordinal[order] = torch.arange(index.numel(), device=index.device) - starts[index[order]]
+    ones = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    return torch.where(ordinal < shared[index], ones, ones * alpha)
+
+
+def batch_logps(model, inputs: dict, prefix: str = "", **kwargs):
+    """``sequence_logps`` of a collated batch (any layout); ``prefix`` picks another set of
+    sequences in it (``kl_`` for KTO's mismatched pairs); ``kwargs``: ld_alpha, stats."""
     return sequence_logps(model, inputs[f"{prefix}input_ids"],
                           inputs.get(f"{prefix}attention_mask"),
                           inputs[f"{prefix}completion_mask"],
                           inputs.get(f"{prefix}position_ids"),
                           inputs.get(f"{prefix}sequence_ids"),
-                          inputs.get(f"{prefix}segment_ids"))
+                          inputs.get(f"{prefix}segment_ids"), **kwargs)

@@ -154,6 +154,34 @@ def test_additive_mask_by_hand():
     assert got.dtype == torch.bfloat16 and got[0, 0].tolist() == [[0, low], [0, 0]]
 
 
+def test_head_token_stats_by_hand():
+    """Entropy, mean logit, top-1 and log sum p^2 of p = (1/2, 1/4, 1/4), from the same
+    blocks as the log-prob, carry no gradient, and leave the log-prob's gradient as it is."""
+    import math
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))
+    logits.requires_grad_(True)  # the head is the identity: these rows are the logits
+    targets = torch.tensor([0, 2])
+    stats = ("entropy", "mean_logit", "top1", "log_sum_sq")
+    logps, got = head_logps(logits, torch.nn.Identity(), targets, chunk_size=1, stats=stats)
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert logps.tolist() == pytest.approx([math.log(0.5), math.log(0.25)])
+    assert got["entropy"].tolist() == pytest.approx([entropy, entropy])
+    assert got["mean_logit"].tolist() == pytest.approx([(math.log(0.5) + 2 * math.log(0.25)) / 3] * 2)
+    assert got["top1"].tolist() == [1.0, 0.0]
+    assert got["log_sum_sq"].tolist() == pytest.approx([math.log(0.375)] * 2)
+    assert not any(v.requires_grad for v in got.values())
+    grad, = torch.autograd.grad(logps.sum(), logits)
+    plain, = torch.autograd.grad(head_logps(logits, torch.nn.Identity(), targets).sum(), logits)
+    torch.testing.assert_close(grad, plain)
+    with torch.no_grad():  # the in-place path (fresh blocks, temperature) gives the same
+        cold, cold_stats = head_logps(logits * 2, torch.nn.Identity(), targets,
+                                      temperature=2.0, stats=stats)
+    torch.testing.assert_close(cold, logps.detach())
+    for name in stats:
+        torch.testing.assert_close(cold_stats[name], got[name])
+
+
 def test_chunked_head_logps_match_and_train_the_head():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

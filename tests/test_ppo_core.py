@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from rlhf_ext.logps import head_logps
 from rlhf_ext.ppo import core
 
 T = torch.tensor
@@ -113,16 +112,6 @@ def test_masked_whiten_and_running_moments():
     m.update(T([1.0, 3.0]))
     m.update(T([5.0, 7.0]))
     assert m.mean == pytest.approx(4.0) and m.var == pytest.approx(5.0)  # population var
-
-
-def test_head_logps_with_entropy_by_hand():
-    logits = torch.log(T([[0.5, 0.25, 0.25]]))  # the head is the identity: these are logits
-    expected = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    with torch.no_grad():
-        logps, entropy = head_logps(logits, torch.nn.Identity(), T([0]).long(),
-                                    with_entropy=True)
-    assert logps.item() == pytest.approx(math.log(0.5))
-    assert entropy.item() == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------

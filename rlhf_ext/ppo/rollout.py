@@ -90,14 +90,14 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
         predictors = hidden[g, torch.where(c == 0, p - 1, column - 1)]
         targets = packed["input_ids"][g, column]
     out = head_logps(predictors, output_head(model), targets, temperature=temperature,
-                     with_entropy=with_entropy)
+                     stats=("entropy",) if with_entropy else ())
     shape = batch.response_mask.shape
 
     def scatter(values: Tensor) -> Tensor:
         full = torch.zeros(shape, dtype=values.dtype, device=values.device)
         return full.index_put((r, c), values)
 
-    return (scatter(out[0]), scatter(out[1])) if with_entropy else scatter(out)
+    return (scatter(out[0]), scatter(out[1]["entropy"])) if with_entropy else scatter(out)
 
 
 def pack_groups(batch: Batch, group: int) -> dict[str, Tensor]:
