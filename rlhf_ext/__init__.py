@@ -8,9 +8,20 @@ from .losses import LOSSES, LossParams, compute_loss, resolve_loss_types
 from .ppo import PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer, load_reward_model, score
+from .trl_compat import (
+    CPOConfig,
+    CPOTrainer,
+    DPOConfig,
+    DPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    ORPOConfig,
+    ORPOTrainer,
+)
 
 __all__ = [
-    "LOSSES", "LossParams", "PPOConfig", "PPOTrainer", "PreferenceConfig", "PreferenceTrainer",
+    "CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer",
+    "ORPOConfig", "ORPOTrainer", "LOSSES", "LossParams", "PPOConfig", "PPOTrainer", "PreferenceConfig", "PreferenceTrainer",
     "RewardConfig", "RewardModel", "RewardModelConfig", "RewardTrainer", "ValueModel",
     "ValueModelConfig",
     "compute_loss", "load_reward_model", "resolve_loss_types", "score",

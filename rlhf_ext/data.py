@@ -179,10 +179,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ...]) -> dict:
+def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ...],
+                            max_prompt_length: int | None = None,
+                            max_completion_length: int | None = None) -> dict:
     """prompt -> prompt_ids; each completion column c -> c_ids, split where the tokenized
     prompt and prompt + completion diverge (chat templates can render them differently).
-    Standard-format completions get the eos token appended when they lack it."""
+    Standard-format completions get the eos token appended when they lack it. Then, as
+    TRL's ``max_prompt_length`` / ``max_completion_length``: a prompt keeps its last
+    tokens (those next to the completion), a completion its first."""
     prompt = example["prompt"]
     prompt_ids = _tokenize(tokenizer, prompt, generation_prompt=True)
     full = {}
@@ -192,20 +196,29 @@ def tokenize_preference_row(example: dict, tokenizer, completions: tuple[str, ..
             completion = completion + tokenizer.eos_token
         full[c] = _tokenize(tokenizer, prompt + completion)
     cut = min(_common_prefix(prompt_ids, ids) for ids in full.values())
-    return {"prompt_ids": prompt_ids[:cut], **{f"{c}_ids": full[c][cut:] for c in completions}}
+    prompt_ids = prompt_ids[:cut]
+    if max_prompt_length is not None:
+        prompt_ids = prompt_ids[len(prompt_ids) - min(max_prompt_length, len(prompt_ids)):]
+    return {"prompt_ids": prompt_ids,
+            **{f"{c}_ids": full[c][cut:][:max_completion_length] for c in completions}}
 
 
 def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
                                max_length: int | None, name: str = "train",
-                               keep: tuple[str, ...] = (), truncation_mode: str = "keep_start"):
+                               keep: tuple[str, ...] = (), truncation_mode: str = "keep_start",
+                               max_prompt_length: int | None = None,
+                               max_completion_length: int | None = None,
+                               num_proc: int | None = None):
     """Validated rows -> token ids (paired: prompt/chosen/rejected_ids; unpaired:
     prompt/completion_ids, label and kl_completion_ids: the previous row's completion, the
-    mismatched pairs of KTO's reference point). Fails when a prompt leaves no room."""
+    mismatched pairs of KTO's reference point). Fails when a prompt leaves no room.
+    ``num_proc`` processes tokenize (TRL's ``dataset_num_proc``)."""
     from trl.data_utils import extract_prompt, unpair_preference_dataset
 
     if kind == "paired" and "prompt" not in dataset.column_names:
         others = [c for c in dataset.column_names if c not in (*PAIRED_COLUMNS, *keep)]
-        dataset = dataset.map(extract_prompt, desc=f"extracting {name} prompts")
+        dataset = dataset.map(extract_prompt, desc=f"extracting {name} prompts",
+                              num_proc=num_proc)
         empty = sum(not len(p) for p in dataset["prompt"])
         if others and empty:
             raise DataError(
@@ -218,7 +231,10 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
     completions = PAIRED_COLUMNS if kind == "paired" else ("completion",)
     keep = {*keep, "label"} if kind == "unpaired" else set(keep)
     dataset = dataset.map(tokenize_preference_row, desc=f"tokenizing {name} dataset",
-                          fn_kwargs={"tokenizer": tokenizer, "completions": completions},
+                          num_proc=num_proc,
+                          fn_kwargs={"tokenizer": tokenizer, "completions": completions,
+                                     "max_prompt_length": max_prompt_length,
+                                     "max_completion_length": max_completion_length},
                           remove_columns=[c for c in dataset.column_names if c not in keep])
     if max_length is not None:
         for row, n in enumerate(len(ids) for ids in list(dataset["prompt_ids"])):

@@ -87,6 +87,33 @@ class RewardOutput(ModelOutput):
     gate: Tensor | None = None
 
 
+def scalar_rewards(output) -> Tensor:
+    """The scalar reward per sequence of a reward model's output: ``rewards`` of a
+    RewardModel, or the single logit of a transformers ``*ForSequenceClassification``
+    model with one label (TRL's reward models). [B]."""
+    rewards = getattr(output, "rewards", None)
+    if rewards is not None:
+        return rewards
+    if output.logits.shape[-1] != 1:
+        raise ValueError(f"a reward model has one output per sequence; this one has "
+                         f"{output.logits.shape[-1]} labels: load it with num_labels=1")
+    return output.logits[:, 0]
+
+
+def check_scalar_head(model) -> None:
+    """A reward model the package can train and score with: a RewardModel, or a sequence
+    classifier with exactly one label, whose pad id is known (it pools the last non-pad
+    token; the Trainer pads with the tokenizer's pad token, set here by the caller)."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    if isinstance(base, RewardModel):
+        return
+    labels = getattr(getattr(base, "config", None), "num_labels", None)
+    if not type(base).__name__.endswith("ForSequenceClassification") or labels != 1:
+        raise ValueError(f"{type(base).__name__} (num_labels={labels}) is not a reward model: "
+                         "pass a path (a backbone gets a fresh scalar head), a RewardModel, or "
+                         "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)")
+
+
 @dataclass
 class ValueOutput(ModelOutput):
     """``values`` [B, T]: one value per position; ``logits`` the same as [B, T, 1]."""

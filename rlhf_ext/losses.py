@@ -39,6 +39,7 @@ class PairedLogps:
     rejected_tokens: Tensor
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
+    weights: Tensor | None = None  # per-pair loss weights (WPO), no gradient
 
 
 @dataclass
@@ -66,6 +67,8 @@ class LossParams:
     discopop_tau: float = 0.05
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
 
 @dataclass
@@ -89,6 +92,8 @@ class LossSpec:
     default_beta: float = 0.1
     check: Callable[[LossParams], None] | None = None
     smooths: bool = False  # reads label_smoothing
+    f_divergence: bool = False  # reads f_divergence_type (through _scores)
+    weighable: bool = True  # per-pair weights (WPO) apply: false where pairs are coupled
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -97,12 +102,12 @@ ALIASES = {"dpo": "sigmoid"}
 
 def register_loss(name: str, *, needs_reference: bool = True, paired: bool = True,
                   logps: str = "sum", default_beta: float = 0.1, check=None,
-                  smooths: bool = False):
+                  smooths: bool = False, f_divergence: bool = False, weighable: bool = True):
     """Decorator: add a loss function to ``LOSSES`` under ``name``."""
 
     def wrap(fn):
         LOSSES[name] = LossSpec(name, fn, needs_reference, paired, logps, default_beta, check,
-                                smooths)
+                                smooths, f_divergence, weighable)
         return fn
 
     return wrap
@@ -121,6 +126,33 @@ def _ratios(b: PairedLogps) -> tuple[Tensor, Tensor]:
     return b.chosen - b.ref_chosen, b.rejected - b.ref_rejected
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(h: Tensor, kind: str, alpha: float = 0.5) -> Tensor:
+    """f-DPO (Wang et al. 2023): the log-ratio h = log(pi / ref) replaced by f'(u) at
+    u = pi / ref, for the f-divergence that regularises the policy instead of reverse KL:
+    reverse_kl log u (DPO itself); forward_kl 1 - 1/u; js_divergence log(2u / (1 + u)) =
+    log 2 + log sigma(h); alpha_divergence (u^(alpha - 1) - 1) / (alpha - 1) (TRL's
+    parametrisation; alpha = 1 is reverse KL), exponent clamped at 80. [B] -> [B]."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1) < 1e-6):
+        return h
+    if kind == "forward_kl":
+        return 1 - torch.exp(-h)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(h)
+    if kind == "alpha_divergence":
+        return torch.expm1(((alpha - 1) * h.float()).clamp(max=80.0)).to(h.dtype) / (alpha - 1)
+    raise ValueError(f"unknown f_divergence_type {kind!r}; valid: {', '.join(F_DIVERGENCES)}")
+
+
+def _scores(b: PairedLogps, p: LossParams) -> tuple[Tensor, Tensor]:
+    """Log-ratios through ``f_divergence_scores`` (the identity for DPO's reverse KL)."""
+    h_w, h_l = _ratios(b)
+    kind, alpha = p.f_divergence_type, p.f_alpha_divergence_coef
+    return f_divergence_scores(h_w, kind, alpha), f_divergence_scores(h_l, kind, alpha)
+
+
 def _dpo_rewards(b: PairedLogps, beta: float, losses: Tensor, **metrics) -> LossOutput:
     h_w, h_l = _ratios(b)
     return LossOutput(losses, beta * h_w.detach(), beta * h_l.detach(), metrics)
@@ -132,6 +164,19 @@ def chosen_nll(b: PairedLogps) -> Tensor:
     Returns a scalar (the same value TRL's SFT term and CPO's NLL term compute).
     """
     return -b.chosen.sum() / b.chosen_tokens.sum().clamp(min=1)
+
+
+def wpo_weights(logps: Tensor, log_sum_sq: Tensor, counts: Tensor) -> Tensor:
+    """WPO's pair weights (Zhou et al. 2024, eq. 2, as TRL computes them): each completion's
+    w = exp(mean over its tokens of log p(y_t) - log sum_v p(v)^2), the probability of the
+    completion under the policy relative to its own sampling distribution, length-normalised;
+    a pair's weight is w_chosen * w_rejected, without gradient.
+
+    Shapes: per-sequence sums over completion tokens [2B] (chosen first), counts [2B] -> [B].
+    """
+    w = ((logps - log_sum_sq) / counts.clamp(min=1)).detach().exp()
+    b = w.shape[0] // 2
+    return w[:b] * w[b:]
 
 
 def _expand(scalar: Tensor, like: Tensor) -> Tensor:
@@ -166,43 +211,43 @@ def _simpo_params(p: LossParams) -> None:
 # the DPO family (reference-based, paired, summed log-probs)
 # ---------------------------------------------------------------------------------------
 
-@register_loss("sigmoid", check=_smoothing_below_half, smooths=True)
+@register_loss("sigmoid", check=_smoothing_below_half, smooths=True, f_divergence=True)
 def sigmoid_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """DPO (Rafailov et al. 2023, eq. 7): -log sigma(beta * delta).
 
     With label_smoothing ls > 0 it is conservative DPO (cDPO, Mitchell 2023):
     -(1 - ls) log sigma(beta delta) - ls log sigma(-beta delta).
     """
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     return _dpo_rewards(b, p.beta, _smoothed_logistic(p.beta * (h_w - h_l), p.label_smoothing))
 
 
-@register_loss("hinge")
+@register_loss("hinge", f_divergence=True)
 def hinge_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """SLiC hinge (Zhao et al. 2023): max(0, 1 - beta * delta)."""
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     return _dpo_rewards(b, p.beta, torch.relu(1 - p.beta * (h_w - h_l)))
 
 
-@register_loss("ipo")
+@register_loss("ipo", f_divergence=True)
 def ipo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """IPO (Azar et al. 2023, eq. 17): (h_w / n_w - h_l / n_l - 1 / (2 beta))^2.
 
     Each side's log-ratio is divided by its own token count, as TRL does (the IPO authors'
     length-normalised form); beta is the paper's tau.
     """
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     margin = h_w / b.chosen_tokens.clamp(min=1) - h_l / b.rejected_tokens.clamp(min=1)
     return _dpo_rewards(b, p.beta, (margin - 1 / (2 * p.beta)) ** 2)
 
 
-@register_loss("exo_pair", check=_needs_smoothing, smooths=True)
+@register_loss("exo_pair", check=_needs_smoothing, smooths=True, f_divergence=True)
 def exo_pair_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """EXO (Ji et al. 2024, eq. 16), pairwise: KL(q || p_rh) with q = softmax over the pair of
     beta * log-ratios and p_rh = (1 - ls, ls):
     sigma(z) (log sigma(z) - log(1 - ls)) + sigma(-z) (log sigma(-z) - log ls), z = beta delta.
     """
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     z = p.beta * (h_w - h_l)
     ls = p.label_smoothing
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-ls))
@@ -220,11 +265,11 @@ def nca_pair_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, losses)
 
 
-@register_loss("robust", check=_smoothing_below_half, smooths=True)
+@register_loss("robust", check=_smoothing_below_half, smooths=True, f_divergence=True)
 def robust_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, eq. 8), unbiased under label-flip rate ls:
     (-(1 - ls) log sigma(beta delta) + ls log sigma(-beta delta)) / (1 - 2 ls)."""
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     z, ls = p.beta * (h_w - h_l), p.label_smoothing
     losses = (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
     return _dpo_rewards(b, p.beta, losses)
@@ -246,7 +291,7 @@ def sppo_hard_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, (h_w - 0.5 / p.beta) ** 2 + (h_l + 0.5 / p.beta) ** 2)
 
 
-@register_loss("aot", check=_smoothing_below_half, smooths=True)
+@register_loss("aot", check=_smoothing_below_half, smooths=True, weighable=False)
 def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT (Melnyk et al. 2024), paired: the batch's sorted policy margins pi_w - pi_l against
     the sorted reference margins ref_w - ref_l; d = sort(pi_w - pi_l) - sort(ref_w - ref_l);
@@ -256,7 +301,8 @@ def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, _smoothed_logistic(p.beta * d, p.label_smoothing))
 
 
-@register_loss("aot_unpaired", check=_smoothing_below_half, smooths=True)
+@register_loss("aot_unpaired", check=_smoothing_below_half, smooths=True,
+               weighable=False)
 def aot_unpaired_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT, unpaired: d = sort(h_w) - sort(h_l); smoothed logistic loss of beta * d."""
     h_w, h_l = _ratios(b)
@@ -281,25 +327,25 @@ def apo_down_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, losses)
 
 
-@register_loss("discopop")
+@register_loss("discopop", f_divergence=True)
 def discopop_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """DiscoPOP (Chris Lu et al. 2024, eq. 5): with z = beta delta and m = sigma(z / tau),
     (1 - m) * (-log sigma(z)) + m * exp(-z)."""
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     z = p.beta * (h_w - h_l)
     m = torch.sigmoid(z / p.discopop_tau)
     return _dpo_rewards(b, p.beta, (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z))
 
 
-@register_loss("sigmoid_norm")
+@register_loss("sigmoid_norm", f_divergence=True)
 def sigmoid_norm_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """Length-normalised DPO: -log sigma(beta (h_w / n_w - h_l / n_l))."""
-    h_w, h_l = _ratios(b)
+    h_w, h_l = _scores(b, p)
     margin = h_w / b.chosen_tokens.clamp(min=1) - h_l / b.rejected_tokens.clamp(min=1)
     return _dpo_rewards(b, p.beta, -F.logsigmoid(p.beta * margin))
 
 
-@register_loss("sft", needs_reference=False)
+@register_loss("sft", needs_reference=False, f_divergence=True)
 def sft_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """NLL of the chosen completions, the token-level mean over the batch (``chosen_nll``).
     Combined with sigmoid it gives RPO (Pang et al. 2024): loss_type [sigmoid, sft]."""
@@ -384,6 +430,19 @@ def kto_loss(b: UnpairedLogps, p: LossParams) -> LossOutput:
     return LossOutput(losses, rewards[labels], rewards[~labels], {"kl": z0.detach()})
 
 
+@register_loss("apo_zero_unpaired", paired=False)
+def apo_zero_unpaired_loss(b: UnpairedLogps, p: LossParams) -> LossOutput:
+    """APO-zero for unpaired data (D'Oosterlinck et al. 2024; TRL KTO's loss_type of that
+    name), h = pi - ref, no reference point: desirable 1 - sigma(beta h), undesirable
+    sigma(beta h), weighted by desirable_weight / undesirable_weight."""
+    h = b.logps - b.ref_logps
+    labels = b.labels.bool()
+    losses = torch.where(labels, p.desirable_weight * (1 - torch.sigmoid(p.beta * h)),
+                         p.undesirable_weight * torch.sigmoid(p.beta * h))
+    rewards = p.beta * h.detach()
+    return LossOutput(losses, rewards[labels], rewards[~labels])
+
+
 # ---------------------------------------------------------------------------------------
 # names, checks and composition
 # ---------------------------------------------------------------------------------------
@@ -423,6 +482,16 @@ def check_params(specs: Sequence[LossSpec], params: LossParams) -> None:
         raise ValueError(f"label_smoothing={params.label_smoothing} is ignored by loss "
                          f"{[s.name for s in specs]}: set it to 0, or use a loss that reads it "
                          f"({', '.join(smoothing)})")
+    if params.f_divergence_type != "reverse_kl":
+        if params.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"unknown f_divergence_type {params.f_divergence_type!r}; valid: "
+                             f"{', '.join(F_DIVERGENCES)}")
+        plain = [s.name for s in specs if not s.f_divergence]
+        if plain:
+            able = sorted(name for name, spec in LOSSES.items() if spec.f_divergence)
+            raise ValueError(f"f_divergence_type={params.f_divergence_type!r} replaces the "
+                             f"log-ratio of DPO-style losses ({', '.join(able)}); loss(es) "
+                             f"{plain} use the log-ratios otherwise. Use reverse_kl with them.")
     for spec in specs:
         p = params_for(spec, params)
         if p.beta <= 0:
@@ -434,14 +503,17 @@ def check_params(specs: Sequence[LossSpec], params: LossParams) -> None:
 def compute_loss(specs: Sequence[LossSpec], weights: Sequence[float],
                  batch: PairedLogps | UnpairedLogps, params: LossParams
                  ) -> tuple[Tensor, LossOutput]:
-    """Weighted sum of the losses' batch means, and the first loss's output for logging.
+    """Weighted sum of the losses' batch means (each example's loss times the batch's
+    per-pair ``weights`` when it has them: WPO), and the first loss's output for logging.
 
     Returns (scalar loss, LossOutput of the first loss with every loss's metrics merged).
     """
     total, first, metrics = None, None, {}
+    pair_weights = getattr(batch, "weights", None)
     for spec, weight in zip(specs, weights, strict=True):
         out = spec.fn(batch, params_for(spec, params))
-        term = weight * out.losses.mean()
+        losses = out.losses if pair_weights is None else out.losses * pair_weights
+        term = weight * losses.mean()
         total = term if total is None else total + term
         first = first or out
         metrics.update(out.metrics)

@@ -8,13 +8,23 @@ and cached), the loss, TRL-named metrics. Everything else is the Trainer's own.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from . import losses as L
+from .config_fields import (
+    TRAINING_COLUMNS,
+    DataFields,
+    activation_offloading,
+    apply_tokenizer_fields,
+    model_init,
+    pad_multiple,
+)
 from .data import (
     PreferenceCollator,
     check_fits_model,
@@ -24,6 +34,7 @@ from .data import (
 from .hub import trainer_model_card
 from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation, batch_logps
 from .models import (
+    adapters_disabled,
     add_adapters,
     disable_dropout,
     keep_4bit_differentiable,
@@ -31,6 +42,7 @@ from .models import (
     load_tokenizer,
 )
 from .reference import ReferenceLogps
+from .tables import log_table
 from .trainer_utils import (
     CheckedTraining,
     add_averaged_metrics,
@@ -41,9 +53,15 @@ from .trainer_utils import (
 
 
 @dataclass
-class PreferenceConfig(TrainingArguments):
-    """TrainingArguments plus the preference-loss fields (TRL DPOConfig's names)."""
+class PreferenceConfig(DataFields, TrainingArguments):
+    """TrainingArguments plus the preference-loss fields, under TRL DPOConfig's names and
+    defaults (learning rate 1e-6, a log every 10 steps). Two defaults differ on purpose:
+    gradient checkpointing and bf16 stay off (TRL turns both on) — see the README."""
 
+    learning_rate: float = field(default=1e-6, metadata={
+        "help": "Initial AdamW learning rate (TRL DPOConfig's default, 1e-6)."})
+    logging_steps: float = field(default=10, metadata={
+        "help": "Log every X steps (an integer), or every X of the run (a float below 1)."})
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
         "help": f"Loss name(s): {', '.join(sorted(L.LOSSES) + sorted(L.ALIASES))}. "
                 "Several with loss_weights combine them (e.g. sigmoid sft = RPO)."})
@@ -64,7 +82,31 @@ class PreferenceConfig(TrainingArguments):
         "help": "Maximum prompt + completion tokens; longer sequences are truncated."})
     truncation_mode: str = field(default="keep_start", metadata={
         "help": "keep_start or keep_end."})
-    pad_to_multiple_of: int | None = None
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Keep at most this many prompt tokens (the last ones, next to the completion)."})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "Keep at most this many completion tokens (the first ones)."})
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "RPO (Pang et al. 2024): add rpo_alpha x the chosen completions' NLL "
+                "(the same as loss_type [..., sft] with loss_weights [..., rpo_alpha])."})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO (Zhou et al. 2024): weight each pair by the policy's own probability of "
+                "its two completions (length-normalised, no gradient)."})
+    ld_alpha: float | None = field(default=None, metadata={
+        "help": "LD-DPO (Liu et al. 2024): completion tokens past the shorter completion of "
+                "the pair count ld_alpha times in the log-probs (0 to 1; None = plain sums)."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": "f-DPO (Wang et al. 2023): reverse_kl (DPO), forward_kl, js_divergence or "
+                "alpha_divergence."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={
+        "help": "alpha of alpha_divergence."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO (Gorbatovski et al. 2024): every ref_model_sync_steps steps the "
+                "reference becomes alpha x policy + (1 - alpha) x reference."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={
+        "help": "TR-DPO's alpha."})
+    ref_model_sync_steps: int = field(default=512, metadata={
+        "help": "TR-DPO's tau: optimizer steps between two reference updates."})
     padding_free: bool = field(default=False, metadata={
         "help": "Pack each batch into one row without padding (positions restart per "
                 "sequence); needs an attention that honours packed position_ids (sdpa, "
@@ -83,17 +125,27 @@ class PreferenceConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={
         "help": "Turn off dropout in the model and the reference (LoRA's and attention's too)."})
     model_init_kwargs: dict | None = None
-    remove_unused_columns: bool = False
+    router_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "Mixture-of-experts router loss weight: not implemented, leave None."})
+    generate_during_eval: bool = field(default=False, metadata={
+        "help": "At each evaluation, sample completions to a batch of eval prompts from the "
+                "policy and the reference, and log them: completions.md in output_dir and a "
+                "table for TensorBoard / Weights & Biases."})
+    is_encoder_decoder: bool | None = field(default=None, metadata={
+        "help": "Decoder-only models only: True is refused."})
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        self.loss_specs, self.resolved_loss_weights = L.resolve_loss_types(
-            self.loss_type, self.loss_weights)
         check_finite_fields(self, ("beta", "loss_weights", "label_smoothing", "simpo_gamma",
                                    "cpo_alpha", "discopop_tau", "desirable_weight",
-                                   "undesirable_weight", "learning_rate"))
+                                   "undesirable_weight", "learning_rate", "rpo_alpha",
+                                   "ld_alpha", "f_alpha_divergence_coef",
+                                   "ref_model_mixup_alpha"))
+        self.pad_to_multiple_of = pad_multiple(self.pad_to_multiple_of)
+        self.loss_specs, self.resolved_loss_weights = L.resolve_loss_types(*self._losses())
         L.check_params(self.loss_specs, self.loss_params())
+        self._check_trl_fields()
         if self.prefix_sharing and self.truncation_mode != "keep_start":
             raise ValueError("prefix_sharing keeps one prompt for chosen and rejected, which "
                              "keep_end truncation could cut differently: use keep_start")
@@ -104,12 +156,65 @@ class PreferenceConfig(TrainingArguments):
                              f"got {self.truncation_mode!r}")
         super().__post_init__()
 
+    def _losses(self) -> tuple[list[str], list[float] | None]:
+        """The loss names and weights this config trains with: loss_type and loss_weights,
+        plus the sft term of ``rpo_alpha``. (TRL-named presets translate their names here.)"""
+        names, weights = list(self.loss_type), self.loss_weights
+        if self.rpo_alpha is not None:  # RPO as TRL had it: the NLL term by another name
+            if "sft" in names:
+                raise ValueError("rpo_alpha adds the sft (NLL) term and loss_type already has "
+                                 "sft: drop rpo_alpha and weight sft in loss_weights")
+            if self.rpo_alpha < 0:
+                raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+            weights = [*(weights or [1.0] * len(names)), self.rpo_alpha]
+            names.append("sft")
+        return names, weights
+
+    def _check_trl_fields(self) -> None:
+        paired, names = self.loss_specs[0].paired, [s.name for s in self.loss_specs]
+        if self.is_encoder_decoder:
+            raise ValueError("is_encoder_decoder=True: this trainer trains decoder-only "
+                             "(causal) language models")
+        if self.router_aux_loss_coef is not None:
+            raise ValueError("router_aux_loss_coef weights a mixture-of-experts router loss, "
+                             "which this trainer does not add: leave it None")
+        for name in ("max_prompt_length", "max_completion_length", "dataset_num_proc",
+                     "ref_model_sync_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.ld_alpha is not None:
+            if not 0 <= self.ld_alpha <= 1:
+                raise ValueError(f"ld_alpha must be in [0, 1] (LD-DPO uses 0.3-0.8), got "
+                                 f"{self.ld_alpha}")
+            if not paired:
+                raise ValueError(f"ld_alpha compares the two completions of a pair; loss "
+                                 f"{names} trains on unpaired completions")
+        if self.use_weighting:
+            unweighable = [s.name for s in self.loss_specs if not s.weighable or not s.paired]
+            if unweighable:
+                raise ValueError(f"use_weighting (WPO) weights each preference pair; loss(es) "
+                                 f"{unweighable} couple the examples of a batch or have no "
+                                 "pairs. Turn it off for them.")
+        if self.sync_ref_model:
+            if not self.needs_reference:
+                raise ValueError(f"sync_ref_model updates the reference model, and loss "
+                                 f"{names} uses none")
+            if self.precompute_ref_log_probs:
+                raise ValueError("sync_ref_model changes the reference during training, so "
+                                 "its log-probs cannot be precomputed: turn one of them off")
+            if not 0 <= self.ref_model_mixup_alpha <= 1:
+                raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got "
+                                 f"{self.ref_model_mixup_alpha}")
+
     def loss_params(self) -> L.LossParams:
         return L.LossParams(beta=self.beta, label_smoothing=self.label_smoothing,
                             simpo_gamma=self.simpo_gamma, cpo_alpha=self.cpo_alpha,
                             discopop_tau=self.discopop_tau,
                             desirable_weight=self.desirable_weight,
-                            undesirable_weight=self.undesirable_weight)
+                            undesirable_weight=self.undesirable_weight,
+                            f_divergence_type=self.f_divergence_type,
+                            f_alpha_divergence_coef=self.f_alpha_divergence_coef)
 
     @property
     def needs_reference(self) -> bool:
@@ -137,6 +242,20 @@ def check_prefix_sharing_attention(model, args: PreferenceConfig) -> None:
             f"with attn_implementation='sdpa', or use padding_free=True instead")
 
 
+class SyncReference(TrainerCallback):
+    """TR-DPO: after every ``ref_model_sync_steps`` optimizer steps the reference becomes
+    ``ref_model_mixup_alpha`` x policy + (1 - alpha) x reference."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            trainer = self.trainer
+            trainer.reference.mix_from(trainer.accelerator.unwrap_model(trainer.model),
+                                       args.ref_model_mixup_alpha)
+
+
 class PreferenceTrainer(CheckedTraining, Trainer):
     """Offline preference optimisation; the constructor takes trl.DPOTrainer's arguments."""
 
@@ -151,11 +270,13 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         keep_token_out_of_args(args)
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
+        init = model_init(args)
         if isinstance(model, str):
-            model = load_causal_lm(model, **(args.model_init_kwargs or {}))
+            model = load_causal_lm(model, **init)
         if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
+            ref_model = load_causal_lm(ref_model, **init)
         processing_class = load_tokenizer(processing_class, self.base_model_name)
+        pad_id = apply_tokenizer_fields(processing_class, args)
         check_prefix_sharing_attention(model, args)
         keep_4bit_differentiable(model)
         if peft_config is not None:
@@ -179,7 +300,7 @@ class PreferenceTrainer(CheckedTraining, Trainer):
             if data is not None:
                 check_fits_model(data, model, args.max_length, split)
         if data_collator is None:
-            data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length,
+            data_collator = PreferenceCollator(pad_id, args.max_length,
                                                args.truncation_mode, args.pad_to_multiple_of,
                                                args.padding_free,
                                                args.prefix_sharing and args.paired)
@@ -187,6 +308,13 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         # Reference: none, an explicit model, the base with adapters off, or a frozen copy.
         self.reference = ReferenceLogps.choose(model, ref_model, args)
         self.ref_model = self.reference.model
+        if args.sync_ref_model and is_deepspeed_zero3_enabled():
+            raise ValueError("sync_ref_model mixes whole weights, which DeepSpeed ZeRO-3 keeps "
+                             "partitioned: use ZeRO-2 or DDP with it")
+        if args.sync_ref_model and self.reference.mode != "model":
+            raise ValueError("sync_ref_model mixes the policy's weights into a reference model, "
+                             "and with LoRA the reference is the base model with adapters off "
+                             "(no weights of its own): train without LoRA, or turn it off")
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_metrics=compute_metrics,
@@ -194,6 +322,9 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         self.reference.prepare(self.accelerator)
         self.ref_model = self.reference.model
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._train_tokens = 0
+        if args.sync_ref_model:
+            self.add_callback(SyncReference(self))
         if args.precompute_ref_log_probs and args.needs_reference:
             self.train_dataset = self.reference.precompute(self, self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
@@ -202,15 +333,49 @@ class PreferenceTrainer(CheckedTraining, Trainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self.reference.precompute(self, self.eval_dataset, "eval")
 
+    def _set_signature_columns_if_needed(self):
+        """remove_unused_columns (TRL's default True) keeps the tokenized columns."""
+        self._signature_columns = TRAINING_COLUMNS
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """As Trainer.evaluate; a dataset given here is validated and tokenized first."""
-        if eval_dataset is not None and not isinstance(eval_dataset, dict) \
+        """As Trainer.evaluate; a dataset given here is validated and tokenized first. (For
+        a dict of eval datasets the Trainer passes each one's key.)"""
+        if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)) \
                 and "prompt_ids" not in eval_dataset.column_names:
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args,
                                          [s.name for s in self.loss_specs], "eval")
             if self.args.precompute_ref_log_probs and self.args.needs_reference:
                 eval_dataset = self.reference.precompute(self, eval_dataset, "eval")
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        data = self.eval_dataset[data] if isinstance(data, str) else data
+        if self.args.generate_during_eval and not isinstance(data, dict):  # a dict: done per set
+            self._log_completions(data)
+        return metrics
+
+    def _log_completions(self, dataset) -> None:
+        """Sampled completions (temperature 1) of the policy and the reference to the first
+        per_device_eval_batch_size prompts of an eval dataset."""
+        from .sampling import generate_completions
+
+        tok, args = self.processing_class, self.args
+        rows = dataset.select(range(min(len(dataset), args.per_device_eval_batch_size)))
+        prompts = [tok.decode(ids) for ids in rows["prompt_ids"]]
+        longest = max(len(ids) for ids in rows["prompt_ids"])
+        new_tokens = args.max_completion_length or max(1, (args.max_length or 2 * longest)
+                                                       - longest)
+        policy = self.accelerator.unwrap_model(self.model)
+        sample = lambda model: generate_completions(  # noqa: E731
+            model, tok, prompts, new_tokens, temperature=1.0,
+            seed=args.seed + self.state.global_step).texts
+        table = {"prompt": prompts, "policy": sample(policy)}
+        if self.reference.mode == "model":
+            table["reference"] = sample(self.accelerator.unwrap_model(self.reference.model))
+        elif self.reference.mode == "adapters_off":
+            with adapters_disabled(policy):
+                table["reference"] = sample(policy)
+        log_table(self, "completions", [dict(zip(table, values))
+                                        for values in zip(*table.values())])
 
     @staticmethod
     def _prepare(dataset, tokenizer, args, names, name):
@@ -219,7 +384,10 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         kind = validate_preference_dataset(dataset, args.paired, names, name)
         return prepare_preference_dataset(dataset, tokenizer, kind=kind,
                                           unpair=not args.paired, max_length=args.max_length,
-                                          name=name, truncation_mode=args.truncation_mode)
+                                          name=name, truncation_mode=args.truncation_mode,
+                                          max_prompt_length=args.max_prompt_length,
+                                          max_completion_length=args.max_completion_length,
+                                          num_proc=args.dataset_num_proc)
 
     # -----------------------------------------------------------------------------------
     # loss
@@ -227,10 +395,12 @@ class PreferenceTrainer(CheckedTraining, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        if "desirable" in inputs:
-            batch = self._unpaired_batch(model, inputs)
-        else:
-            batch = self._paired_batch(model, inputs)
+        with activation_offloading(model, self.args):
+            if "desirable" in inputs:
+                batch = self._unpaired_batch(model, inputs)
+            else:
+                batch = self._paired_batch(model, inputs)
+        self._count_tokens(mode, inputs)
         loss, out = L.compute_loss(self.loss_specs, self.loss_weights, batch, self.loss_params)
         if mode == "train":
             check_finite_loss(self, loss, "log-probs that overflowed (check the model's dtype)")
@@ -238,33 +408,79 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         return (loss, out) if return_outputs else loss
 
     def _paired_batch(self, model, inputs) -> L.PairedLogps:
-        logps, counts = batch_logps(model, inputs)
+        wpo = ("log_sum_sq", "logps") if self.args.use_weighting else ()
+        logps, counts, stats = batch_logps(model, inputs, ld_alpha=self.args.ld_alpha,
+                                           stats=("entropy", "mean_logit", "top1", *wpo))
         b = logps.shape[0] // 2
+        self._record_token_stats("train" if model.training else "eval", stats, counts, b)
         ref_chosen = ref_rejected = None
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         elif self.args.needs_reference:
             ref, _ = self.reference.logps(model, inputs)
             ref_chosen, ref_rejected = ref[:b], ref[b:]
+        weights = None
+        if self.args.use_weighting:
+            weights = L.wpo_weights(stats["logps"], stats["log_sum_sq"], counts)
         return L.PairedLogps(logps[:b], logps[b:], counts[:b], counts[b:],
-                             ref_chosen, ref_rejected)
+                             ref_chosen, ref_rejected, weights)
 
     def _unpaired_batch(self, model, inputs) -> L.UnpairedLogps:
-        logps, counts = batch_logps(model, inputs)
+        logps, counts, stats = batch_logps(model, inputs, stats=("entropy",))
+        self._record_token_stats("train" if model.training else "eval", stats, counts, None)
         if "ref_logps" in inputs:
             ref, ref_kl = inputs["ref_logps"], inputs["ref_kl_logps"]
         else:
             ref, _ = self.reference.logps(model, inputs)
-            ref_kl, _ = self.reference.logps(model, inputs, prefix="kl_")
-        with torch.no_grad():
-            kl_logps, _ = batch_logps(model, inputs, prefix="kl_")
-        gather = self.accelerator.gather
-        z0 = L.kto_reference_point(gather(kl_logps), gather(ref_kl))
+            ref_kl = self.reference.logps(model, inputs, prefix="kl_")[0] \
+                if self._kto_reference_point else None
+        z0 = None
+        if self._kto_reference_point:
+            with torch.no_grad():
+                kl_logps, _ = batch_logps(model, inputs, prefix="kl_")
+            gather = self.accelerator.gather
+            z0 = L.kto_reference_point(gather(kl_logps), gather(ref_kl))
         return L.UnpairedLogps(logps, counts, inputs["desirable"], ref, z0)
+
+    @property
+    def _kto_reference_point(self) -> bool:
+        """KTO's z0 needs the mismatched pairs' forwards; apo_zero_unpaired has none."""
+        return any(s.name == "kto" for s in self.loss_specs)
 
     # -----------------------------------------------------------------------------------
     # metrics (TRL's names), averaged over the steps between two logs and over processes
     # -----------------------------------------------------------------------------------
+
+    def _ratio(self, mode: str, key: str, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Log sum(total) / sum(count) over the batch and every process."""
+        both = self.accelerator.gather(torch.stack([total.detach().float().sum(),
+                                                    count.detach().float().sum()])[None])
+        if both[:, 1].sum() > 0:
+            self._metrics[mode][key].append((both[:, 0].sum() / both[:, 1].sum()).item())
+
+    def _record_token_stats(self, mode: str, stats: dict, counts, b: int | None) -> None:
+        """TRL's per-token metrics: entropy over every completion token; for pairs the
+        mean logit of chosen and of rejected tokens, and mean_token_accuracy (how often
+        the chosen token is the model's argmax)."""
+        self._ratio(mode, "entropy", stats["entropy"], counts)
+        if b is not None:
+            self._ratio(mode, "logits/chosen", stats["mean_logit"][:b], counts[:b])
+            self._ratio(mode, "logits/rejected", stats["mean_logit"][b:], counts[b:])
+            self._ratio(mode, "mean_token_accuracy", stats["top1"][:b], counts[:b])
+
+    def _count_tokens(self, mode: str, inputs: dict) -> None:
+        """TRL's num_tokens: input tokens trained on so far, every process together
+        (padding excluded; a shared prompt counts once)."""
+        if mode != "train":
+            return
+        if "attention_mask" in inputs:
+            n = inputs["attention_mask"].sum()
+        elif "segment_ids" in inputs:
+            n = (inputs["segment_ids"] >= 0).sum()
+        else:
+            n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        self._train_tokens += int(self.accelerator.gather(n.reshape(1)).sum())
+        self._metrics[mode]["num_tokens"] = [float(self._train_tokens)]
 
     def _mean(self, mode: str, key: str, values: torch.Tensor) -> None:
         values = values.detach().float().reshape(-1)
@@ -310,8 +526,20 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         return loss.detach(), None, None
 
     # -----------------------------------------------------------------------------------
-    # saving
+    # saving; with sync_ref_model the reference is part of the training state
     # -----------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.sync_ref_model:  # before the state file that marks the checkpoint done
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"checkpoint-{self.state.global_step}")
+            self.reference.save_weights(folder, self.accelerator)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.args.sync_ref_model:
+            self.reference.load_weights(resume_from_checkpoint)
 
     def create_model_card(self, model_name: str | None = None, dataset_name=None, tags=None,
                           **kwargs) -> None:
@@ -319,16 +547,17 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         if not self.is_world_process_zero():
             return
         args = self.args
-        hyper = {"loss_type": args.loss_type, "loss_weights": self.loss_weights,
+        losses = [s.name for s in self.loss_specs]  # as trained (rpo_alpha, CPO's names)
+        hyper = {"loss_type": losses, "loss_weights": self.loss_weights,
                  "beta": [L.params_for(s, self.loss_params).beta for s in self.loss_specs],
                  "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
                  "max_steps": args.max_steps, "per_device_train_batch_size":
                  args.per_device_train_batch_size, "gradient_accumulation_steps":
                  args.gradient_accumulation_steps, "max_length": args.max_length,
                  "label_smoothing": args.label_smoothing, "seed": args.seed}
-        names = "+".join(args.loss_type)
+        names = "+".join(losses)
         trainer_model_card(
             self, method="preference", model_name=model_name, dataset_name=dataset_name,
             summary=f"Preference-optimised with loss `{names}` from `{self.base_model_name}`.",
-            hyperparameters=hyper, tags=[*args.loss_type, *(tags or [])])
+            hyperparameters=hyper, tags=[*losses, *(tags or [])])
 

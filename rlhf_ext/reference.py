@@ -26,6 +26,7 @@ from .logps import batch_logps
 from .models import adapters_disabled, is_peft_model
 
 CACHE_VERSION = 1
+REFERENCE_FILE = "reference_model.safetensors"  # TR-DPO's moving reference, per checkpoint
 
 
 def default_cache_dir() -> Path:
@@ -57,21 +58,23 @@ def data_fingerprint(dataset) -> str:
 
 
 class ReferenceLogps:
-    def __init__(self, mode: str, model=None):
-        self.mode, self.model = mode, model
+    def __init__(self, mode: str, model=None, ld_alpha: float | None = None):
+        self.mode, self.model, self.ld_alpha = mode, model, ld_alpha
 
     @classmethod
     def choose(cls, policy, ref_model, args) -> ReferenceLogps:
+        ld_alpha = getattr(args, "ld_alpha", None)  # the policy's log-probs are LD's too
         if not args.needs_reference:
             return cls("none")
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-            return cls("model", ref_model)
+            return cls("model", ref_model, ld_alpha)
         if is_peft_model(policy):
-            return cls("adapters_off")
+            return cls("adapters_off", None, ld_alpha)
         if args.precompute_ref_log_probs:
-            return cls("initial_policy")  # computed before the first update: no copy needed
-        return cls("model", _frozen_copy(policy).eval().requires_grad_(False))
+            # computed before the first update: no copy needed
+            return cls("initial_policy", None, ld_alpha)
+        return cls("model", _frozen_copy(policy).eval().requires_grad_(False), ld_alpha)
 
     def prepare(self, accelerator) -> None:
         """Place an explicit reference model for the launch: under DeepSpeed ZeRO-3 it
@@ -96,12 +99,12 @@ class ReferenceLogps:
         """Reference (summed log-probs, counts) of the sequences ``prefix`` names in
         ``inputs`` (``logps.batch_logps``)."""
         if self.mode == "model":
-            return batch_logps(self.model, inputs, prefix)
+            return batch_logps(self.model, inputs, prefix, ld_alpha=self.ld_alpha)
         if self.mode == "adapters_off":
             with adapters_disabled(policy):
-                return batch_logps(policy, inputs, prefix)
+                return batch_logps(policy, inputs, prefix, ld_alpha=self.ld_alpha)
         if self.mode == "initial_policy":
-            return batch_logps(policy, inputs, prefix)
+            return batch_logps(policy, inputs, prefix, ld_alpha=self.ld_alpha)
         raise RuntimeError(f"reference log-probs requested but the reference mode is {self.mode}")
 
     def precompute(self, trainer, dataset, name: str):
@@ -114,6 +117,7 @@ class ReferenceLogps:
             "model": fingerprint,
             "data": data_fingerprint(dataset), "max_length": args.max_length,
             "truncation_mode": args.truncation_mode, "version": CACHE_VERSION,
+            **({"ld_alpha": self.ld_alpha} if self.ld_alpha is not None else {}),
         }).encode()).hexdigest()[:24]
         path = Path(args.ref_logps_cache_dir or default_cache_dir()) / f"{key}.pt"
         if path.exists():
@@ -160,6 +164,47 @@ class ReferenceLogps:
             parts = {"ref_chosen_logps": logps[:half], "ref_rejected_logps": logps[half:]}
         for k, v in parts.items():
             out[k].append(accelerator.gather_for_metrics(v).float().cpu())
+
+
+    # TR-DPO (sync_ref_model): the reference moves towards the policy during training --------
+
+    def _reference_module(self):
+        from .logps import unwrap
+
+        return unwrap(self.model)
+
+    @torch.no_grad()
+    def mix_from(self, policy, alpha: float) -> None:
+        """reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter
+        (TR-DPO's soft update, Gorbatovski et al. 2024, eq. 5)."""
+        reference = dict(self._reference_module().named_parameters())
+        policy_params = dict(policy.named_parameters())
+        if policy_params.keys() != reference.keys():
+            raise ValueError("sync_ref_model needs a reference with the policy's parameters; "
+                             "this ref_model has others (another architecture?)")
+        for name, p in policy_params.items():
+            reference[name].mul_(1 - alpha).add_(p.detach().to(reference[name].dtype),
+                                                 alpha=alpha)
+
+    def save_weights(self, folder: str, accelerator) -> None:
+        """The moving reference's weights, beside a checkpoint (main process; tied
+        weights stored once)."""
+        from safetensors.torch import save_model
+
+        if accelerator.is_main_process:
+            os.makedirs(folder, exist_ok=True)
+            save_model(self._reference_module(), os.path.join(folder, REFERENCE_FILE))
+        accelerator.wait_for_everyone()
+
+    def load_weights(self, folder: str) -> None:
+        from safetensors.torch import load_model
+
+        path = os.path.join(folder, REFERENCE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written with "
+                                    "sync_ref_model, so the reference it trained against is lost")
+        load_model(self._reference_module(), path, device=str(
+            next(self._reference_module().parameters()).device))
 
 
 def _frozen_copy(policy):

@@ -15,8 +15,21 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
+from .config_fields import (
+    TRAINING_COLUMNS,
+    DataFields,
+    activation_offloading,
+    apply_tokenizer_fields,
+    model_init,
+    pad_multiple,
+)
 from .data import (
     DataError,
     PreferenceCollator,
@@ -24,7 +37,7 @@ from .data import (
     prepare_preference_dataset,
     validate_preference_dataset,
 )
-from .heads import RewardModel, RewardModelConfig
+from .heads import RewardModel, RewardModelConfig, check_scalar_head, scalar_rewards
 from .hub import trainer_model_card
 from .models import add_adapters, disable_dropout, keep_4bit_differentiable, load_tokenizer
 from .trainer_utils import (
@@ -37,19 +50,27 @@ from .trainer_utils import (
 
 
 @dataclass
-class RewardConfig(TrainingArguments):
-    """TrainingArguments plus TRL RewardConfig's fields."""
+class RewardConfig(DataFields, TrainingArguments):
+    """TrainingArguments plus TRL RewardConfig's fields, with its defaults (learning rate
+    1e-4, a log every 10 steps; gradient checkpointing and bf16 off, see the README)."""
 
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Initial AdamW learning rate (TRL RewardConfig's default, 1e-4)."})
+    logging_steps: float = field(default=10, metadata={
+        "help": "Log every X steps (an integer), or every X of the run (a float below 1)."})
     max_length: int | None = field(default=1024, metadata={
         "help": "Maximum prompt + completion tokens; longer sequences are truncated."})
     center_rewards_coefficient: float | None = field(default=None, metadata={
         "help": "Weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0."})
     disable_dropout: bool = True
     model_init_kwargs: dict | None = None
-    remove_unused_columns: bool = False
 
     def __post_init__(self):
         check_finite_fields(self, ("center_rewards_coefficient", "learning_rate"))
+        self.pad_to_multiple_of = pad_multiple(self.pad_to_multiple_of)
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"dataset_num_proc must be a positive integer, got "
+                             f"{self.dataset_num_proc!r}")
         super().__post_init__()
 
 
@@ -65,20 +86,40 @@ def adapter_base(name_or_path: str) -> str | None:
         return json.load(f)["base_model_name_or_path"]
 
 
-def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs) -> RewardModel:
-    """A saved RewardModel as it is, or a LoRA reward adapter (recipes/reward.py with
-    use_peft) on its base. With ``new_head=True`` (to train one), a causal-LM checkpoint
+def _adapts_a_reward_model(adapter_dir: str) -> bool:
+    """Whether a LoRA adapter's weights are named for our RewardModel (``backbone.``)
+    rather than for a transformers sequence classifier (``model.``)."""
+    import os
+
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
+        return any(".backbone." in key for key in f.keys())
+
+
+def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):
+    """A saved RewardModel as it is, a transformers ``*ForSequenceClassification`` with one
+    label (TRL's reward models), or a LoRA reward adapter on its base (either kind). With ``new_head=True`` (to train one), a causal-LM checkpoint
     too, as backbone + fresh head; without, such a checkpoint is an error: scoring with an
     untrained head is scoring with noise."""
     base = adapter_base(name_or_path)
     if base is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(RewardModel.from_backbone(base, **kwargs), name_or_path)
+        if _adapts_a_reward_model(name_or_path):
+            model = RewardModel.from_backbone(base, **kwargs)
+        else:  # trained on AutoModelForSequenceClassification(base, num_labels=1), as in TRL
+            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
+                                                                       **kwargs)
+        model = PeftModel.from_pretrained(model, name_or_path)
         return keep_4bit_differentiable(model.eval())
     config = AutoConfig.from_pretrained(name_or_path)
     if isinstance(config, RewardModelConfig):
         return keep_4bit_differentiable(RewardModel.from_pretrained(name_or_path, **kwargs))
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) \
+            and config.num_labels == 1:  # a transformers reward model (TRL's kind)
+        return keep_4bit_differentiable(
+            AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs))
     if not new_head:
         raise ValueError(f"{name_or_path} is a {config.model_type} checkpoint without a trained "
                          "reward head: train a reward model on it first (recipes/reward.py), "
@@ -97,9 +138,13 @@ class RewardTrainer(CheckedTraining, Trainer):
         keep_token_out_of_args(args)
         self.base_model_name = model if isinstance(model, str) else model.name_or_path
         if isinstance(model, str):
-            model = load_reward_model(model, new_head=True,
-                                      **(args.model_init_kwargs or {}))
+            model = load_reward_model(model, new_head=True, **model_init(args))
         processing_class = load_tokenizer(processing_class, self.base_model_name)
+        pad_id = apply_tokenizer_fields(processing_class, args)
+        check_scalar_head(model)
+        if getattr(model.config, "pad_token_id", None) is None:  # a sequence classifier
+            model.config.pad_token_id = pad_id                    # pools the last non-pad
+
         keep_4bit_differentiable(model)
         if peft_config is not None:
             # TRL's ModelConfig says CAUSAL_LM, whose PeftModel expects a generating LM;
@@ -116,7 +161,8 @@ class RewardTrainer(CheckedTraining, Trainer):
             if data is not None:
                 check_fits_model(data, model, args.max_length, split)
         if data_collator is None:
-            data_collator = PreferenceCollator(processing_class.pad_token_id, args.max_length)
+            data_collator = PreferenceCollator(pad_id, args.max_length,
+                                               pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_metrics=compute_metrics,
@@ -135,19 +181,25 @@ class RewardTrainer(CheckedTraining, Trainer):
                                     "not a finite number. Fix or drop the row.")
         return prepare_preference_dataset(dataset, tokenizer, kind=kind, unpair=False,
                                           max_length=args.max_length, name=name,
-                                          keep=("margin",))
+                                          keep=("margin",), num_proc=args.dataset_num_proc)
+
+    def _set_signature_columns_if_needed(self):
+        """remove_unused_columns (TRL's default True) keeps the tokenized columns."""
+        self._signature_columns = TRAINING_COLUMNS
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        chosen, rejected = out.rewards.chunk(2)
+        with activation_offloading(model, self.args):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        rewards = scalar_rewards(out)
+        chosen, rejected = rewards.chunk(2)
         margin = inputs.get("margin")
         loss = reward_loss(chosen, rejected, margin, self.args.center_rewards_coefficient)
         if mode == "train":
             check_finite_loss(self, loss, "a NaN or infinite 'margin' in the data")
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
-            everything = gather(out.rewards.detach())
+            everything = gather(rewards.detach())
             diff = gather((chosen - rejected).detach())
             m = self._metrics[mode]
             m["min_reward"].append(everything.min().item())
@@ -161,7 +213,7 @@ class RewardTrainer(CheckedTraining, Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
-        chosen, rejected = out.rewards.chunk(2)
+        chosen, rejected = scalar_rewards(out).chunk(2)
         return loss.detach(), torch.stack([chosen, rejected], -1), None
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -209,6 +261,6 @@ def score(model, tokenizer, prompts: list[str], completions: list[str], batch_si
                                    [r["completion_ids"] for r in rows])
         out = model(input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device))
-        rewards.extend(out.rewards.float().tolist())
+        rewards.extend(scalar_rewards(out).float().tolist())
     model.train(was_training)
     return rewards

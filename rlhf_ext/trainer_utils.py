@@ -10,6 +10,9 @@ def add_averaged_metrics(metrics: dict[str, dict[str, list]], logs: dict) -> Non
     the log belongs to (keys prefixed ``eval_`` under evaluation), then clear them."""
     mode = "eval" if any(k.startswith("eval_") for k in logs) and "loss" not in logs else "train"
     prefix = "eval_" if mode == "eval" else ""
+    for key in logs:  # one of a dict of eval datasets logs eval_<name>_loss: keep its name
+        if mode == "eval" and key.startswith("eval_") and key.endswith("_loss"):
+            prefix = key[:-len("loss")]
     for key, values in metrics[mode].items():
         if values:
             logs[prefix + key] = sum(values) / len(values)

@@ -150,3 +150,127 @@ def test_orpo_matches_trl_where_defined_alike(models):
             nll_sum -= logp[t - 1, full[t]].item()
             n_tokens += 1
     assert close(mine["nll_loss"], nll_sum / n_tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# TRL's DPO variants by config field, its per-token metrics, and the TRL-named presets
+# ---------------------------------------------------------------------------------------
+
+def dpo_pair(models, data, trl_kw=None, **kw):
+    """(ours, TRL's) first log of DPOTrainer with the same fields (``trl_kw`` for TRL's if
+    they differ), ours imported by TRL's name."""
+    import rlhf_ext
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref, tok = models
+    theirs = trl_log(DPOTrainer(
+        str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), processing_class=tok,
+        train_dataset=data, args=DPOConfig(output_dir="/tmp/rlhf_ext_parity_trl",
+                                           **(trl_kw or kw), **COMMON)))
+    mine = rlhf_ext.DPOTrainer(str(policy), ref_model=str(ref), processing_class=tok,
+                               train_dataset=data, args=rlhf_ext.DPOConfig(
+                                   output_dir="/tmp/rlhf_ext_parity", **kw, **COMMON))
+    mine.train()
+    return mine.state.log_history[0], theirs
+
+
+@pytest.mark.parametrize("fields", [
+    dict(f_divergence_type="forward_kl"),
+    dict(f_divergence_type="js_divergence", loss_type=["sigmoid_norm"]),
+    dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3, loss_type=["ipo"]),
+    dict(ld_alpha=0.5),
+    dict(use_weighting=True),  # (TRL 1.16 fails on WPO with sft: an in-place op on a view)
+], ids=["f-dpo-forward", "f-dpo-js", "f-dpo-alpha-ipo", "ld-dpo", "wpo"])
+def test_dpo_variant_fields_match_trl(models, fields):
+    data = preference_pairs(8, seed=7)
+    mine, theirs = dpo_pair(models, data, beta=BETA, **fields)
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert close(mine[key], theirs[key]), (key, mine[key], theirs[key])
+
+
+def test_per_token_metrics_match_trl(models, sft_run):
+    """entropy, logits/chosen, logits/rejected, mean_token_accuracy and num_tokens, which
+    TRL computes from full logits and we from the completion-only head's blocks. The policy
+    is the tiny SFT model (the session's fixture), so the accuracy is neither 0 nor 1."""
+    _, ref, tok = models
+    mine, theirs = dpo_pair((sft_run[0], ref, tok), preference_pairs(8, seed=8), beta=BETA)
+    for key in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+                "num_tokens"):
+        assert close(mine[key], theirs[key]), (key, mine[key], theirs[key])
+    assert 0 < mine["mean_token_accuracy"] < 1 and mine["entropy"] > 0
+
+
+def test_rpo_alpha_is_the_sft_term(models):
+    """TRL's old rpo_alpha (gone from TRL 1.16) is loss_type [sigmoid, sft] weighted."""
+    data = preference_pairs(8, seed=9)
+    mine, theirs = dpo_pair(models, data, beta=BETA, rpo_alpha=0.4, trl_kw=dict(
+        beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4]))
+    assert close(mine["loss"], theirs["loss"]) and mine["nll_loss"] > 0
+
+
+def test_tr_dpo_reference_sync_matches_trl(models):
+    """TR-DPO: with lr > 0 and a sync after every step, the step-3 loss depends on the
+    reference having moved twice; TRL's SyncRefModelCallback does the same mix."""
+    data = preference_pairs(24, seed=10)
+    kw = dict(beta=BETA, sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=1)
+    common = {**COMMON, "max_steps": 3, "learning_rate": 1e-3}
+    import rlhf_ext
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref, tok = models
+    theirs = DPOTrainer(str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref),
+                        processing_class=tok, train_dataset=data,
+                        args=DPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", **kw, **common))
+    theirs.train()
+    mine = rlhf_ext.DPOTrainer(str(policy), ref_model=str(ref), processing_class=tok,
+                               train_dataset=data, args=rlhf_ext.DPOConfig(
+                                   output_dir="/tmp/rlhf_ext_parity", **kw, **common))
+    mine.train()
+    plain = rlhf_ext.DPOTrainer(str(policy), ref_model=str(ref), processing_class=tok,
+                                train_dataset=data, args=rlhf_ext.DPOConfig(
+                                    output_dir="/tmp/rlhf_ext_parity", beta=BETA, **common))
+    plain.train()
+    ours_log, trl_logs = mine.state.log_history, theirs.state.log_history
+    for step in range(3):
+        assert ours_log[step]["loss"] == pytest.approx(trl_logs[step]["loss"], rel=1e-4)
+    assert ours_log[2]["loss"] != pytest.approx(plain.state.log_history[2]["loss"], rel=1e-3)
+
+
+def test_kto_apo_zero_unpaired_matches_trl(models):
+    import rlhf_ext
+    from trl import KTOConfig, KTOTrainer
+
+    policy, ref, tok = models
+    data = unpaired_dataset(8, seed=2)
+    kw = dict(beta=BETA, loss_type="apo_zero_unpaired", train_sampling_strategy="sequential")
+    theirs = trl_log(KTOTrainer(
+        str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref), processing_class=tok,
+        train_dataset=data, args=KTOConfig(output_dir="/tmp/rlhf_ext_parity_trl", **kw, **COMMON)))
+    mine = rlhf_ext.KTOTrainer(str(policy), ref_model=str(ref), processing_class=tok,
+                               train_dataset=data, args=rlhf_ext.KTOConfig(
+                                   output_dir="/tmp/rlhf_ext_parity", **kw, **COMMON))
+    mine.train()
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert close(mine.state.log_history[0][key], theirs[key]), key
+
+
+@pytest.mark.parametrize("loss_type,cpo_alpha", [("sigmoid", 1.0), ("simpo", 0.5)])
+def test_cpo_config_names_match_trl_cpo(models, loss_type, cpo_alpha):
+    """TRL CPO's sigmoid is CPO (with its NLL term), and simpo with cpo_alpha > 0 is
+    CPO-SimPO: both by TRL's names and defaults (beta 0.1, simpo_gamma 0.5)."""
+    import rlhf_ext
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    policy, _, tok = models
+    data = preference_pairs(8, seed=11)
+    kw = dict(loss_type=loss_type, cpo_alpha=cpo_alpha)
+    theirs = trl_log(CPOTrainer(str(policy), processing_class=tok, train_dataset=data,
+                                args=CPOConfig(output_dir="/tmp/rlhf_ext_parity_trl", **kw,
+                                               **COMMON)))
+    mine = rlhf_ext.CPOTrainer(str(policy), processing_class=tok, train_dataset=data,
+                               args=rlhf_ext.CPOConfig(output_dir="/tmp/rlhf_ext_parity", **kw,
+                                                       **COMMON))
+    mine.train()
+    for key in ("loss", "rewards/margins", "nll_loss"):
+        assert close(mine.state.log_history[0][key], theirs[key]), \
+            (key, mine.state.log_history[0][key], theirs[key])

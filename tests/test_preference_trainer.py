@@ -174,8 +174,12 @@ def test_precomputed_reference_matches_and_is_cached(policy_dir, tok, tmp_path):
     assert len(calls) == BASE["max_steps"]
 
 
-def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path):
-    kw = dict(max_steps=6, learning_rate=5e-3, save_strategy="steps", save_steps=3)
+@pytest.mark.parametrize("extra", [{}, dict(sync_ref_model=True, ref_model_sync_steps=2,
+                                           ref_model_mixup_alpha=0.5)], ids=["dpo", "tr-dpo"])
+def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path, extra):
+    """TR-DPO's reference moves at steps 2, 4 and 6: resumed at 3, it must start from the
+    reference saved with the checkpoint, not from the initial one."""
+    kw = dict(max_steps=6, learning_rate=5e-3, save_strategy="steps", save_steps=3, **extra)
     full = make(policy_dir, tok, tmp_path / "a", PAIRS, **kw)
     full.train()
     part = make(policy_dir, tok, tmp_path / "b", PAIRS, **kw)
@@ -187,6 +191,13 @@ def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path):
     assert resumed.state.global_step == 6
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    for (name, a), (_, b) in zip(full.ref_model.named_parameters(),
+                                 resumed.ref_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    initial = make(policy_dir, tok, tmp_path / "c", PAIRS, **kw).ref_model
+    moved = any(not torch.equal(a, b) for a, b in zip(initial.parameters(),
+                                                       resumed.ref_model.parameters()))
+    assert moved == bool(extra)
 
 
 def test_model_card(policy_dir, tok, tmp_path):

@@ -15,6 +15,7 @@ import json
 print("STATE", json.dumps({
     "simpo": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     "simpo_steps": trainer.state.global_step,
+    "dpo_steps": dpo.state.global_step,
     "reward_steps": reward.state.global_step,
     "ppo_steps": ppo.state.global_step,
     "ppo_kl": [h["objective/kl"] for h in ppo.state.log_history if "objective/kl" in h],
@@ -33,6 +34,7 @@ def test_readme_python_blocks_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = json.loads(proc.stdout.split("STATE ", 1)[1])
     assert state["simpo_steps"] == 4 and state["reward_steps"] == 4 and state["ppo_steps"] == 2
+    assert state["dpo_steps"] == 2
     assert all(0 < loss < 10 for loss in state["simpo"])  # -log sigmoid(...) of real margins
     assert state["ppo_kl"] and abs(state["ppo_kl"][0]) < 1e-4  # policy == reference at first
     assert (tmp_path / "outputs" / "tiny" / "world" / "base" / "config.json").exists()

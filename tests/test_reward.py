@@ -99,3 +99,61 @@ def test_tiny_world_reward_model(reward_run):
     assert summary["tiny/spearman_oracle"] >= 0.8, summary["tiny/spearman_oracle"]
     assert type(RewardModel.from_pretrained(out)) is RewardModel
     assert "reward-model" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_transformers_sequence_classifier_as_trl_documents_it(lm_dir, tmp_path, lora):
+    """TRL's way: RewardTrainer(AutoModelForSequenceClassification(path, num_labels=1)).
+    The same loss as TRL's trainer at lr 0; trained, it saves in transformers' own format
+    (plain AutoModelForSequenceClassification reads it) or as a LoRA adapter, and
+    load_reward_model gives back the same scores either way."""
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer as TRLRewardTrainer
+
+    from rlhf_ext.reward import load_reward_model
+
+    data = preference_pairs(8, seed=2)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+
+    def classifier():
+        torch.manual_seed(3)  # the same fresh head each time
+        return AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+
+    peft = LoraConfig(r=4, target_modules="all-linear") if lora else None
+    theirs = TRLRewardTrainer(model=classifier(), processing_class=tok, train_dataset=data,
+                              args=TRLRewardConfig(output_dir=str(tmp_path / "trl"),
+                                                   gradient_checkpointing=False, **COMMON))
+    theirs.train()
+    mine = RewardTrainer(classifier(), args=RewardConfig(output_dir=str(tmp_path / "a"), **COMMON),
+                         train_dataset=data, processing_class=tok, peft_config=peft)
+    mine.train()
+    assert mine.state.log_history[0]["loss"] == pytest.approx(
+        theirs.state.log_history[0]["loss"], rel=1e-5, abs=1e-5)
+
+    trained = RewardTrainer(classifier(), train_dataset=data, processing_class=tok,
+                            peft_config=peft, args=RewardConfig(
+                                output_dir=str(tmp_path / "b"),
+                                **{**COMMON, "learning_rate": 1e-2, "max_steps": 2}))
+    trained.train()
+    trained.save_model(str(tmp_path / "saved"))
+    prompts, completions = list(data["prompt"]), list(data["chosen"])
+    want = score(trained.model, tok, prompts, completions)
+    assert want != score(classifier(), tok, prompts, completions)  # training moved them
+    again = score(load_reward_model(str(tmp_path / "saved")), tok, prompts, completions)
+    assert again == pytest.approx(want, abs=1e-5)
+    if not lora:
+        plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+        assert type(plain).__name__ == "LlamaForSequenceClassification"
+        assert score(plain, tok, prompts, completions) == pytest.approx(want, abs=1e-5)
+
+
+def test_a_classifier_with_two_labels_is_refused(lm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=2)
+    with pytest.raises(ValueError, match=r"num_labels=2\) is not a reward model"):
+        RewardTrainer(model, args=RewardConfig(output_dir=str(tmp_path), **COMMON),
+                      train_dataset=preference_pairs(4), processing_class=AutoTokenizer
+                      .from_pretrained(lm_dir))

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..data import as_replies, validate_prompt_dataset
-from ..heads import RewardModel, ValueModel
+from ..heads import RewardModel, ValueModel, check_scalar_head
 from ..hub import trainer_model_card
 from ..models import (
     adapters_disabled,
@@ -36,6 +36,7 @@ from ..models import (
     load_tokenizer,
 )
 from ..reward import score as reward_model_score
+from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
     check_finite_loss,
@@ -145,8 +146,11 @@ class PPOTrainer(CheckedTraining, Trainer):
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
         if isinstance(reward, nn.Module):
+            check_scalar_head(reward)
             reward.eval().requires_grad_(False)
             tok = reward_tokenizer or processing_class
+            if getattr(reward.config, "pad_token_id", None) is None:  # a sequence classifier
+                reward.config.pad_token_id = tok.pad_token_id
             chunk = args.local_rollout_forward_batch_size
             self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c),
                                                              batch_size=chunk)
@@ -228,16 +232,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         every = max(1, int(self.args.num_train_epochs) // max(1, self.args.num_sample_generations))
         if not self.args.num_sample_generations or epoch % every:
             return
-        rows = [{"step": self.state.global_step, "prompt": p, "completion": c, "score": s}
+        rows = [{"prompt": p, "completion": c, "score": s}
                 for p, c, s in list(zip(result.prompts, result.completions, result.scores))[:4]]
-        if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "samples.md"), "a") as f:
-                if epoch == 0:
-                    f.write("| step | prompt | completion | score |\n|---|---|---|---|\n")
-                for r in rows:
-                    f.write(f"| {r['step']} | {_cell(r['prompt'])} | {_cell(r['completion'])} | "
-                            f"{r['score']:.3f} |\n")
+        log_table(self, "samples", rows)  # samples.md and the trackers
 
     # -----------------------------------------------------------------------------------
     # loss
@@ -366,12 +363,6 @@ class PPOTrainer(CheckedTraining, Trainer):
 
 def _experience_file(process_index: int) -> str:
     return f"ppo_experience_{process_index}.pt"
-
-
-def _cell(value) -> str:
-    """A prompt or completion as one markdown table cell (a conversation: its last turn)."""
-    text = value[-1]["content"] if isinstance(value, list) else value
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _load_weights(module: nn.Module, path: str) -> None:

@@ -1,0 +1,97 @@
+"""Data and loading fields that TRL's DPO, KTO, CPO, ORPO and Reward configs share, in one
+mixin, with what each one does (``apply_tokenizer_fields``, ``model_init``,
+``activation_offloading``, ``pad_multiple``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+# every column the preference and reward trainers read: the Trainer's
+# remove_unused_columns keeps these (they are not arguments of the model's forward)
+TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "completion_ids",
+                    "kl_completion_ids", "label", "margin", "ref_chosen_logps",
+                    "ref_rejected_logps", "ref_logps", "ref_kl_logps"]
+
+
+@dataclass
+class DataFields:
+    """Mixed into the preference and reward configs (before TrainingArguments)."""
+
+    dataset_num_proc: int | None = field(default=None, metadata={
+        "help": "Processes that tokenize the datasets."})
+    pad_to_multiple_of: int | str | None = field(default=None, metadata={
+        "help": "Pad each batch's length to a multiple of this; 'auto' (TRL's default) is "
+                "no padding off AWS Neuron."})
+    pad_token: str | None = field(default=None, metadata={
+        "help": "Token that pads (default: the tokenizer's pad token, else eos)."})
+    padding_value: int | None = field(default=None, metadata={
+        "help": "Token id that pads input_ids (default: the pad token's id)."})
+    eos_token: str | None = field(default=None, metadata={
+        "help": "Token that ends a completion (default: the tokenizer's eos)."})
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "A Jinja chat template file, or a tokenizer folder whose chat template to use."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow a model given by name to run its repository's own code."})
+    activation_offloading: bool = field(default=False, metadata={
+        "help": "Keep the activations saved for backward in CPU memory (on an accelerator; "
+                "on a CPU they are there already)."})
+
+
+def pad_multiple(value):
+    """pad_to_multiple_of as given in Python or on the command line: an int, None, or
+    TRL's 'auto' (a multiple of 128 only on AWS Neuron, which this package does not
+    target: no padding)."""
+    if isinstance(value, str):
+        if value == "auto" or value.lower() in ("none", "null"):
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"pad_to_multiple_of must be an integer, None or 'auto', got "
+                             f"{value!r}") from None
+    if value is not None and value < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {value}")
+    return value
+
+
+def apply_tokenizer_fields(tokenizer, args) -> int:
+    """Set ``pad_token``, ``eos_token`` and ``chat_template_path`` on the tokenizer, as
+    TRL does, and return the id that pads input_ids (``padding_value`` if set)."""
+    vocab = tokenizer.get_vocab()
+    for name in ("pad_token", "eos_token"):
+        token = getattr(args, name)
+        if token is not None:
+            if token not in vocab:
+                raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary; use "
+                                 f"one of its tokens (its eos is {tokenizer.eos_token!r})")
+            setattr(tokenizer, name, token)
+    if args.chat_template_path is not None:
+        path = args.chat_template_path
+        if os.path.isdir(path):
+            from transformers import AutoTokenizer
+
+            tokenizer.chat_template = AutoTokenizer.from_pretrained(path).chat_template
+        else:
+            with open(path) as f:
+                tokenizer.chat_template = f.read()
+    return tokenizer.pad_token_id if args.padding_value is None else args.padding_value
+
+
+def model_init(args) -> dict:
+    """Keyword arguments for loading a model given by name."""
+    extra = {"trust_remote_code": True} if args.trust_remote_code else {}
+    return {**extra, **(args.model_init_kwargs or {})}
+
+
+def activation_offloading(model, args):
+    """A context for the training forward: with ``activation_offloading`` on an
+    accelerator, the tensors saved for backward wait in pinned CPU memory; on a CPU (or
+    when off) nothing changes."""
+    device = next(model.parameters()).device
+    if args.activation_offloading and device.type != "cpu" and model.training:
+        import torch
+
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()

@@ -1,0 +1,166 @@
+"""A TRL user's configs work with the import changed: every field of TRL 1.16's DPO, KTO,
+CPO, ORPO and Reward configs exists here with TRL's default (the documented exceptions
+aside), the data fields do what TRL's do, and what we do not implement is refused at
+config time with the reason. (Loss parity by these names: test_preference_parity.py.)"""
+
+import dataclasses
+import warnings
+
+import pytest
+
+import rlhf_ext
+from rlhf_ext.config_fields import apply_tokenizer_fields
+from rlhf_ext.data import PreferenceCollator, prepare_preference_dataset, tokenize_preference_row
+from rlhf_ext.losses import params_for
+from rlhf_ext.tiny import preference_pairs
+
+# Defaults that differ from TRL's on purpose (README, "What differs from TRL")
+OUR_DEFAULTS = {"gradient_checkpointing", "activation_checkpointing", "bf16",
+                "train_sampling_strategy", "beta", "loss_type"}
+
+
+def trl_configs():
+    import trl
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    return [(trl.DPOConfig, rlhf_ext.DPOConfig), (trl.KTOConfig, rlhf_ext.KTOConfig),
+            (CPOConfig, rlhf_ext.CPOConfig), (ORPOConfig, rlhf_ext.ORPOConfig),
+            (trl.RewardConfig, rlhf_ext.RewardConfig)]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["dpo", "kto", "cpo", "orpo", "reward"])
+def test_every_trl_field_exists_with_trls_default(index):
+    theirs_cls, ours_cls = trl_configs()[index]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, ours = theirs_cls(output_dir="x", use_cpu=True), ours_cls(output_dir="x",
+                                                                          use_cpu=True)
+    names = {f.name for f in dataclasses.fields(theirs_cls)} - {"output_dir", "logging_dir"}
+    missing = sorted(n for n in names if not hasattr(ours, n))
+    assert not missing, f"{ours_cls.__name__} lacks TRL's {missing}"
+    differ = sorted(n for n in names - OUR_DEFAULTS if getattr(ours, n) != getattr(theirs, n))
+    assert not differ, [(n, getattr(ours, n), getattr(theirs, n)) for n in differ]
+    assert ours.learning_rate == theirs.learning_rate and ours.logging_steps == 10
+    if hasattr(ours, "loss_specs"):  # beta None = the loss's own default, TRL's 0.1 here
+        assert params_for(ours.loss_specs[0], ours.loss_params()).beta == theirs.beta
+        trl_loss = getattr(theirs, "loss_type", "orpo")  # TRL's ORPO has no loss_type
+        assert ours.loss_type == (trl_loss if isinstance(trl_loss, list) else [trl_loss])
+    assert not ours.gradient_checkpointing and not ours.bf16  # ours: README says why
+
+
+def test_truncation_lengths_keep_the_prompts_end_and_the_completions_start(tok):
+    row = {"prompt": "the film was", "chosen": " great fun and warm", "rejected": " dull"}
+    full = tokenize_preference_row(row, tok, ("chosen", "rejected"))
+    cut = tokenize_preference_row(row, tok, ("chosen", "rejected"), max_prompt_length=2,
+                                  max_completion_length=3)
+    assert len(full["prompt_ids"]) > 2 and len(full["chosen_ids"]) > 3
+    assert cut["prompt_ids"] == full["prompt_ids"][-2:]
+    assert cut["chosen_ids"] == full["chosen_ids"][:3]
+    assert cut["rejected_ids"] == full["rejected_ids"][:3]
+
+
+def test_dataset_num_proc_tokenizes_the_same(tok):
+    data = preference_pairs(16, seed=1)
+    one = prepare_preference_dataset(data, tok, kind="paired", unpair=False, max_length=64)
+    two = prepare_preference_dataset(data, tok, kind="paired", unpair=False, max_length=64,
+                                     num_proc=2)
+    assert one.to_dict() == two.to_dict()
+
+
+@pytest.mark.parametrize("given, expected", [("auto", None), ("8", 8), (8, 8), ("none", None)])
+def test_pad_to_multiple_of_as_trl_reads_it(given, expected):
+    assert rlhf_ext.DPOConfig(output_dir="x", pad_to_multiple_of=given).pad_to_multiple_of \
+        == expected
+    assert rlhf_ext.RewardConfig(output_dir="x", pad_to_multiple_of=given).pad_to_multiple_of \
+        == expected
+
+
+def test_pad_fields_set_the_padding(tok, tmp_path):
+    import copy
+
+    tok = copy.deepcopy(tok)
+    args = rlhf_ext.DPOConfig(output_dir="x", pad_token=tok.eos_token, padding_value=7)
+    assert apply_tokenizer_fields(tok, args) == 7 and tok.pad_token == tok.eos_token
+    batch = PreferenceCollator(7, pad_to_multiple_of=8)(
+        [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 7, 7, 7, 7], [1, 2, 4, 5, 6, 7, 7, 7]]
+    with pytest.raises(ValueError, match="pad_token 'no-such-token' is not in the tokenizer"):
+        apply_tokenizer_fields(tok, rlhf_ext.DPOConfig(output_dir="x", pad_token="no-such-token"))
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    apply_tokenizer_fields(tok, rlhf_ext.RewardConfig(output_dir="x",
+                                                      chat_template_path=str(template)))
+    assert tok.chat_template == template.read_text()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", router_aux_loss_coef=0.01),
+     "mixture-of-experts router loss"),
+    (lambda: rlhf_ext.ORPOConfig(output_dir="x", is_encoder_decoder=True), "decoder-only"),
+    (lambda: rlhf_ext.KTOConfig(output_dir="x", loss_type="sigmoid"),
+     "KTOConfig.loss_type is kto or apo_zero_unpaired"),
+    (lambda: rlhf_ext.CPOConfig(output_dir="x", loss_type="hinge"), "hinge and ipo"),
+    (lambda: rlhf_ext.CPOConfig(output_dir="x", alpha=0.2), "AlphaPO"),
+    (lambda: rlhf_ext.ORPOConfig(output_dir="x", loss_type="simpo"), "ORPOConfig trains ORPO"),
+    (lambda: rlhf_ext.KTOConfig(output_dir="x", ld_alpha=0.5), "ld_alpha compares"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", loss_type="aot", use_weighting=True),
+     "couple the examples"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", loss_type="nca_pair",
+                                f_divergence_type="forward_kl"), "Use reverse_kl with them"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", f_divergence_type="hellinger"),
+     "unknown f_divergence_type"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", sync_ref_model=True,
+                                precompute_ref_log_probs=True), "cannot be precomputed"),
+    (lambda: rlhf_ext.CPOConfig(output_dir="x", sync_ref_model=True), "uses none"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", rpo_alpha=0.5, loss_type=["sigmoid", "sft"]),
+     "already has sft"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", max_prompt_length=0), "positive integer"),
+    (lambda: rlhf_ext.DPOConfig(output_dir="x", pad_to_multiple_of="eight"),
+     "pad_to_multiple_of must be an integer"),
+])
+def test_what_is_not_implemented_is_refused_at_config_time(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_sync_ref_model_with_lora_is_refused(policy_dir, tok):
+    from peft import LoraConfig
+
+    args = rlhf_ext.DPOConfig(output_dir="x", sync_ref_model=True, use_cpu=True,
+                              report_to="none")
+    with pytest.raises(ValueError, match="with LoRA the reference is the base model"):
+        rlhf_ext.DPOTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(4),
+                            processing_class=tok,
+                            peft_config=LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_a_trl_dpo_script_with_an_eval_dict_tensorboard_and_completions(policy_dir, tok,
+                                                                        tmp_path):
+    """TRL-style: DPOConfig/DPOTrainer, eval_dataset as a dict, report_to tensorboard,
+    generate_during_eval. Each eval set gets its metrics; the scalars (TRL's names) and a
+    completions table (policy and reference columns) reach TensorBoard and completions.md."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = rlhf_ext.DPOConfig(
+        output_dir=str(tmp_path), report_to="tensorboard", max_steps=2, logging_steps=1,
+        per_device_train_batch_size=4, per_device_eval_batch_size=3, eval_strategy="steps",
+        eval_steps=2, generate_during_eval=True, max_completion_length=6, use_cpu=True,
+        save_strategy="no", disable_tqdm=True)
+    trainer = rlhf_ext.DPOTrainer(str(policy_dir), args=args, processing_class=tok,
+                                  train_dataset=preference_pairs(8),
+                                  eval_dataset={"a": preference_pairs(4, seed=2),
+                                                "b": preference_pairs(4, seed=3)})
+    trainer.train()
+    logged = {k for log in trainer.state.log_history for k in log}
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_rewards/margins", "eval_b_entropy"} <= logged
+    table = (tmp_path / "completions.md").read_text()
+    assert "| prompt | policy | reference |" in table
+    assert table.count("\n| ") == 2 * 4  # two evaluations (a and b), header + 3 rows each
+    events = EventAccumulator(str(next(tmp_path.glob("runs/*"))),
+                              size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/entropy", "train/mean_token_accuracy", "eval/a_loss"} <= scalars
+    assert "completions/text_summary" in events.Tags()["tensors"]
