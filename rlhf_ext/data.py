@@ -3,13 +3,14 @@ tokenization of preference data, and the collator."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -49,6 +50,9 @@ def train_eval_split(data: Dataset | DatasetDict, train_split: str = "train",
 
 PAIRED_COLUMNS = ("chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+TOKENIZED_PAIRED = ("prompt_ids", "chosen_ids", "rejected_ids")  # pre-tokenized, as TRL's
+TOKENIZED_UNPAIRED = ("prompt_ids", "completion_ids", "label")
+STREAM_ROWS_CHECKED = 1000  # an IterableDataset is validated on its first rows, up front
 
 
 class DataError(ValueError):
@@ -105,9 +109,38 @@ def _check_completion_turns(example: dict, column: str, has_prompt: bool, row: i
                         "must end with the model's answer, a message with role 'assistant'.")
 
 
+def column_names(dataset) -> list[str]:
+    """A dataset's columns; a stream whose features are unknown shows its first row's."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)).keys())
+
+
+def check_one_split(dataset, name: str) -> None:
+    """A trainer takes one split; a DatasetDict (all splits) gets a message that says so."""
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        splits = list(dataset)
+        raise DataError(f"{name} dataset is a DatasetDict with splits {splits}; pass one split, "
+                        f"e.g. dataset[{splits[0]!r}] (several eval sets: a dict of them as "
+                        "eval_dataset)")
+
+
+def rows_to_check(dataset):
+    """(row number, example) pairs to validate: all of a Dataset, the first
+    STREAM_ROWS_CHECKED of an IterableDataset (which may not end)."""
+    if isinstance(dataset, IterableDataset):
+        return enumerate(itertools.islice(dataset, STREAM_ROWS_CHECKED))
+    return enumerate(dataset)
+
+
 def dataset_kind(dataset, name: str = "train") -> str:
-    """'paired' (chosen/rejected, prompt optional) or 'unpaired' (prompt/completion/label)."""
-    cols = set(dataset.column_names)
+    """'paired' (chosen/rejected, prompt optional) or 'unpaired' (prompt/completion/label);
+    'tokenized_paired' / 'tokenized_unpaired' for the same as token ids (``*_ids``)."""
+    cols = set(column_names(dataset))
+    if set(TOKENIZED_PAIRED) <= cols:
+        return "tokenized_paired"
+    if set(TOKENIZED_UNPAIRED) <= cols:
+        return "tokenized_unpaired"
     if set(PAIRED_COLUMNS) <= cols:
         return "paired"
     if set(UNPAIRED_COLUMNS) <= cols:
@@ -120,15 +153,20 @@ def dataset_kind(dataset, name: str = "train") -> str:
 
 def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str],
                                 name: str = "train") -> str:
-    """Check every row before training; return the dataset kind. Raises ``DataError``."""
+    """Check every row before training (a stream: its first rows); return the dataset
+    kind. Raises ``DataError``."""
+    check_one_split(dataset, name)
     kind = dataset_kind(dataset, name)
-    if paired_loss and kind == "unpaired":
+    if paired_loss and kind.endswith("unpaired"):
         raise DataError(
             f"{name} dataset is unpaired (prompt/completion/label) but loss {loss_names} needs "
             "pairs: give prompt/chosen/rejected columns, or use loss_type kto.")
+    if kind.startswith("tokenized"):
+        _check_token_ids(dataset, kind, name)
+        return kind
     columns = PAIRED_COLUMNS if kind == "paired" else ("completion",)
-    has_prompt = "prompt" in dataset.column_names
-    for row, example in enumerate(dataset):
+    has_prompt = "prompt" in column_names(dataset)
+    for row, example in rows_to_check(dataset):
         if has_prompt:
             _check_text(example["prompt"], "prompt", row, name, allow_empty=kind == "paired")
         for column in columns:
@@ -139,6 +177,45 @@ def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str
                 f"{name} dataset, row {row}, column 'label': expected True (desirable) or False "
                 f"(undesirable), got {example['label']!r}. Map the labels to booleans.")
     return kind
+
+
+def _check_token_ids(dataset, kind: str, name: str) -> None:
+    """Pre-tokenized rows: each ``*_ids`` column a list of non-negative ints (a completion
+    not empty), labels booleans."""
+    columns = TOKENIZED_PAIRED if kind == "tokenized_paired" else TOKENIZED_UNPAIRED[:2]
+    for row, example in rows_to_check(dataset):
+        for column in columns:
+            ids = example[column]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+                raise DataError(f"{name} dataset, row {row}, column {column!r}: expected a list "
+                                f"of token ids (non-negative ints), got {ids!r:.60}. Tokenize "
+                                "the column, or give text columns instead.")
+            if column != "prompt_ids" and not ids:
+                raise DataError(f"{name} dataset, row {row}, column {column!r}: no tokens. Drop "
+                                "the row.")
+        if kind == "tokenized_unpaired" and not isinstance(example["label"], bool):
+            raise DataError(f"{name} dataset, row {row}, column 'label': expected True or "
+                            f"False, got {example['label']!r}. Map the labels to booleans.")
+
+
+def _unpair_ids(batch: dict) -> dict:
+    """Tokenized pairs -> tokenized labelled completions (chosen True, rejected False)."""
+    n = len(batch["prompt_ids"])
+    return {"prompt_ids": batch["prompt_ids"] * 2,
+            "completion_ids": batch["chosen_ids"] + batch["rejected_ids"],
+            "label": [True] * n + [False] * n}
+
+
+def _cut_ids(example: dict, max_prompt_length: int | None,
+             max_completion_length: int | None) -> dict:
+    """max_prompt_length / max_completion_length on token ids (as for text)."""
+    out = {}
+    for column, ids in example.items():
+        if column == "prompt_ids" and max_prompt_length is not None:
+            out[column] = ids[len(ids) - min(max_prompt_length, len(ids)):]
+        elif column.endswith("_ids") and column != "prompt_ids":
+            out[column] = ids[:max_completion_length]
+    return out
 
 
 def validate_prompt_dataset(dataset, name: str = "train") -> None:
@@ -212,42 +289,77 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
     """Validated rows -> token ids (paired: prompt/chosen/rejected_ids; unpaired:
     prompt/completion_ids, label and kl_completion_ids: the previous row's completion, the
     mismatched pairs of KTO's reference point). Fails when a prompt leaves no room.
-    ``num_proc`` processes tokenize (TRL's ``dataset_num_proc``)."""
+    ``num_proc`` processes tokenize (TRL's ``dataset_num_proc``). Pre-tokenized rows
+    (``kind`` tokenized_*) are only cut to the lengths; an IterableDataset is tokenized
+    lazily, as the Trainer reads it (paired losses only)."""
     from trl.data_utils import extract_prompt, unpair_preference_dataset
 
-    if kind == "paired" and "prompt" not in dataset.column_names:
-        others = [c for c in dataset.column_names if c not in (*PAIRED_COLUMNS, *keep)]
-        dataset = dataset.map(extract_prompt, desc=f"extracting {name} prompts",
-                              num_proc=num_proc)
-        empty = sum(not len(p) for p in dataset["prompt"])
-        if others and empty:
-            raise DataError(
-                f"{name} dataset: no 'prompt' column, and in {empty} of {len(dataset)} rows "
-                "chosen and rejected share no beginning, so their prompt would be empty while "
-                f"column(s) {others} are dropped. Rename the prompt column to 'prompt'.")
-    if kind == "paired" and unpair:
-        dataset = unpair_preference_dataset(dataset)
-        kind = "unpaired"
-    completions = PAIRED_COLUMNS if kind == "paired" else ("completion",)
-    keep = {*keep, "label"} if kind == "unpaired" else set(keep)
-    dataset = dataset.map(tokenize_preference_row, desc=f"tokenizing {name} dataset",
-                          num_proc=num_proc,
-                          fn_kwargs={"tokenizer": tokenizer, "completions": completions,
-                                     "max_prompt_length": max_prompt_length,
-                                     "max_completion_length": max_completion_length},
-                          remove_columns=[c for c in dataset.column_names if c not in keep])
-    if max_length is not None:
-        for row, n in enumerate(len(ids) for ids in list(dataset["prompt_ids"])):
-            if n >= max_length:
-                raise DataError(
-                    f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
-                    f"for the completion within max_length={max_length}. Raise max_length, "
-                    "shorten or drop the prompt.")
+    stream = isinstance(dataset, IterableDataset)
+    if stream and (unpair or kind.endswith("unpaired")):
+        raise DataError(f"{name} dataset is an IterableDataset, and KTO pairs each completion "
+                        "with another row's for its reference point, which a stream cannot "
+                        "give: load it into memory (streaming=False)")
+    # a stream's map takes neither a progress label nor processes
+    mapping = {} if stream else {"num_proc": num_proc}
+    label = (lambda text: {}) if stream else (lambda text: {"desc": text})  # noqa: E731
+    if kind.startswith("tokenized"):
+        wanted = {*(TOKENIZED_PAIRED if kind == "tokenized_paired" else TOKENIZED_UNPAIRED),
+                  *keep}
+        dataset = dataset.remove_columns([c for c in column_names(dataset) if c not in wanted])
+        if kind == "tokenized_paired" and unpair:
+            dataset = dataset.map(_unpair_ids, batched=True, remove_columns=list(
+                TOKENIZED_PAIRED), **mapping, **label(f"unpairing {name} dataset"))
+            kind = "tokenized_unpaired"
+        if max_prompt_length is not None or max_completion_length is not None:
+            dataset = dataset.map(_cut_ids, **mapping, **label(f"cutting {name} dataset"),
+                                  fn_kwargs={"max_prompt_length": max_prompt_length,
+                                             "max_completion_length": max_completion_length})
+        kind = kind.removeprefix("tokenized_")
+    else:
+        if kind == "paired" and "prompt" not in column_names(dataset):
+            others = [c for c in column_names(dataset) if c not in (*PAIRED_COLUMNS, *keep)]
+            dataset = dataset.map(extract_prompt, **mapping,
+                                  **label(f"extracting {name} prompts"))
+            if others and not stream:
+                empty = sum(not len(p) for p in dataset["prompt"])
+                if empty:
+                    raise DataError(
+                        f"{name} dataset: no 'prompt' column, and in {empty} of {len(dataset)} "
+                        "rows chosen and rejected share no beginning, so their prompt would be "
+                        f"empty while column(s) {others} are dropped. Rename the prompt column "
+                        "to 'prompt'.")
+        if kind == "paired" and unpair:
+            dataset = unpair_preference_dataset(dataset)
+            kind = "unpaired"
+        completions = PAIRED_COLUMNS if kind == "paired" else ("completion",)
+        kept = {*keep, "label"} if kind == "unpaired" else set(keep)
+        dataset = dataset.map(tokenize_preference_row, **mapping,
+                              **label(f"tokenizing {name} dataset"),
+                              fn_kwargs={"tokenizer": tokenizer, "completions": completions,
+                                         "max_prompt_length": max_prompt_length,
+                                         "max_completion_length": max_completion_length},
+                              remove_columns=[c for c in column_names(dataset) if c not in kept])
+    if stream:
+        return dataset if max_length is None else dataset.map(
+            _check_room, with_indices=True, fn_kwargs={"max_length": max_length, "name": name})
+    for row, ids in enumerate(dataset["prompt_ids"]):
+        _check_room({"prompt_ids": ids}, row, max_length, name)
     warn_degenerate(dataset, max_length, truncation_mode, name)
     if kind == "unpaired":
         ids = list(dataset["completion_ids"])
         dataset = dataset.add_column("kl_completion_ids", ids[-1:] + ids[:-1])
     return dataset
+
+
+def _check_room(example: dict, row: int, max_length: int | None, name: str) -> dict:
+    """A prompt must leave room for the completion within max_length."""
+    n = len(example["prompt_ids"])
+    if max_length is not None and n >= max_length:
+        raise DataError(
+            f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
+            f"for the completion within max_length={max_length}. Raise max_length, "
+            "shorten or drop the prompt.")
+    return {}
 
 
 def _cut(prompt: list[int], completion: list[int], max_length: int | None,
@@ -307,7 +419,10 @@ def check_in_vocabulary(ids: list[int], vocab: int | None, where: str) -> None:
 
 def check_fits_model(dataset, model, max_length: int | None, name: str = "train") -> None:
     """Token ids inside the model's vocabulary and sequences within its positions, checked
-    on the tokenized rows before training (else step 1 fails with an index error)."""
+    on the tokenized rows before training (else step 1 fails with an index error); a
+    stream's rows are tokenized as they are read, so they are not checked here."""
+    if isinstance(dataset, IterableDataset):
+        return
     vocab, positions = model_limits(model)
     columns = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids",
                            "kl_completion_ids") if c in dataset.column_names]

@@ -101,16 +101,16 @@ def scalar_rewards(output) -> Tensor:
 
 
 def check_scalar_head(model) -> None:
-    """A reward model the package can train and score with: a RewardModel, or a sequence
-    classifier with exactly one label, whose pad id is known (it pools the last non-pad
-    token; the Trainer pads with the tokenizer's pad token, set here by the caller)."""
+    """Refuse what is surely not a reward model: a sequence classifier with other than one
+    label, or a causal language model. (RewardModel, a one-label classifier and heads such
+    as the single-base PPO's reward adapter pass.)"""
     base = getattr(model, "get_base_model", lambda: model)()
-    if isinstance(base, RewardModel):
-        return
+    name = type(base).__name__
     labels = getattr(getattr(base, "config", None), "num_labels", None)
-    if not type(base).__name__.endswith("ForSequenceClassification") or labels != 1:
-        raise ValueError(f"{type(base).__name__} (num_labels={labels}) is not a reward model: "
-                         "pass a path (a backbone gets a fresh scalar head), a RewardModel, or "
+    if (name.endswith("ForSequenceClassification") and labels != 1) or \
+            name.endswith("ForCausalLM"):
+        raise ValueError(f"{name} (num_labels={labels}) is not a reward model: pass a path "
+                         "(a backbone gets a fresh scalar head), a RewardModel, or "
                          "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)")
 
 
@@ -200,12 +200,27 @@ class RewardModel(_HeadModel):
     config_class = RewardModelConfig
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                **kwargs) -> RewardOutput:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self._hidden(input_ids, attention_mask, **kwargs)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last_token_index(attention_mask)]
+                segment_ids: Tensor | None = None, **kwargs) -> RewardOutput:
+        """Rewards of padded rows [B, T] -> [B]; or, with ``segment_ids`` [B, T] (prefix
+        sharing: rows [prompt | chosen | rejected], 0/1/2, -1 padding, and their
+        ``position_ids``), both completions' rewards -> [2B], chosen first."""
+        if segment_ids is not None:
+            from .logps import additive_mask, prefix_sharing_mask
+
+            mask = prefix_sharing_mask(segment_ids)
+            if self.backbone.config._attn_implementation == "eager":  # adds the mask
+                mask = additive_mask(mask, self.dtype)
+            hidden = self._hidden(input_ids, mask, **kwargs)
+            rows = torch.arange(hidden.shape[0], device=hidden.device).repeat(2)
+            ends = torch.cat([last_token_index(segment_ids == 1),
+                              last_token_index(segment_ids == 2)])
+            pooled = hidden[rows, ends]
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self._hidden(input_ids, attention_mask, **kwargs)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            pooled = hidden[rows, last_token_index(attention_mask)]
         logits = self.score(pooled.to(self.score.weight.dtype))  # [B, K]
         if logits.shape[-1] == 1:
             return RewardOutput(rewards=logits[:, 0], logits=logits)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from datasets import IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -26,6 +27,7 @@ from .config_fields import (
     pad_multiple,
 )
 from .data import (
+    DataError,
     PreferenceCollator,
     check_fits_model,
     prepare_preference_dataset,
@@ -326,6 +328,10 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         if args.sync_ref_model:
             self.add_callback(SyncReference(self))
         if args.precompute_ref_log_probs and args.needs_reference:
+            if isinstance(self.train_dataset, IterableDataset):
+                raise DataError("precompute_ref_log_probs runs the reference over the whole "
+                                "dataset before training, and an IterableDataset has no end: "
+                                "load it into memory, or turn precomputing off")
             self.train_dataset = self.reference.precompute(self, self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self.reference.precompute(self, v, f"eval {k}")
@@ -522,8 +528,14 @@ class PreferenceTrainer(CheckedTraining, Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only or "desirable" in inputs:
+            return loss.detach(), None, None
+        # for compute_metrics, as the reward trainer: the implicit rewards of chosen and
+        # rejected [B, 2], every label 0 (chosen wins)
+        rewards = torch.stack([out.chosen_rewards, out.rejected_rewards], -1)
+        return loss.detach(), rewards, torch.zeros(rewards.shape[0], dtype=torch.long,
+                                                   device=rewards.device)
 
     # -----------------------------------------------------------------------------------
     # saving; with sync_ref_model the reference is part of the training state
@@ -559,5 +571,8 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         trainer_model_card(
             self, method="preference", model_name=model_name, dataset_name=dataset_name,
             summary=f"Preference-optimised with loss `{names}` from `{self.base_model_name}`.",
-            hyperparameters=hyper, tags=[*losses, *(tags or [])])
+            hyperparameters=hyper, tags=[*losses, *(tags or [])], papers=[
+                *losses, *(["f_divergence"] if args.f_divergence_type != "reverse_kl" else []),
+                *(name for name in ("ld_alpha", "use_weighting", "sync_ref_model")
+                  if getattr(args, name) not in (None, False))])
 

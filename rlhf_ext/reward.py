@@ -34,12 +34,20 @@ from .data import (
     DataError,
     PreferenceCollator,
     check_fits_model,
+    column_names,
     prepare_preference_dataset,
+    rows_to_check,
     validate_preference_dataset,
 )
 from .heads import RewardModel, RewardModelConfig, check_scalar_head, scalar_rewards
 from .hub import trainer_model_card
-from .models import add_adapters, disable_dropout, keep_4bit_differentiable, load_tokenizer
+from .models import (
+    add_adapters,
+    disable_dropout,
+    is_peft_model,
+    keep_4bit_differentiable,
+    load_tokenizer,
+)
 from .trainer_utils import (
     CheckedTraining,
     add_averaged_metrics,
@@ -64,6 +72,10 @@ class RewardConfig(DataFields, TrainingArguments):
         "help": "Weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0."})
     disable_dropout: bool = True
     model_init_kwargs: dict | None = None
+    prefix_sharing: bool = field(default=False, metadata={
+        "help": "One row per pair, [prompt | chosen | rejected], so the prompt goes through "
+                "the model once; an attention mask keeps the completions apart (our "
+                "RewardModel with sdpa or eager attention)."})
 
     def __post_init__(self):
         check_finite_fields(self, ("center_rewards_coefficient", "learning_rate"))
@@ -84,6 +96,22 @@ def adapter_base(name_or_path: str) -> str | None:
         return None
     with open(path) as f:
         return json.load(f)["base_model_name_or_path"]
+
+
+def check_prefix_sharing(model) -> None:
+    """prefix_sharing pools two completions of one row: our RewardModel can, with an
+    attention that takes a dense 4D mask."""
+    from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation
+
+    base = model.get_base_model() if is_peft_model(model) else model
+    if not isinstance(base, RewardModel):
+        raise ValueError(f"prefix_sharing needs rlhf_ext's RewardModel, which pools each "
+                         f"completion of a shared row; {type(base).__name__} pools one token per "
+                         "row: pass the model as a path, or turn prefix_sharing off")
+    impl = attention_implementation(base.backbone)
+    if impl not in PREFIX_SHARING_ATTENTIONS:
+        raise ValueError(f"prefix_sharing needs an attention that takes a dense 4D mask "
+                         f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}")
 
 
 def _adapts_a_reward_model(adapter_dir: str) -> bool:
@@ -142,6 +170,8 @@ class RewardTrainer(CheckedTraining, Trainer):
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         pad_id = apply_tokenizer_fields(processing_class, args)
         check_scalar_head(model)
+        if args.prefix_sharing:
+            check_prefix_sharing(model)
         if getattr(model.config, "pad_token_id", None) is None:  # a sequence classifier
             model.config.pad_token_id = pad_id                    # pools the last non-pad
 
@@ -162,7 +192,8 @@ class RewardTrainer(CheckedTraining, Trainer):
                 check_fits_model(data, model, args.max_length, split)
         if data_collator is None:
             data_collator = PreferenceCollator(pad_id, args.max_length,
-                                               pad_to_multiple_of=args.pad_to_multiple_of)
+                                               pad_to_multiple_of=args.pad_to_multiple_of,
+                                               prefix_sharing=args.prefix_sharing)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_metrics=compute_metrics,
@@ -174,8 +205,9 @@ class RewardTrainer(CheckedTraining, Trainer):
         if dataset is None:
             return None
         kind = validate_preference_dataset(dataset, True, ["reward"], name)
-        if "margin" in dataset.column_names:
-            for row, margin in enumerate(dataset["margin"]):
+        if "margin" in column_names(dataset):
+            for row, example in rows_to_check(dataset):
+                margin = example["margin"]
                 if not isinstance(margin, (int, float)) or not math.isfinite(margin):
                     raise DataError(f"{name} dataset, row {row}, column 'margin': {margin!r} is "
                                     "not a finite number. Fix or drop the row.")
@@ -190,7 +222,12 @@ class RewardTrainer(CheckedTraining, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         with activation_offloading(model, self.args):
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            if "segment_ids" in inputs:  # prefix sharing: one row per pair
+                out = model(input_ids=inputs["input_ids"], segment_ids=inputs["segment_ids"],
+                            position_ids=inputs["position_ids"])
+            else:
+                out = model(input_ids=inputs["input_ids"],
+                            attention_mask=inputs["attention_mask"])
         rewards = scalar_rewards(out)
         chosen, rejected = rewards.chunk(2)
         margin = inputs.get("margin")
@@ -213,8 +250,12 @@ class RewardTrainer(CheckedTraining, Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        # as TRL's: the predictions are (r_chosen, r_rejected), every label 0 (chosen wins),
+        # so compute_metrics can read accuracy as argmax == label
         chosen, rejected = scalar_rewards(out).chunk(2)
-        return loss.detach(), torch.stack([chosen, rejected], -1), None
+        return loss.detach(), torch.stack([chosen, rejected], -1), torch.zeros_like(chosen).long()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         add_averaged_metrics(self._metrics, logs)
@@ -222,13 +263,17 @@ class RewardTrainer(CheckedTraining, Trainer):
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         args = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if is_peft_model(model) else model
         trainer_model_card(
             self, method="reward-model", model_name=model_name, dataset_name=dataset_name,
             tags=tags, summary=f"A Bradley-Terry reward model on `{self.base_model_name}`.",
             hyperparameters={"learning_rate": args.learning_rate, "max_length": args.max_length,
                              "num_train_epochs": args.num_train_epochs,
                              "center_rewards_coefficient": args.center_rewards_coefficient,
-                             "per_device_train_batch_size": args.per_device_train_batch_size})
+                             "per_device_train_batch_size": args.per_device_train_batch_size},
+            kind="reward-model" if isinstance(base, RewardModel) else "sequence-classifier",
+            papers=["reward-model"])
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,

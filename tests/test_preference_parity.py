@@ -159,8 +159,9 @@ def test_orpo_matches_trl_where_defined_alike(models):
 def dpo_pair(models, data, trl_kw=None, **kw):
     """(ours, TRL's) first log of DPOTrainer with the same fields (``trl_kw`` for TRL's if
     they differ), ours imported by TRL's name."""
-    import rlhf_ext
     from trl import DPOConfig, DPOTrainer
+
+    import rlhf_ext
 
     policy, ref, tok = models
     theirs = trl_log(DPOTrainer(
@@ -214,8 +215,9 @@ def test_tr_dpo_reference_sync_matches_trl(models):
     data = preference_pairs(24, seed=10)
     kw = dict(beta=BETA, sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=1)
     common = {**COMMON, "max_steps": 3, "learning_rate": 1e-3}
-    import rlhf_ext
     from trl import DPOConfig, DPOTrainer
+
+    import rlhf_ext
 
     policy, ref, tok = models
     theirs = DPOTrainer(str(policy), ref_model=AutoModelForCausalLM.from_pretrained(ref),
@@ -237,8 +239,9 @@ def test_tr_dpo_reference_sync_matches_trl(models):
 
 
 def test_kto_apo_zero_unpaired_matches_trl(models):
-    import rlhf_ext
     from trl import KTOConfig, KTOTrainer
+
+    import rlhf_ext
 
     policy, ref, tok = models
     data = unpaired_dataset(8, seed=2)
@@ -258,8 +261,9 @@ def test_kto_apo_zero_unpaired_matches_trl(models):
 def test_cpo_config_names_match_trl_cpo(models, loss_type, cpo_alpha):
     """TRL CPO's sigmoid is CPO (with its NLL term), and simpo with cpo_alpha > 0 is
     CPO-SimPO: both by TRL's names and defaults (beta 0.1, simpo_gamma 0.5)."""
-    import rlhf_ext
     from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    import rlhf_ext
 
     policy, _, tok = models
     data = preference_pairs(8, seed=11)

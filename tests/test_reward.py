@@ -157,3 +157,37 @@ def test_a_classifier_with_two_labels_is_refused(lm_dir, tmp_path):
         RewardTrainer(model, args=RewardConfig(output_dir=str(tmp_path), **COMMON),
                       train_dataset=preference_pairs(4), processing_class=AutoTokenizer
                       .from_pretrained(lm_dir))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_sharing_gives_the_padded_loss_and_gradients(lm_dir, tmp_path, attention):
+    """One row per pair [prompt | chosen | rejected] against two padded rows per pair, on
+    12 pairs of many prompt and completion lengths: the same loss, rewards and gradient."""
+    data = preference_pairs(12, seed=7)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    model = RewardModel.from_backbone(str(lm_dir), seed=1, attn_implementation=attention)
+    results = []
+    for sharing in (False, True):
+        trainer = RewardTrainer(model, train_dataset=data, processing_class=tok,
+                                args=RewardConfig(output_dir=str(tmp_path), **COMMON,
+                                                  prefix_sharing=sharing))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(12)])
+        assert ("segment_ids" in batch) == sharing
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        results.append((loss, out.rewards, grads))
+    (loss_a, rewards_a, grads_a), (loss_b, rewards_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rewards_a, rewards_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_sharing_needs_our_reward_head(lm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    with pytest.raises(ValueError, match="prefix_sharing needs rlhf_ext's RewardModel"):
+        RewardTrainer(model, train_dataset=preference_pairs(4),
+                      processing_class=AutoTokenizer.from_pretrained(lm_dir),
+                      args=RewardConfig(output_dir=str(tmp_path), prefix_sharing=True, **COMMON))

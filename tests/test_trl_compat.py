@@ -164,3 +164,122 @@ def test_a_trl_dpo_script_with_an_eval_dict_tensorboard_and_completions(policy_d
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/entropy", "train/mean_token_accuracy", "eval/a_loss"} <= scalars
     assert "completions/text_summary" in events.Tags()["tensors"]
+
+
+# ---------------------------------------------------------------------------------------
+# data as TRL users bring it
+# ---------------------------------------------------------------------------------------
+
+DATA_ARGS = dict(learning_rate=0.0, max_steps=1, per_device_train_batch_size=8,
+                 per_device_eval_batch_size=8, logging_steps=1, report_to="none", use_cpu=True,
+                 save_strategy="no", disable_tqdm=True, max_length=64, beta=0.3)
+
+
+def first_loss(policy_dir, tok, data, tmp_path, **kw):
+    trainer = rlhf_ext.DPOTrainer(str(policy_dir), processing_class=tok, train_dataset=data,
+                                  args=rlhf_ext.DPOConfig(output_dir=str(tmp_path),
+                                                          **{**DATA_ARGS, **kw}))
+    trainer.train()
+    return trainer.state.log_history[0]["loss"]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "kto"])
+def test_pre_tokenized_and_streamed_data_train_as_text_does(policy_dir, tok, tmp_path,
+                                                            loss_type):
+    """One batch of all 8 pairs at lr 0: the same loss from text, from token ids
+    (prompt_ids/chosen_ids/rejected_ids, unpaired for KTO) and, for DPO, from an
+    IterableDataset (tokenized as it is read)."""
+    text = preference_pairs(8, seed=4)
+    ids = text.map(tokenize_preference_row, remove_columns=text.column_names,
+                   fn_kwargs={"tokenizer": tok, "completions": ("chosen", "rejected")})
+    want = first_loss(policy_dir, tok, text, tmp_path / "text", loss_type=loss_type)
+    assert first_loss(policy_dir, tok, ids, tmp_path / "ids", loss_type=loss_type) == \
+        pytest.approx(want, abs=1e-6)
+    if loss_type == "sigmoid":
+        stream = first_loss(policy_dir, tok, text.to_iterable_dataset(), tmp_path / "stream")
+        assert stream == pytest.approx(want, abs=1e-6)
+
+
+def test_bad_data_as_trl_users_bring_it_is_named(policy_dir, tok, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from rlhf_ext.data import DataError
+
+    pairs = preference_pairs(4)
+    args = rlhf_ext.DPOConfig(output_dir=str(tmp_path), **DATA_ARGS)
+    with pytest.raises(DataError, match=r"is a DatasetDict with splits \['train', 'test'\]; "
+                                        r"pass one split, e.g. dataset\['train'\]"):
+        rlhf_ext.DPOTrainer(str(policy_dir), args=args, processing_class=tok,
+                            train_dataset=DatasetDict({"train": pairs, "test": pairs}))
+    bad = Dataset.from_dict({"prompt_ids": [[1, 2], [3]], "chosen_ids": [[4], [5, -1]],
+                             "rejected_ids": [[6], [7]]})
+    with pytest.raises(DataError, match=r"row 1, column 'chosen_ids': expected a list of token"):
+        rlhf_ext.DPOTrainer(str(policy_dir), args=args, processing_class=tok, train_dataset=bad)
+    kto = rlhf_ext.KTOConfig(output_dir=str(tmp_path), **DATA_ARGS)
+    with pytest.raises(DataError, match="IterableDataset, and KTO pairs each completion"):
+        rlhf_ext.KTOTrainer(str(policy_dir), args=kto, processing_class=tok,
+                            train_dataset=pairs.to_iterable_dataset())
+
+
+def test_compute_metrics_gets_the_implicit_rewards(policy_dir, tok, tmp_path):
+    """compute_metrics, accepted as in TRL, is called with predictions (r_chosen, r_rejected)
+    and labels 0: its accuracy equals the trainer's own rewards/accuracies."""
+    def chosen_wins(prediction):
+        return {"chosen_wins": float((prediction.predictions.argmax(-1)
+                                      == prediction.label_ids).mean())}
+
+    data = preference_pairs(8, seed=5)
+    trainer = rlhf_ext.DPOTrainer(str(policy_dir), processing_class=tok, train_dataset=data,
+                                  eval_dataset=preference_pairs(8, seed=6),
+                                  compute_metrics=chosen_wins,
+                                  args=rlhf_ext.DPOConfig(output_dir=str(tmp_path),
+                                                          **{**DATA_ARGS, "learning_rate": 1e-2}))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_chosen_wins"] == pytest.approx(metrics["eval_rewards/accuracies"])
+    assert 0 < metrics["eval_chosen_wins"]
+
+
+# ---------------------------------------------------------------------------------------
+# model cards: a title, a usage snippet that runs, versions, the method's papers
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["dpo", "dpo-lora", "reward", "reward-classifier"])
+def test_model_card_says_how_to_use_the_model_and_the_snippet_runs(policy_dir, tok, tmp_path,
+                                                                   kind, capsys):
+    import re
+    from importlib.metadata import version
+
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "my-model"
+    common = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=4,
+                  report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                  max_length=64)
+    data = preference_pairs(4)
+    if kind.startswith("dpo"):
+        peft = LoraConfig(r=4, target_modules="all-linear") if kind == "dpo-lora" else None
+        trainer = rlhf_ext.DPOTrainer(str(policy_dir), processing_class=tok, train_dataset=data,
+                                      args=rlhf_ext.DPOConfig(ld_alpha=0.5, **common),
+                                      peft_config=peft)
+    else:
+        model = str(policy_dir) if kind == "reward" else \
+            AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        trainer = rlhf_ext.RewardTrainer(model, processing_class=tok, train_dataset=data,
+                                         args=rlhf_ext.RewardConfig(**common))
+    trainer.train()
+    trainer.save_model(str(out))
+    trainer.create_model_card()
+    card = (out / "README.md").read_text()
+    assert card.split("---\n", 2)[2].lstrip().startswith("# my-model\n")  # not the path
+    assert f"- transformers: {version('transformers')}" in card
+    paper = "2305.18290" if kind.startswith("dpo") else "2203.02155"
+    assert f"huggingface.co/papers/{paper}" in card and f"arXiv:{paper}" in card
+    if kind.startswith("dpo"):
+        assert "arXiv:2409.06411" in card  # LD-DPO, from ld_alpha
+    assert ("needs rlhf_ext" in card) == (kind == "reward")
+    snippet = re.search(r"## Use it\n\n```python\n(.*?)```", card, re.S).group(1)
+    capsys.readouterr()
+    exec(compile(snippet, "card", "exec"), {})  # loads from out, runs the model, prints
+    assert capsys.readouterr().out.strip()

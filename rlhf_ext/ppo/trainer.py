@@ -149,8 +149,9 @@ class PPOTrainer(CheckedTraining, Trainer):
             check_scalar_head(reward)
             reward.eval().requires_grad_(False)
             tok = reward_tokenizer or processing_class
-            if getattr(reward.config, "pad_token_id", None) is None:  # a sequence classifier
-                reward.config.pad_token_id = tok.pad_token_id
+            config = getattr(reward, "config", None)
+            if config is not None and getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = tok.pad_token_id  # a sequence classifier pools by it
             chunk = args.local_rollout_forward_batch_size
             self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c),
                                                              batch_size=chunk)
@@ -358,7 +359,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                 "kl_loss_coef", "rollout_batch_size", "num_ppo_epochs", "kl_coef", "kl_target",
                 "kl_estimator", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                 "response_length", "temperature", "per_device_train_batch_size")},
-            model=self.policy)
+            model=self.policy, kind="ppo" if self.value_model is not None else "causal-lm",
+            papers=[estimator])
 
 
 def _experience_file(process_index: int) -> str:
