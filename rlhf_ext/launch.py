@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from trl import DatasetMixtureConfig
 
 
 def machine_args() -> list[str]:
@@ -49,9 +50,11 @@ def with_machine_args(argv: list[str] | None = None) -> list[str]:
 
 
 @dataclass
-class RecipeArguments:
-    """What recipes add to TRL's arguments: a held-out dataset, and the tiny world (built
-    before training in seconds, cached; its oracle judges the result)."""
+class RecipeArguments(DatasetMixtureConfig):
+    """What recipes add to TRL's arguments: a dataset mixture (TRL's ``datasets:`` list,
+    each with path, split, columns, fraction, and ``test_split_size``) as an alternative to
+    dataset_name, a held-out dataset, and the tiny world (built before training in seconds,
+    cached; its oracle judges the result)."""
 
     eval_dataset_name: str | None = field(default=None, metadata={
         "help": "A separate held-out dataset (path or Hub id) for evaluation."})
@@ -64,10 +67,20 @@ class RecipeArguments:
                                "report oracle score and well-formedness (0 to skip)."})
 
     def load_datasets(self, script_args, training_args):
-        """(train, eval): eval from eval_dataset_name, else the dataset's test split."""
+        """(train, eval): eval from eval_dataset_name, else the dataset's test split. The
+        data is dataset_name, or the mixture of ``datasets`` (TRL's ``get_dataset``)."""
         from .data import load_dataset_any, train_eval_split
 
-        data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
+        if self.datasets and script_args.dataset_name:
+            raise ValueError("give dataset_name or a datasets: mixture, not both")
+        if self.datasets:
+            from trl import get_dataset
+
+            data = get_dataset(self)
+        elif script_args.dataset_name:
+            data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
+        else:
+            raise ValueError("no data: set dataset_name, or a datasets: mixture in the YAML")
         train, evaluation = train_eval_split(data, script_args.dataset_train_split,
                                              script_args.dataset_test_split)
         if training_args.eval_strategy == "no":

@@ -186,8 +186,14 @@ class RewardTrainer(CheckedTraining, Trainer):
         if args.disable_dropout:  # after the adapters: LoRA has its own dropout
             disable_dropout(model)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
-        eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        for split, data in (("train", train_dataset), ("eval", eval_dataset)):
+        if isinstance(eval_dataset, dict):  # a DatasetDict too: one eval set per split
+            eval_dataset = {k: self._prepare(v, processing_class, args, f"eval {k}")
+                            for k, v in eval_dataset.items()}  # each logged under its name
+            named = [(f"eval {k}", v) for k, v in eval_dataset.items()]
+        else:
+            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+            named = [("eval", eval_dataset)]
+        for split, data in (("train", train_dataset), *named):
             if data is not None:
                 check_fits_model(data, model, args.max_length, split)
         if data_collator is None:

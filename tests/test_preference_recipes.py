@@ -11,7 +11,11 @@ from transformers import AutoModelForCausalLM
 
 
 def run_loss(config, world_dir, sft_dir, out, *extra):
-    run_recipe(["recipes/preference.py", "--config", config,
+    # the clone's recipes/preference.py, or the installed command with a packaged config
+    # name (tiny/dpo.yaml is no file in the folder it runs from)
+    launch = ["-m", "rlhf_ext.cli", "dpo"] if not config.startswith("recipes/") \
+        else ["recipes/preference.py"]
+    run_recipe([*launch, "--config", config,
                 "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_dir),
                 "--dataset_name", str(world_dir / "data" / "pairs"), "--output_dir", str(out),
                 *extra], launcher="python")
@@ -20,7 +24,7 @@ def run_loss(config, world_dir, sft_dir, out, *extra):
 
 @pytest.mark.parametrize("config, extra", [
     ("recipes/tiny/kto.yaml", []),  # paired data unpaired on the fly
-    ("recipes/tiny/dpo.yaml", ["--loss_type", "simpo"]),  # one flag swaps the loss
+    ("tiny/dpo.yaml", ["--loss_type", "simpo"]),  # one flag swaps the loss; rlhf-ext dpo
 ])
 def test_each_recipe_trains_its_loss(sft_run, world_dir, tmp_path, config, extra):
     sft_dir, sft = sft_run

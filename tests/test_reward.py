@@ -191,3 +191,20 @@ def test_prefix_sharing_needs_our_reward_head(lm_dir, tmp_path):
         RewardTrainer(model, train_dataset=preference_pairs(4),
                       processing_class=AutoTokenizer.from_pretrained(lm_dir),
                       args=RewardConfig(output_dir=str(tmp_path), prefix_sharing=True, **COMMON))
+
+
+def test_an_eval_dict_is_evaluated_set_by_set(lm_dir, tmp_path):
+    """TRL's eval_dataset={"a": ..., "b": ...}: each set tokenized, evaluated and logged
+    under its name, its accuracy computed on its own pairs."""
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    sets = {"a": preference_pairs(4, seed=8), "b": preference_pairs(6, seed=9)}
+    trainer = RewardTrainer(str(lm_dir), train_dataset=preference_pairs(8), eval_dataset=sets,
+                            processing_class=tok,
+                            args=RewardConfig(output_dir=str(tmp_path), **COMMON))
+    metrics = trainer.evaluate()
+    for name, data in sets.items():
+        rewards = score(trainer.model, tok, list(data["prompt"]) * 2,
+                        list(data["chosen"]) + list(data["rejected"]))
+        n = len(data)
+        wins = sum(c > r for c, r in zip(rewards[:n], rewards[n:])) / n
+        assert metrics[f"eval_{name}_accuracy"] == pytest.approx(wins), name

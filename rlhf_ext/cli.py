@@ -1,0 +1,68 @@
+"""The ``rlhf-ext`` command: the package's recipes from any folder.
+
+    rlhf-ext                                   # the recipes and the configs shipped with them
+    rlhf-ext preference --config tiny/dpo.yaml --loss_type simpo --output_dir out/simpo
+    accelerate launch -m rlhf_ext.cli ppo --config tiny/grpo_oracle.yaml
+
+A ``--config`` that is not a file here is looked up among the packaged configs
+(``rlhf_ext/recipes/<model>/<name>.yaml``); every other flag goes to the recipe, which
+reads it as ``accelerate launch recipes/<recipe>.py`` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from importlib.resources import files
+
+RECIPES = {"sft": "sft", "reward": "reward", "preference": "preference", "dpo": "preference",
+           "ppo": "ppo"}
+
+
+def packaged_configs() -> list[str]:
+    """The YAML configs installed with the package, as ``<model>/<name>.yaml``."""
+    root = files("rlhf_ext.recipes")
+    return sorted(f"{d.name}/{f.name}" for d in root.iterdir() if d.is_dir()
+                  for f in d.iterdir() if f.name.endswith(".yaml"))
+
+
+def resolve_config(argv: list[str]) -> list[str]:
+    """``argv`` with its --config pointing at a file: as given when it exists, else the
+    packaged config of that name; an unknown name is an error listing the shipped ones."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            index, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            index, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.exists(value):
+            shipped = files("rlhf_ext.recipes").joinpath(value.removeprefix("recipes/"))
+            if not shipped.is_file():
+                raise SystemExit(f"--config {value}: no such file here, and no packaged config "
+                                 f"of that name; shipped: {', '.join(packaged_configs())}")
+            value = str(shipped)
+        out[index] = value if index == i + 1 else f"--config={value}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .launch import run_main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in RECIPES:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown recipe {argv[0]!r}", file=sys.stderr)
+        print(__doc__.split("\n\n")[1])
+        print("recipes: " + ", ".join(RECIPES))
+        print("configs: " + ", ".join(packaged_configs()))
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    recipe = importlib.import_module(f"rlhf_ext.recipes.{RECIPES[argv[0]]}")
+    sys.argv = [f"rlhf-ext {argv[0]}", *resolve_config(argv[1:])]
+    run_main(recipe.main, recipe.ARGUMENTS)
+
+
+if __name__ == "__main__":
+    main()
