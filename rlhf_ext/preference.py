@@ -529,8 +529,14 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
-        if prediction_loss_only or "desirable" in inputs:
+        if prediction_loss_only:
             return loss.detach(), None, None
+        if "desirable" in inputs:  # unpaired: each example's implicit reward [B], its label
+            desirable = inputs["desirable"].bool()
+            rewards = torch.empty(desirable.shape, dtype=out.chosen_rewards.dtype,
+                                  device=desirable.device)
+            rewards[desirable], rewards[~desirable] = out.chosen_rewards, out.rejected_rewards
+            return loss.detach(), rewards, desirable.long()
         # for compute_metrics, as the reward trainer: the implicit rewards of chosen and
         # rejected [B, 2], every label 0 (chosen wins)
         rewards = torch.stack([out.chosen_rewards, out.rejected_rewards], -1)

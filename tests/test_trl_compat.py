@@ -283,3 +283,25 @@ def test_model_card_says_how_to_use_the_model_and_the_snippet_runs(policy_dir, t
     capsys.readouterr()
     exec(compile(snippet, "card", "exec"), {})  # loads from out, runs the model, prints
     assert capsys.readouterr().out.strip()
+
+
+def test_compute_metrics_gets_kto_rewards_and_labels(policy_dir, tok, tmp_path):
+    """Unpaired (KTO): each example's implicit reward and its label (1 desirable), so the
+    mean reward gap computed there equals the trainer's rewards/margins (one eval batch)."""
+    import numpy as np
+
+    from rlhf_ext.tiny import unpaired_dataset
+
+    def gap(prediction):
+        rewards, labels = prediction.predictions, prediction.label_ids
+        return {"gap": float(np.mean(rewards[labels == 1]) - np.mean(rewards[labels == 0]))}
+
+    trainer = rlhf_ext.KTOTrainer(str(policy_dir), processing_class=tok,
+                                  train_dataset=unpaired_dataset(8, seed=1),
+                                  eval_dataset=unpaired_dataset(8, seed=2), compute_metrics=gap,
+                                  args=rlhf_ext.KTOConfig(output_dir=str(tmp_path), **{
+                                      **DATA_ARGS, "learning_rate": 1e-2}))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_gap"] == pytest.approx(metrics["eval_rewards/margins"], rel=1e-4)
+    assert metrics["eval_gap"] != 0
