@@ -4,7 +4,9 @@ Importing the package registers the reward and value heads with the Auto classes
 """
 
 from .heads import RewardModel, RewardModelConfig, ValueModel, ValueModelConfig
+from .judges import FunctionJudge, LMJudge, PairwiseJudge, RewardModelJudge, label_samples
 from .losses import LOSSES, LossParams, compute_loss, resolve_loss_types
+from .online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer, load_reward_model, score
@@ -21,7 +23,9 @@ from .trl_compat import (
 
 __all__ = [
     "CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer",
-    "ORPOConfig", "ORPOTrainer", "LOSSES", "LossParams", "PPOConfig", "PPOTrainer", "PreferenceConfig", "PreferenceTrainer",
+    "ORPOConfig", "ORPOTrainer", "LOSSES", "LossParams", "PPOConfig", "PPOTrainer",
+    "PreferenceConfig", "PreferenceTrainer", "OnlineDPOConfig", "OnlineDPOTrainer",
+    "PairwiseJudge", "LMJudge", "RewardModelJudge", "FunctionJudge", "label_samples",
     "RewardConfig", "RewardModel", "RewardModelConfig", "RewardTrainer", "ValueModel",
     "ValueModelConfig",
     "compute_loss", "load_reward_model", "resolve_loss_types", "score",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 # remove_unused_columns keeps these (they are not arguments of the model's forward)
 TRAINING_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "completion_ids",
                     "kl_completion_ids", "label", "margin", "ref_chosen_logps",
-                    "ref_rejected_logps", "ref_logps", "ref_kl_logps"]
+                    "ref_rejected_logps", "ref_logps", "ref_kl_logps", "chosen_probability"]
 
 
 @dataclass

@@ -179,6 +179,23 @@ def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str
     return kind
 
 
+SOFT_LABEL = "chosen_probability"  # P(chosen preferred): an AI judge's soft label (RLAIF)
+
+
+def check_soft_labels(dataset, name: str = "train") -> bool:
+    """Whether the dataset has soft labels (the ``chosen_probability`` column); each one
+    must be a number in [0, 1]. Raises ``DataError`` naming the row."""
+    if SOFT_LABEL not in column_names(dataset):
+        return False
+    for row, example in rows_to_check(dataset):
+        p = example[SOFT_LABEL]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise DataError(f"{name} dataset, row {row}, column {SOFT_LABEL!r}: {p!r} is not a "
+                            "probability in [0, 1] (P(chosen preferred), e.g. from "
+                            "rlhf_ext.judges.label_samples). Fix or drop the row.")
+    return True
+
+
 def _check_token_ids(dataset, kind: str, name: str) -> None:
     """Pre-tokenized rows: each ``*_ids`` column a list of non-negative ints (a completion
     not empty), labels booleans."""
@@ -456,7 +473,8 @@ class PreferenceCollator:
     Paired rows give one batch of 2B sequences, the B chosen first then the B rejected, so
     one forward pass serves both. Unpaired rows give B sequences, plus ``kl_*`` tensors for
     the mismatched (prompt, previous completion) sequences. Precomputed reference log-probs
-    (``ref_*`` columns) and reward margins (``margin``) pass through as tensors. With
+    (``ref_*`` columns), reward margins (``margin``) and soft labels
+    (``chosen_probability``) pass through as tensors. With
     ``padding_free`` every group of sequences is one row without padding; with
     ``prefix_sharing`` each pair is one row [prompt | chosen | rejected] whose prompt is
     computed once (see ``logps.sequence_logps``).
@@ -521,6 +539,6 @@ class PreferenceCollator:
                                          prefix="kl_"))
             batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
         for key in examples[0]:
-            if key.startswith("ref_") or key == "margin":
+            if key.startswith("ref_") or key in ("margin", SOFT_LABEL):
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch

@@ -40,6 +40,7 @@ class PairedLogps:
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
     weights: Tensor | None = None  # per-pair loss weights (WPO), no gradient
+    soft_labels: Tensor | None = None  # P(chosen preferred) per pair (RLAIF), no gradient
 
 
 @dataclass
@@ -94,6 +95,7 @@ class LossSpec:
     smooths: bool = False  # reads label_smoothing
     f_divergence: bool = False  # reads f_divergence_type (through _scores)
     weighable: bool = True  # per-pair weights (WPO) apply: false where pairs are coupled
+    soft: bool = True  # reads soft labels (``soft_label_losses``): false where it cannot
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -102,12 +104,13 @@ ALIASES = {"dpo": "sigmoid"}
 
 def register_loss(name: str, *, needs_reference: bool = True, paired: bool = True,
                   logps: str = "sum", default_beta: float = 0.1, check=None,
-                  smooths: bool = False, f_divergence: bool = False, weighable: bool = True):
+                  smooths: bool = False, f_divergence: bool = False, weighable: bool = True,
+                  soft: bool = True):
     """Decorator: add a loss function to ``LOSSES`` under ``name``."""
 
     def wrap(fn):
         LOSSES[name] = LossSpec(name, fn, needs_reference, paired, logps, default_beta, check,
-                                smooths, f_divergence, weighable)
+                                smooths, f_divergence, weighable, soft and paired)
         return fn
 
     return wrap
@@ -265,7 +268,8 @@ def nca_pair_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, losses)
 
 
-@register_loss("robust", check=_smoothing_below_half, smooths=True, f_divergence=True)
+@register_loss("robust", check=_smoothing_below_half, smooths=True, f_divergence=True,
+               soft=False)
 def robust_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024, eq. 8), unbiased under label-flip rate ls:
     (-(1 - ls) log sigma(beta delta) + ls log sigma(-beta delta)) / (1 - 2 ls)."""
@@ -291,7 +295,8 @@ def sppo_hard_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, (h_w - 0.5 / p.beta) ** 2 + (h_l + 0.5 / p.beta) ** 2)
 
 
-@register_loss("aot", check=_smoothing_below_half, smooths=True, weighable=False)
+@register_loss("aot", check=_smoothing_below_half, smooths=True, weighable=False,
+               soft=False)
 def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT (Melnyk et al. 2024), paired: the batch's sorted policy margins pi_w - pi_l against
     the sorted reference margins ref_w - ref_l; d = sort(pi_w - pi_l) - sort(ref_w - ref_l);
@@ -302,7 +307,7 @@ def aot_loss(b: PairedLogps, p: LossParams) -> LossOutput:
 
 
 @register_loss("aot_unpaired", check=_smoothing_below_half, smooths=True,
-               weighable=False)
+               weighable=False, soft=False)
 def aot_unpaired_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """AOT, unpaired: d = sort(h_w) - sort(h_l); smoothed logistic loss of beta * d."""
     h_w, h_l = _ratios(b)
@@ -345,7 +350,7 @@ def sigmoid_norm_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return _dpo_rewards(b, p.beta, -F.logsigmoid(p.beta * margin))
 
 
-@register_loss("sft", needs_reference=False, f_divergence=True)
+@register_loss("sft", needs_reference=False, f_divergence=True, soft=False)
 def sft_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """NLL of the chosen completions, the token-level mean over the batch (``chosen_nll``).
     Combined with sigmoid it gives RPO (Pang et al. 2024): loss_type [sigmoid, sft]."""
@@ -358,7 +363,7 @@ def sft_loss(b: PairedLogps, p: LossParams) -> LossOutput:
 # reference-free losses
 # ---------------------------------------------------------------------------------------
 
-@register_loss("orpo", needs_reference=False, logps="mean")
+@register_loss("orpo", needs_reference=False, logps="mean", soft=False)
 def orpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """ORPO (Hong et al. 2024, eqs. 4-7): NLL(chosen) - lambda * log sigma(log odds ratio),
     lambda = beta. With averaged log-probs a = pi / n, odds(y) = p / (1 - p), p = exp(a):
@@ -393,7 +398,8 @@ def simpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     return LossOutput(losses, p.beta * a_w.detach(), p.beta * a_l.detach())
 
 
-@register_loss("cpo", needs_reference=False, check=_smoothing_below_half, smooths=True)
+@register_loss("cpo", needs_reference=False, check=_smoothing_below_half, smooths=True,
+               soft=False)
 def cpo_loss(b: PairedLogps, p: LossParams) -> LossOutput:
     """CPO (Xu et al. 2024, eq. 3 + BC term): -log sigma(beta (pi_w - pi_l)) + alpha * NLL(chosen),
     summed log-probs, alpha = cpo_alpha. Rewards are beta * pi."""
@@ -500,6 +506,45 @@ def check_params(specs: Sequence[LossSpec], params: LossParams) -> None:
             spec.check(p)
 
 
+def swapped(b: PairedLogps) -> PairedLogps:
+    """The same pairs with chosen and rejected exchanged (soft labels become 1 - p)."""
+    flip = None if b.soft_labels is None else 1 - b.soft_labels
+    return PairedLogps(b.rejected, b.chosen, b.rejected_tokens, b.chosen_tokens,
+                       b.ref_rejected, b.ref_chosen, b.weights, flip)
+
+
+def soft_label_losses(spec: LossSpec, b: PairedLogps, p: LossParams) -> LossOutput:
+    """A loss under soft labels p = P(chosen preferred), [B]: its expectation when each
+    pair's order is drawn from its label, p L(w, l) + (1 - p) L(l, w), so no label is
+    rounded away. For sigmoid this is the label-weighted logistic loss
+    -p log sigma(beta delta) - (1 - p) log sigma(-beta delta) (cDPO with ls = 1 - p per
+    pair; the Bradley-Terry cross-entropy against the soft target); for ipo it is, up to the
+    constant p (1 - p) / beta^2, (margin - (2p - 1) / (2 beta))^2, IPO's regression target
+    for preference probability p; for sppo_hard, SPPO with win probabilities p and 1 - p.
+    p = 1 gives the loss itself. Rewards and metrics are those of the pairs as given.
+    Losses whose pairs are coupled across the batch (aot), that train on the chosen
+    completion's likelihood (sft, cpo, orpo) or model label noise themselves (robust) have
+    ``soft`` False and are refused soft labels (``check_soft_labels``)."""
+    out = spec.fn(b, p)
+    if b.soft_labels is None:
+        return out
+    other = spec.fn(swapped(b), p)
+    q = b.soft_labels.to(out.losses.dtype)
+    return replace(out, losses=q * out.losses + (1 - q) * other.losses)
+
+
+def check_soft_labels(specs: Sequence[LossSpec]) -> None:
+    """Refuse soft labels (a ``chosen_probability`` column) for losses that cannot read them."""
+    hard = [s.name for s in specs if not s.soft]
+    if hard:
+        able = sorted(name for name, spec in LOSSES.items() if spec.soft)
+        raise ValueError(
+            f"loss(es) {hard} cannot read soft labels (the dataset's 'chosen_probability' "
+            f"column): aot couples pairs across the batch, sft/cpo/orpo train on the chosen "
+            f"completion's likelihood, robust models label noise itself. Use one of "
+            f"{', '.join(able)}, or round the labels (drop the column).")
+
+
 def compute_loss(specs: Sequence[LossSpec], weights: Sequence[float],
                  batch: PairedLogps | UnpairedLogps, params: LossParams
                  ) -> tuple[Tensor, LossOutput]:
@@ -511,7 +556,8 @@ def compute_loss(specs: Sequence[LossSpec], weights: Sequence[float],
     total, first, metrics = None, None, {}
     pair_weights = getattr(batch, "weights", None)
     for spec, weight in zip(specs, weights, strict=True):
-        out = spec.fn(batch, params_for(spec, params))
+        p = params_for(spec, params)
+        out = soft_label_losses(spec, batch, p) if spec.paired else spec.fn(batch, p)
         losses = out.losses if pair_weights is None else out.losses * pair_weights
         term = weight * losses.mean()
         total = term if total is None else total + term

@@ -27,9 +27,11 @@ from .config_fields import (
     pad_multiple,
 )
 from .data import (
+    SOFT_LABEL,
     DataError,
     PreferenceCollator,
     check_fits_model,
+    check_soft_labels,
     prepare_preference_dataset,
     validate_preference_dataset,
 )
@@ -388,9 +390,17 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         if dataset is None:
             return None
         kind = validate_preference_dataset(dataset, args.paired, names, name)
+        soft = check_soft_labels(dataset, name)
+        if soft and not args.paired:
+            raise DataError(f"{name} dataset has soft labels ('{SOFT_LABEL}'), which rate a "
+                            f"pair, but loss {names} rates single completions: use a paired "
+                            "loss, or round the labels (drop the column)")
+        if soft:
+            L.check_soft_labels(args.loss_specs)
         return prepare_preference_dataset(dataset, tokenizer, kind=kind,
                                           unpair=not args.paired, max_length=args.max_length,
                                           name=name, truncation_mode=args.truncation_mode,
+                                          keep=(SOFT_LABEL,) if soft else (),
                                           max_prompt_length=args.max_prompt_length,
                                           max_completion_length=args.max_completion_length,
                                           num_proc=args.dataset_num_proc)
@@ -429,7 +439,7 @@ class PreferenceTrainer(CheckedTraining, Trainer):
         if self.args.use_weighting:
             weights = L.wpo_weights(stats["logps"], stats["log_sum_sq"], counts)
         return L.PairedLogps(logps[:b], logps[b:], counts[:b], counts[b:],
-                             ref_chosen, ref_rejected, weights)
+                             ref_chosen, ref_rejected, weights, inputs.get(SOFT_LABEL))
 
     def _unpaired_batch(self, model, inputs) -> L.UnpairedLogps:
         logps, counts, stats = batch_logps(model, inputs, stats=("entropy",))

@@ -31,9 +31,11 @@ from .config_fields import (
     pad_multiple,
 )
 from .data import (
+    SOFT_LABEL,
     DataError,
     PreferenceCollator,
     check_fits_model,
+    check_soft_labels,
     column_names,
     prepare_preference_dataset,
     rows_to_check,
@@ -211,6 +213,7 @@ class RewardTrainer(CheckedTraining, Trainer):
         if dataset is None:
             return None
         kind = validate_preference_dataset(dataset, True, ["reward"], name)
+        soft = check_soft_labels(dataset, name)
         if "margin" in column_names(dataset):
             for row, example in rows_to_check(dataset):
                 margin = example["margin"]
@@ -219,7 +222,8 @@ class RewardTrainer(CheckedTraining, Trainer):
                                     "not a finite number. Fix or drop the row.")
         return prepare_preference_dataset(dataset, tokenizer, kind=kind, unpair=False,
                                           max_length=args.max_length, name=name,
-                                          keep=("margin",), num_proc=args.dataset_num_proc)
+                                          keep=("margin", SOFT_LABEL) if soft else ("margin",),
+                                          num_proc=args.dataset_num_proc)
 
     def _set_signature_columns_if_needed(self):
         """remove_unused_columns (TRL's default True) keeps the tokenized columns."""
@@ -236,8 +240,8 @@ class RewardTrainer(CheckedTraining, Trainer):
                             attention_mask=inputs["attention_mask"])
         rewards = scalar_rewards(out)
         chosen, rejected = rewards.chunk(2)
-        margin = inputs.get("margin")
-        loss = reward_loss(chosen, rejected, margin, self.args.center_rewards_coefficient)
+        loss = reward_loss(chosen, rejected, inputs.get("margin"),
+                           self.args.center_rewards_coefficient, inputs.get(SOFT_LABEL))
         if mode == "train":
             check_finite_loss(self, loss, "a NaN or infinite 'margin' in the data")
         with torch.no_grad():
@@ -283,10 +287,19 @@ class RewardTrainer(CheckedTraining, Trainer):
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                center_coefficient: float | None = None) -> torch.Tensor:
-    """-mean log sigma(r_w - r_l - margin) [+ c * mean((r_w + r_l)^2)]. Shapes [B] -> scalar."""
-    diff = chosen - rejected - (margin if margin is not None else 0.0)
-    loss = -F.logsigmoid(diff).mean()
+                center_coefficient: float | None = None,
+                soft_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """-mean log sigma(r_w - r_l - margin) [+ c * mean((r_w + r_l)^2)]. Shapes [B] -> scalar.
+
+    With soft labels p = P(chosen preferred) [B], the Bradley-Terry cross-entropy against
+    them: -p log sigma(r_w - r_l - margin) - (1 - p) log sigma(r_l - r_w - margin), the
+    expected loss when each pair's order is drawn from its label."""
+    m = margin if margin is not None else 0.0
+    losses = -F.logsigmoid(chosen - rejected - m)
+    if soft_labels is not None:
+        p = soft_labels.to(losses.dtype)
+        losses = p * losses - (1 - p) * F.logsigmoid(rejected - chosen - m)
+    loss = losses.mean()
     if center_coefficient:
         loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
     return loss

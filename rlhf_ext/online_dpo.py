@@ -1,0 +1,212 @@
+"""Online (iterative) DPO from an AI judge: OnlineDPOConfig / OnlineDPOTrainer.
+
+Round after round: sample ``num_generations`` completions per prompt from the current
+policy; a judge (``rlhf_ext.judges``: a causal LM, a reward model or a function) labels
+pairs of them, soft labels kept in ``chosen_probability``; a ``PreferenceTrainer`` trains on
+those pairs for ``num_train_epochs``. The reference stays the initial policy (with LoRA: the
+base with adapters off; otherwise a frozen copy taken before round 0).
+
+Each round is an ordinary Trainer run under ``output_dir/round-<r>`` (its callbacks,
+logging, checkpoints and model card); its samples (``samples.json``), labels
+(``labels.jsonl``, appended batch by batch) and the trained model are kept there, and
+``rounds.json`` in ``output_dir`` sums the rounds up. ``train(resume_from_checkpoint=True)``
+skips finished rounds (loading the last one's weights), reuses a round's samples and labels,
+and resumes its training from the newest checkpoint. One process: the sampling and judging
+do not shard across processes yet.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from statistics import mean
+
+from .data import SOFT_LABEL, DataError, validate_prompt_dataset
+from .judges import PairwiseJudge, label_samples
+from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
+from .preference import PreferenceConfig, PreferenceTrainer
+from .reference import _frozen_copy
+from .trainer_utils import check_finite_fields, last_complete_checkpoint
+
+DONE = "round.json"  # written last in a round folder: the round is finished
+
+
+@dataclass
+class OnlineDPOConfig(PreferenceConfig):
+    """PreferenceConfig (the loss, beta and the rest as offline) plus the rounds; sampling
+    field names and defaults as TRL's OnlineDPOConfig (max_new_tokens 64, temperature 0.9)."""
+
+    num_rounds: int = field(default=2, metadata={
+        "help": "Rounds of sample -> judge -> train."})
+    num_generations: int = field(default=2, metadata={
+        "help": "Completions sampled per prompt each round; pairs of them are judged."})
+    prompts_per_round: int | None = field(default=None, metadata={
+        "help": "Prompts drawn (without replacement, seeded per round) each round; None: all."})
+    pairing: str = field(default="all", metadata={
+        "help": "Which samples of a prompt are judged against each other: 'all' (every two) "
+                "or 'disjoint' ((0, 1), (2, 3), ...)."})
+    soft_labels: bool = field(default=True, metadata={
+        "help": "Train on the judge's probabilities (True) or on its hard choices."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per completion."})
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off)."})
+    generation_batch_size: int = field(default=32, metadata={
+        "help": "Prompts sampled at once."})
+    judge_batch_size: int = field(default=64, metadata={
+        "help": "Comparisons handed to the judge at once (labels are saved per batch)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_finite_fields(self, ("temperature", "top_p"))
+        if self.num_rounds < 1 or self.num_generations < 2:
+            raise ValueError(f"online DPO needs num_rounds >= 1 and num_generations >= 2 (a pair "
+                             f"per prompt), got {self.num_rounds} and {self.num_generations}")
+        if self.pairing not in ("all", "disjoint"):
+            raise ValueError(f"pairing must be 'all' or 'disjoint', got {self.pairing!r}")
+        if not self.paired:
+            raise ValueError(f"online DPO judges pairs; loss {self.loss_type} is unpaired")
+
+
+class OnlineDPOTrainer:
+    """Iterative DPO on the Trainer API (see the module docstring). ``judge`` is a
+    ``rlhf_ext.judges.PairwiseJudge``; ``train_dataset`` has a ``prompt`` column (text or
+    conversations). After ``train()``, ``trainer`` is the last round's PreferenceTrainer and
+    ``rounds`` the per-round summaries; ``save_model`` / ``push_to_hub`` go through it."""
+
+    def __init__(self, model, judge: PairwiseJudge, args: OnlineDPOConfig | None = None,
+                 train_dataset=None, processing_class=None, ref_model=None, callbacks=None,
+                 peft_config=None):
+        if args is None:
+            args = OnlineDPOConfig(output_dir="online-dpo-output")
+        if not isinstance(judge, PairwiseJudge):
+            raise TypeError(f"judge must be a rlhf_ext.judges.PairwiseJudge (LMJudge, "
+                            f"RewardModelJudge, or FunctionJudge around a scoring function), "
+                            f"got {type(judge).__name__}")
+        if args.world_size > 1:
+            raise ValueError("OnlineDPOTrainer samples and judges in one process; launch it "
+                             "with one process")
+        if train_dataset is None:
+            raise DataError("train_dataset is required: a 'prompt' column to sample from")
+        validate_prompt_dataset(train_dataset)
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
+        if isinstance(model, str):
+            model = load_causal_lm(model)
+        if isinstance(ref_model, str):
+            ref_model = load_causal_lm(ref_model)
+        if peft_config is not None:
+            model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if ref_model is None and not is_peft_model(model) and args.needs_reference:
+            ref_model = _frozen_copy(model).eval().requires_grad_(False)  # the initial policy
+        self.model, self.ref_model, self.judge, self.args = model, ref_model, judge, args
+        self.processing_class = load_tokenizer(processing_class, name)
+        self.prompts = list(train_dataset["prompt"])
+        self.callbacks = callbacks
+        self.trainer: PreferenceTrainer | None = None
+        self.rounds: list[dict] = []
+
+    # -- one round's parts -------------------------------------------------------------------
+
+    def round_prompts(self, r: int) -> list:
+        n = self.args.prompts_per_round
+        if n is None or n >= len(self.prompts):
+            return self.prompts
+        return random.Random(self.args.seed + r).sample(self.prompts, n)
+
+    def sample(self, prompts: list, r: int, folder: Path) -> list[list[str]]:
+        """``num_generations`` completions of each prompt from the current policy, saved to
+        (and on resume read from) ``folder/samples.json``."""
+        from .sampling import generate_completions
+
+        path = folder / "samples.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        tok, args, k = self.processing_class, self.args, self.args.num_generations
+        rendered = [p if isinstance(p, str) else
+                    tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                    for p in prompts]
+        texts = generate_completions(self.model, tok, [p for p in rendered for _ in range(k)],
+                                     args.max_new_tokens, args.temperature, args.top_k,
+                                     args.top_p, args.generation_batch_size,
+                                     seed=args.seed + 1000 * r, progress=True).texts
+        samples = [texts[i:i + k] for i in range(0, len(texts), k)]
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(samples))
+        return samples
+
+    def _load_round(self, folder: Path) -> None:
+        """The weights a finished round saved, into the policy."""
+        from safetensors.torch import load_file
+
+        if is_peft_model(self.model):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+            return
+        missing, unexpected = self.model.load_state_dict(load_file(folder / "model.safetensors"),
+                                                         strict=False)
+        out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        tied = out is not None and out.weight is inp.weight
+        if unexpected or [k for k in missing if not (tied and k.endswith("lm_head.weight"))]:
+            raise ValueError(f"{folder} does not hold this policy's weights (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None):
+        """Run the rounds; with ``resume_from_checkpoint`` (True) continue where a previous
+        run stopped. Returns the per-round summaries."""
+        args, out = self.args, Path(self.args.output_dir)
+        resume = bool(resume_from_checkpoint)
+        self.rounds, finished = [], None
+        for r in range(args.num_rounds):
+            folder = out / f"round-{r}"
+            if resume and (folder / DONE).exists():
+                self.rounds.append(json.loads((folder / DONE).read_text()))
+                finished = folder
+                continue
+            if finished is not None:
+                self._load_round(finished)
+                finished = None
+            self.rounds.append(self._round(r, folder, resume))
+            (out / "rounds.json").write_text(json.dumps(self.rounds, indent=2))
+        if finished is not None:  # every round was already done
+            self._load_round(finished)
+        return self.rounds
+
+    def _round(self, r: int, folder: Path, resume: bool) -> dict:
+        args = self.args
+        prompts = self.round_prompts(r)
+        samples = self.sample(prompts, r, folder)
+        data = label_samples(self.judge, prompts, samples, args.pairing, args.judge_batch_size,
+                             folder / "labels.jsonl")
+        summary = {"round": r, "pairs": len(data),
+                   "judge/chosen_probability": mean(data[SOFT_LABEL]),
+                   "judge/order_agreement": mean(map(float, data["order_agreement"]))}
+        if not args.soft_labels:
+            data = data.remove_columns(SOFT_LABEL)
+        round_args = replace(args, output_dir=str(folder), seed=args.seed + r)
+        self.trainer = PreferenceTrainer(self.model, self.ref_model, round_args,
+                                         train_dataset=data,
+                                         processing_class=self.processing_class,
+                                         callbacks=self.callbacks)
+        checkpoint = last_complete_checkpoint(str(folder)) if resume else None
+        result = self.trainer.train(resume_from_checkpoint=checkpoint)
+        summary["train_loss"] = result.training_loss
+        self.trainer.log({k: v for k, v in summary.items() if k != "pairs"})
+        self.trainer.save_model(str(folder))
+        (folder / DONE).write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        self._last().save_model(output_dir or self.args.output_dir)
+
+    def push_to_hub(self, **kwargs):
+        return self._last().push_to_hub(**kwargs)
+
+    def _last(self) -> PreferenceTrainer:
+        if self.trainer is None:
+            raise RuntimeError("no round has been trained yet: call train() first")
+        return self.trainer
