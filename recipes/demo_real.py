@@ -7,7 +7,8 @@ The instruct model is the reference (and the SFT stage). Its own reviews of made
 asked to be glowing or scathing, are paired and labelled by a Bradley-Terry model on VADER
 (rlhf_ext.real_task). Stages, each one recipe run in its own process (LoRA policies):
 a reward model on the pairs; PPO against that reward model; PPO against VADER itself;
-dpo, ipo, kto, orpo and simpo on the pairs. Best-of-N sampling of the reference (N = 4, 16,
+dpo, ipo, kto, orpo and simpo on the pairs; with --full (or --methods rlaif) DPO on the
+pairs as the model itself judges them (recipes/demo_real_rlaif.py). Best-of-N sampling of the reference (N = 4, 16,
 ranked by the reward model) is the baseline that trains nothing. Every policy is then
 sampled on prompts about held-out films: mean VADER score, win rate against the
 reference, sampled KL to it, length, distinct-2 and the repeated-word rate (VADER is
@@ -55,6 +56,10 @@ CRITIC_FREE = {
                    "--prefix_sharing", "true", "--kl_coef", "0.05"],
 }
 
+# RLAIF (recipes/demo_real_rlaif.py): DPO at the dpo row's settings on the pairs as the model
+# itself judged them, with its soft labels and without
+RLAIF = {"dpo_rlaif": "pairs_rlaif", "dpo_rlaif_hard": "pairs_rlaif_hard"}
+
 
 def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str] | None):
     """(name, recipe, config, summary file, extra args, family, knob value), in running
@@ -82,6 +87,12 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
         plan.append((loss, "preference.py", "smollm2/preference.yaml", "preference_summary.json",
                      pref + (["--loss_type", "sigmoid", f"--{knob}", str(values[0])] if dpo
                              else ["--loss_type", loss]), loss, values[0] if dpo else None))
+    for name, pairs in RLAIF.items():  # --full or by name (or "rlaif" for both)
+        if full or (methods is not None and (name in methods or "rlaif" in methods)):
+            plan.append((name, "preference.py", "smollm2/preference.yaml",
+                         "preference_summary.json",
+                         ["--dataset_name", str(data / pairs), *size["preference"],
+                          "--loss_type", "sigmoid", f"--{knob}", str(values[0])], name, None))
     for value in values[1:] if full else []:
         plan.append((f"dpo_{knob}{value}", "preference.py", "smollm2/preference.yaml",
                      "preference_summary.json", pref + ["--loss_type", "sigmoid",
@@ -89,7 +100,8 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
     for entry in plan:
         entry[4].extend(["--model_name_or_path", model])
     if methods is not None:
-        plan = [p for p in plan if p[0] == "reward" or p[5] in methods or p[0] in methods]
+        plan = [p for p in plan if p[0] == "reward" or p[5] in methods or p[0] in methods
+                or (p[0] in RLAIF and "rlaif" in methods)]
     if not size["best_of"] and not any(p[5] == "ppo" for p in plan):
         plan = plan[1:]  # nothing reads the reward model
     return plan
@@ -283,7 +295,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the reduced run of the tests")
     parser.add_argument("--full", action="store_true",
                         help="three DPO betas and three PPO KL coefficients (the frontier), "
-                             "and GRPO and RLOO against VADER")
+                             "GRPO and RLOO against VADER, and the RLAIF rows")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset, e.g. dpo,ppo (the reward model always runs)")
     parser.add_argument("--seed", type=int, default=0)
@@ -306,6 +318,12 @@ def main(argv=None):
     print("pairs: sampling the reference (cached after the first run)")
     data = make_data(out, model, size, args.seed)
     plan = stage_plan(out, model, size, args.full, methods)
+    rlaif = None
+    if any(p[0] in RLAIF for p in plan):
+        from demo_real_rlaif import judge_pairs
+
+        print("RLAIF: the model judges the pairs (cached after the first run)")
+        rlaif = judge_pairs(out, model, args.seed)
     summaries, seconds = {}, {}
     bar = tqdm(plan, desc="demo-real stages", unit="stage")
     for name, recipe, config, summary_file, extra, _, _ in bar:
@@ -325,6 +343,7 @@ def main(argv=None):
                          "spearman_vader": base["reward_spearman_vader"],
                          "spearman_samples": base["reward_spearman_samples"]}
         if trained_reward else None,
+        "rlaif": rlaif,
         "training": {p[0]: curves(summaries[p[0]]) for p in plan if p[0] != "reward"},
         "stage_seconds": seconds, "eval_seconds": eval_seconds,
     }

@@ -114,6 +114,10 @@ def markdown(report: dict, max_new_tokens: int) -> str:
                   f"{rm['spearman_samples']} reference samples of the held-out prompts. "
                   f"Best-of-N keeps the reward model's favourite of N reference samples; its "
                   f"KL is the analytic log N - (N-1)/N.", ""]
+    if report.get("rlaif"):
+        from demo_real_rlaif import markdown as rlaif_markdown
+
+        lines += rlaif_markdown(report["rlaif"])
     lines += [f"**Frontier.** {report['verdict']}", "",
               "![frontier](frontier.png)", "", "![training curves](training_curves.png)", "",
               "## Samples (held-out prompts)", "", "| prompt | method | VADER | completion |",

@@ -269,8 +269,10 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
                   progress: bool = True):
     """Prompts and each prompt's samples -> a preference Dataset: prompt, chosen, rejected,
     ``chosen_probability`` (the judge's P(chosen preferred), >= 0.5: the likelier winner is
-    chosen), ``confidence`` |2p - 1|, and ``order_agreement`` (both orders picked the chosen
-    one; True for judges that read one order). Judged ``batch_size`` comparisons at a time;
+    chosen), ``confidence`` |2p - 1|, ``order_agreement`` (both orders picked the chosen
+    one; True for judges that read one order) and, for judges that read both orders,
+    ``chosen_probability_shown_first`` / ``_shown_second``: each order's own P(chosen
+    preferred), whose mean is the soft label. Judged ``batch_size`` comparisons at a time;
     with ``path`` every finished batch is appended there as JSON lines and a rerun judges
     only what is missing (the comparisons must be the same)."""
     from datasets import Dataset
@@ -299,10 +301,15 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
             if not math.isfinite(p):
                 raise ValueError(f"the judge returned {p} for comparison {start + n}")
             a_wins = p >= 0.5
-            new.append({"prompt": prompt, "chosen": _reply(prompt, x if a_wins else y),
-                        "rejected": _reply(prompt, y if a_wins else x),
-                        "chosen_probability": max(p, 1 - p), "confidence": abs(2 * p - 1),
-                        "order_agreement": True if agree is None else bool(agree[n])})
+            row = {"prompt": prompt, "chosen": _reply(prompt, x if a_wins else y),
+                   "rejected": _reply(prompt, y if a_wins else x),
+                   "chosen_probability": max(p, 1 - p), "confidence": abs(2 * p - 1),
+                   "order_agreement": True if agree is None else bool(agree[n])}
+            if agree is not None:  # each order's own verdict on the chosen response
+                fwd, bwd = float(verdict.forward[n]), float(verdict.backward[n])
+                row["chosen_probability_shown_first"] = fwd if a_wins else bwd
+                row["chosen_probability_shown_second"] = 1 - bwd if a_wins else 1 - fwd
+            new.append(row)
         rows.extend(new)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

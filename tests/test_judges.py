@@ -106,6 +106,16 @@ def test_lm_judge_equals_a_plain_forward(tok, tiny_lm):
     assert got.probabilities.tolist() == pytest.approx(
         [(f + 1 - b) / 2 for f, b in zip(fwd, bwd)], abs=1e-5)
     assert got.agreement.tolist() == [(f > 0.5) == (b < 0.5) for f, b in zip(fwd, bwd)]
+    rows = label_samples(judge, PROMPTS, [[x, y] for x, y in zip(FIRST, SECOND)],
+                         progress=False)
+    for row, f, b, x in zip(rows, fwd, bwd, FIRST):
+        a_won = row["chosen"] == x
+        assert row["chosen_probability_shown_first"] == pytest.approx(f if a_won else b, abs=1e-5)
+        assert row["chosen_probability_shown_second"] == pytest.approx(
+            1 - b if a_won else 1 - f, abs=1e-5)
+        assert row["chosen_probability"] == pytest.approx(
+            (row["chosen_probability_shown_first"] + row["chosen_probability_shown_second"]) / 2,
+            abs=1e-6)
 
 
 def test_judge_refuses_bad_setup(tok, tiny_lm):

@@ -19,6 +19,8 @@ print("STATE", json.dumps({
     "reward_steps": reward.state.global_step,
     "ppo_steps": ppo.state.global_step,
     "ppo_kl": [h["objective/kl"] for h in ppo.state.log_history if "objective/kl" in h],
+    "judge_p": verdicts, "judged_pairs": len(judged), "online_rounds": [r["round"] for r in online.rounds],
+    "online_steps": online.trainer.state.global_step,
 }))
 """
 
@@ -35,6 +37,9 @@ def test_readme_python_blocks_run(tmp_path):
     state = json.loads(proc.stdout.split("STATE ", 1)[1])
     assert state["simpo_steps"] == 4 and state["reward_steps"] == 4 and state["ppo_steps"] == 2
     assert state["dpo_steps"] == 2
+    assert len(state["judge_p"]) == 1 and 0 < state["judge_p"][0] < 1
+    assert state["judged_pairs"] == 3 and state["online_rounds"] == [0, 1]
+    assert state["online_steps"] == 2
     assert all(0 < loss < 10 for loss in state["simpo"])  # -log sigmoid(...) of real margins
     assert state["ppo_kl"] and abs(state["ppo_kl"][0]) < 1e-4  # policy == reference at first
     assert (tmp_path / "outputs" / "tiny" / "world" / "base" / "config.json").exists()
