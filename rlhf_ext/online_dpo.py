@@ -9,7 +9,7 @@ base with adapters off; otherwise a frozen copy taken before round 0).
 Each round is an ordinary Trainer run under ``output_dir/round-<r>`` (its callbacks,
 logging, checkpoints and model card); its samples (``samples.json``), labels
 (``labels.jsonl``, appended batch by batch) and the trained model are kept there, and
-``rounds.json`` in ``output_dir`` sums the rounds up. ``train(resume_from_checkpoint=True)``
+``rounds.json`` and the final policy are written to ``output_dir`` itself. ``train(resume_from_checkpoint=True)``
 skips finished rounds (loading the last one's weights), reuses a round's samples and labels,
 and resumes its training from the newest checkpoint. One process: the sampling and judging
 do not shard across processes yet.
@@ -174,6 +174,8 @@ class OnlineDPOTrainer:
             (out / "rounds.json").write_text(json.dumps(self.rounds, indent=2))
         if finished is not None:  # every round was already done
             self._load_round(finished)
+        elif self.trainer is not None:  # the final policy in output_dir itself too
+            self.trainer.save_model(str(out))
         return self.rounds
 
     def _round(self, r: int, folder: Path, resume: bool) -> dict:
@@ -204,6 +206,8 @@ class OnlineDPOTrainer:
         self._last().save_model(output_dir or self.args.output_dir)
 
     def push_to_hub(self, **kwargs):
+        """The last round's Trainer pushes its folder: the final policy (an adapter with
+        LoRA), its model card, and that round's samples and judged labels."""
         return self._last().push_to_hub(**kwargs)
 
     def _last(self) -> PreferenceTrainer:

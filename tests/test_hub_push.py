@@ -159,3 +159,37 @@ def test_ppo_recipe_pushes_policy_value_and_card(sft_run, world_dir, tmp_path):
     for path in list(out.rglob("*")) + list((tmp_path / "hub").rglob("*")):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+
+ONLINE_DPO = """
+import sys
+from peft import LoraConfig
+from rlhf_ext import FunctionJudge, OnlineDPOConfig, OnlineDPOTrainer
+from rlhf_ext.tiny import oracle_score, prompt_dataset
+model, out = sys.argv[1:3]
+args = OnlineDPOConfig(output_dir=out, num_rounds=2, num_generations=2, max_new_tokens=8,
+                       max_steps=1, per_device_train_batch_size=4, report_to="none",
+                       use_cpu=True, save_strategy="no", hub_model_id="tester/tiny-online")
+judge = FunctionJudge(lambda prompts, texts: [oracle_score(t) for t in texts], scale=4.0)
+trainer = OnlineDPOTrainer(model, judge, args, train_dataset=prompt_dataset(4),
+                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+trainer.train()
+trainer.push_to_hub()
+"""
+
+
+def test_online_dpo_pushes_final_adapter_labels_and_card(sft_run, tmp_path):
+    out = tmp_path / "online"
+    with LocalHub(tmp_path / "hub") as hub:
+        run([sys.executable, "-c", ONLINE_DPO, str(sft_run[0]), str(out)], hub_env(hub))
+        repo = tmp_path / "hub" / "tester" / "tiny-online"
+        pushed = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "labels.jsonl",
+                "samples.json"} <= pushed
+        assert "model.safetensors" not in pushed
+        # the last round's adapter, the same as the one saved in output_dir itself
+        assert (repo / "adapter_model.safetensors").read_bytes() == \
+            (out / "round-1" / "adapter_model.safetensors").read_bytes() == \
+            (out / "adapter_model.safetensors").read_bytes()
+        card = (repo / "README.md").read_text()
+        assert "rlhf-ext" in card and "sigmoid" in card
