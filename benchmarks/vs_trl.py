@@ -85,7 +85,10 @@ def common(args, out: str) -> dict:
 # Our optimisations one at a time (DPO): the layouts, and the reference cache.
 VARIANTS = {"ours": {}, "ours+padding_free": {"padding_free": True},
             "ours+prefix_sharing": {"prefix_sharing": True},
-            "ours+precompute_ref": {"precompute_ref_log_probs": True}}
+            "ours+precompute_ref": {"precompute_ref_log_probs": True},
+            "ours+gradient_checkpointing": {"gradient_checkpointing": True},
+            "ours+gradient_checkpointing+prefix_sharing": {"gradient_checkpointing": True,
+                                                           "prefix_sharing": True}}
 
 
 def make_trainer(method: str, impl: str, root: Path, args, out: str):
@@ -102,7 +105,8 @@ def make_trainer(method: str, impl: str, root: Path, args, out: str):
 
             rm = load_reward_model(model, new_head=True)
             rm.score.weight.data.fill_(0.01)
-            return RewardTrainer(rm, args=RewardConfig(max_length=args.max_length, **kw),
+            return RewardTrainer(rm, args=RewardConfig(max_length=args.max_length,
+                                                       **VARIANTS[impl], **kw),
                                  train_dataset=pairs, processing_class=tok)
         from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 
@@ -154,10 +158,11 @@ def child(method: str, impl: str, root: Path, args) -> dict:
     tokens = json.loads((root / "world.json").read_text())["pair_tokens"]
     if method == "kto":  # unpaired rows: prompt + one completion each
         from datasets import load_from_disk
+        from transformers import AutoTokenizer
 
-        data = load_from_disk(root / "unpaired")
-        tokens = sum(len(p.split()) + len(c.split())
-                     for p, c in zip(data["prompt"], data["completion"]))
+        data, tok = load_from_disk(root / "unpaired"), AutoTokenizer.from_pretrained(root / "model")
+        n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        tokens = sum(n(p) + n(c) for p, c in zip(data["prompt"], data["completion"]))
     return {"method": method, "impl": impl, "seconds": seconds, "steps": len(logs),
             "step_seconds": seconds / max(1, len(logs)), "tokens_per_second": tokens / seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
