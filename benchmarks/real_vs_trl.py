@@ -4,7 +4,7 @@
 
 The real-model table of the README. The model is SmolLM2-135M-Instruct (30 layers,
 hidden 576, vocabulary 49,152; ``python -m rlhf_ext.real``); the text is English prose
-(the docstrings of Python's standard library, tokenized by SmolLM2's tokenizer) cut into
+(the docstrings of Python's standard library read from its source, tokenized by SmolLM2's tokenizer) cut into
 prompts of about 160 tokens and completions of about 220, log-normal, batch 4 pairs.
 Every (method, setting) runs in its own one-thread process through
 ``benchmarks/vs_trl.py``'s child (the same trainers, learning rate 0, the parity column);
@@ -22,7 +22,6 @@ checkpointing) lowers its MFU.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import random
@@ -47,24 +46,25 @@ SETTINGS = {
 
 
 def english(limit_chars: int = 2_000_000) -> str:
-    """Prose from the standard library's docstrings (every machine has them)."""
-    import importlib
-    import pkgutil
+    """Prose from the docstrings of the standard library's top-level modules, read from
+    their source (nothing imported): the same text on every machine with this Python."""
+    import ast
+    import sysconfig
 
     texts, size = [], 0
-    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if info.name.startswith("_") or size > limit_chars or not info.module_finder or \
-                "site-packages" in str(getattr(info.module_finder, "path", "")):
-            continue
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if size > limit_chars:
+            break
         try:
-            module = importlib.import_module(info.name)
-        except Exception:  # noqa: BLE001 - some modules need a display, a C library, ...
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
             continue
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) if callable(obj) else None
-            if doc and len(doc) > 200:
-                texts.append(" ".join(doc.split()))
-                size += len(texts[-1])
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    texts.append(" ".join(doc.split()))
+                    size += len(texts[-1])
     return "\n".join(texts)
 
 
@@ -175,8 +175,13 @@ def main(argv=None) -> None:
             for setting in SETTINGS[method]:
                 if args.settings and setting not in args.settings and setting != "trl":
                     continue
-                r = run_isolated(str(VS_TRL), [*passthrough, "--child", method, setting,
-                                               str(root)], f"{method}/{setting}")
+                try:
+                    r = run_isolated(str(VS_TRL), [*passthrough, "--child", method, setting,
+                                                   str(root)], f"{method}/{setting}")
+                except SystemExit as failure:  # e.g. killed for memory: say so, go on
+                    print(f"  {method} {setting} FAILED: {str(failure)[-300:]}",
+                          file=sys.stderr)
+                    continue
                 r["mfu"] = step_flops(method, world, shapes) / r["seconds"] / peak
                 results.append(r)
                 print(f"  {method} {setting}: {r['seconds']:.1f} s, "

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf_ext.judges import FunctionJudge
 from rlhf_ext.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -28,6 +28,16 @@ class OracleJudge(FunctionJudge):
         return super().judgement(prompts, a, b)
 
 
+class Rounds(TrainerCallback):
+    """Counts the Trainer runs it sees begin (one per round trained)."""
+
+    def __init__(self):
+        self.begun = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begun += 1
+
+
 def run(model_dir, tok, out, lora: bool, resume: bool = False):
     from peft import LoraConfig
 
@@ -38,7 +48,7 @@ def run(model_dir, tok, out, lora: bool, resume: bool = False):
         save_strategy="no", disable_tqdm=True, seed=0)
     judge = OracleJudge()
     trainer = OnlineDPOTrainer(AutoModelForCausalLM.from_pretrained(model_dir), judge, args,
-                               train_dataset=PROMPTS, processing_class=tok,
+                               train_dataset=PROMPTS, processing_class=tok, callbacks=[Rounds()],
                                peft_config=LoraConfig(r=8, target_modules="all-linear")
                                if lora else None)
     trainer.train(resume_from_checkpoint=resume)
@@ -55,6 +65,7 @@ def test_online_dpo_rounds_labels_and_resume(sft_run, tok, tmp_path, lora):
     initial = weights(AutoModelForCausalLM.from_pretrained(model_dir))
     trainer, judge = run(model_dir, tok, tmp_path / "run", lora)
     assert judge.judged == 2 * 8 * 3  # two rounds, 8 prompts, C(3, 2) pairs each
+    assert trainer.callbacks[0].begun == 2  # the user's callback sees every round's run
 
     rounds = json.loads((tmp_path / "run" / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [0, 1] and all(r["pairs"] == 24 for r in rounds)
@@ -86,7 +97,7 @@ def test_online_dpo_rounds_labels_and_resume(sft_run, tok, tmp_path, lora):
     for name in ("round.json", "model.safetensors", "adapter_model.safetensors"):
         (tmp_path / "again" / "round-1" / name).unlink(missing_ok=True)
     again, judge = run(model_dir, tok, tmp_path / "again", lora, resume=True)
-    assert judge.judged == 0
+    assert judge.judged == 0 and again.callbacks[0].begun == 1  # round 1 only
     policy = again.trainer.accelerator.unwrap_model(again.trainer.model)
     resumed = weights(policy.merge_and_unload() if lora else policy)
     for k in final:
