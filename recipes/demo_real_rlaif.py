@@ -52,9 +52,8 @@ def judge_pairs(out: Path, model_path: str, seed: int) -> dict:
         first = rng.random() < 0.5
         shown.append([better, worse] if first else [worse, better])
         vader_first.append(first)
-    with torch.no_grad():
-        labels = label_samples(judge, list(train["prompt"]), shown, pairing="disjoint",
-                               batch_size=64, path=out / "data" / "rlaif_labels.jsonl")
+    labels = label_samples(judge, list(train["prompt"]), shown, pairing="disjoint",
+                           batch_size=64, path=out / "data" / "rlaif_labels.jsonl")
     texts = lambda m: m[0]["content"]  # noqa: E731
     right = [texts(r["chosen"]) == texts(s[0] if f else s[1])
              for r, s, f in zip(labels, shown, vader_first)]  # averaged verdict = VADER's

@@ -259,11 +259,6 @@ def comparisons(samples: Sequence[Sequence], pairing: str = "all") -> list[tuple
     return out
 
 
-def _reply(prompt, text):
-    """A completion in the prompt's format (a conversational prompt gets an assistant turn)."""
-    return text if isinstance(prompt, str) else [{"role": "assistant", "content": as_text(text)}]
-
-
 def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Sequence],
                   pairing: str = "all", batch_size: int = 64, path: str | Path | None = None,
                   progress: bool = True):
@@ -276,6 +271,8 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
     with ``path`` every finished batch is appended there as JSON lines and a rerun judges
     only what is missing (the comparisons must be the same)."""
     from datasets import Dataset
+
+    from .data import as_replies
 
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} groups of samples")
@@ -301,8 +298,9 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
             if not math.isfinite(p):
                 raise ValueError(f"the judge returned {p} for comparison {start + n}")
             a_wins = p >= 0.5
-            row = {"prompt": prompt, "chosen": _reply(prompt, x if a_wins else y),
-                   "rejected": _reply(prompt, y if a_wins else x),
+            win, lose = (x, y) if a_wins else (y, x)
+            chosen, rejected = as_replies([prompt] * 2, [as_text(win), as_text(lose)])
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
                    "chosen_probability": max(p, 1 - p), "confidence": abs(2 * p - 1),
                    "order_agreement": True if agree is None else bool(agree[n])}
             if agree is not None:  # each order's own verdict on the chosen response

@@ -118,15 +118,14 @@ class OnlineDPOTrainer:
     def sample(self, prompts: list, r: int, folder: Path) -> list[list[str]]:
         """``num_generations`` completions of each prompt from the current policy, saved to
         (and on resume read from) ``folder/samples.json``."""
+        from .ppo.rollout import render_prompt
         from .sampling import generate_completions
 
         path = folder / "samples.json"
         if path.exists():
             return json.loads(path.read_text())
         tok, args, k = self.processing_class, self.args, self.args.num_generations
-        rendered = [p if isinstance(p, str) else
-                    tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                    for p in prompts]
+        rendered = [render_prompt(tok, p) for p in prompts]
         texts = generate_completions(self.model, tok, [p for p in rendered for _ in range(k)],
                                      args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p, args.generation_batch_size,
