@@ -9,7 +9,6 @@ and cached), the loss, TRL-named metrics. Everything else is the Trainer's own.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -45,11 +44,11 @@ from .models import (
     load_causal_lm,
     load_tokenizer,
 )
+from .pref_metrics import PreferenceMetrics
 from .reference import ReferenceLogps
 from .tables import log_table
 from .trainer_utils import (
     CheckedTraining,
-    add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
     keep_token_out_of_args,
@@ -260,7 +259,7 @@ class SyncReference(TrainerCallback):
                                        args.ref_model_mixup_alpha)
 
 
-class PreferenceTrainer(CheckedTraining, Trainer):
+class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
     """Offline preference optimisation; the constructor takes trl.DPOTrainer's arguments."""
 
     _tag_names = ["rlhf-ext", "preference"]
@@ -325,8 +324,7 @@ class PreferenceTrainer(CheckedTraining, Trainer):
                          callbacks=callbacks, optimizers=optimizers)
         self.reference.prepare(self.accelerator)
         self.ref_model = self.reference.model
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._train_tokens = 0
+        self._init_metrics()
         if args.sync_ref_model:
             self.add_callback(SyncReference(self))
         if args.precompute_ref_log_probs and args.needs_reference:
@@ -462,78 +460,6 @@ class PreferenceTrainer(CheckedTraining, Trainer):
     def _kto_reference_point(self) -> bool:
         """KTO's z0 needs the mismatched pairs' forwards; apo_zero_unpaired has none."""
         return any(s.name == "kto" for s in self.loss_specs)
-
-    # -----------------------------------------------------------------------------------
-    # metrics (TRL's names), averaged over the steps between two logs and over processes
-    # -----------------------------------------------------------------------------------
-
-    def _ratio(self, mode: str, key: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        """Log sum(total) / sum(count) over the batch and every process."""
-        both = self.accelerator.gather(torch.stack([total.detach().float().sum(),
-                                                    count.detach().float().sum()])[None])
-        if both[:, 1].sum() > 0:
-            self._metrics[mode][key].append((both[:, 0].sum() / both[:, 1].sum()).item())
-
-    def _record_token_stats(self, mode: str, stats: dict, counts, b: int | None) -> None:
-        """TRL's per-token metrics: entropy over every completion token; for pairs the
-        mean logit of chosen and of rejected tokens, and mean_token_accuracy (how often
-        the chosen token is the model's argmax)."""
-        self._ratio(mode, "entropy", stats["entropy"], counts)
-        if b is not None:
-            self._ratio(mode, "logits/chosen", stats["mean_logit"][:b], counts[:b])
-            self._ratio(mode, "logits/rejected", stats["mean_logit"][b:], counts[b:])
-            self._ratio(mode, "mean_token_accuracy", stats["top1"][:b], counts[:b])
-
-    def _count_tokens(self, mode: str, inputs: dict) -> None:
-        """TRL's num_tokens: input tokens trained on so far, every process together
-        (padding excluded; a shared prompt counts once)."""
-        if mode != "train":
-            return
-        if "attention_mask" in inputs:
-            n = inputs["attention_mask"].sum()
-        elif "segment_ids" in inputs:
-            n = (inputs["segment_ids"] >= 0).sum()
-        else:
-            n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-        self._train_tokens += int(self.accelerator.gather(n.reshape(1)).sum())
-        self._metrics[mode]["num_tokens"] = [float(self._train_tokens)]
-
-    def _mean(self, mode: str, key: str, values: torch.Tensor) -> None:
-        values = values.detach().float().reshape(-1)
-        total = self.accelerator.gather(values.sum().reshape(1)).sum()
-        count = self.accelerator.gather(torch.tensor([values.numel()], device=values.device,
-                                                     dtype=torch.float32)).sum()
-        if count > 0:
-            self._metrics[mode][key].append((total / count).item())
-
-    def _record(self, mode: str, batch, out: L.LossOutput) -> None:
-        spec = self.loss_specs[0]
-        if isinstance(batch, L.PairedLogps):
-            chosen, rejected = batch.chosen, batch.rejected
-            if spec.logps == "mean":
-                chosen = chosen / batch.chosen_tokens.clamp(min=1)
-                rejected = rejected / batch.rejected_tokens.clamp(min=1)
-            self._mean(mode, "rewards/accuracies",
-                       (out.chosen_rewards > out.rejected_rewards).float())
-            self._mean(mode, "rewards/margins", out.chosen_rewards - out.rejected_rewards)
-        else:
-            labels = batch.labels.bool()
-            chosen, rejected = batch.logps[labels], batch.logps[~labels]
-        self._mean(mode, "rewards/chosen", out.chosen_rewards)
-        self._mean(mode, "rewards/rejected", out.rejected_rewards)
-        self._mean(mode, "logps/chosen", chosen)
-        self._mean(mode, "logps/rejected", rejected)
-        if not isinstance(batch, L.PairedLogps) and self._metrics[mode]["rewards/rejected"] \
-                and self._metrics[mode]["rewards/chosen"]:
-            self._metrics[mode]["rewards/margins"].append(
-                self._metrics[mode]["rewards/chosen"][-1]
-                - self._metrics[mode]["rewards/rejected"][-1])
-        for key, value in out.metrics.items():
-            self._mean(mode, key, value)
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        add_averaged_metrics(self._metrics, logs)
-        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
