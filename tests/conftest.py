@@ -8,11 +8,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pyproject's addopts): one thread each, for this process
+    # and the recipes it launches, so two workers on two cores do not fight over them
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# tests that launch two processes (a fixed rendezvous port) run on one worker, one at a time
+MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
 
 
 def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None = None,

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe, run_recipe
+from conftest import MULTIPROCESS, load_recipe, run_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import TrlParser
 
 from rlhf_ext.launch import with_machine_args
+
+pytestmark = MULTIPROCESS
 
 STEPS = ["--max_steps", "3", "--logging_steps", "1", "--tiny_eval_prompts", "0",
          "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--save_strategy", "no"]

@@ -5,7 +5,7 @@ import gc
 
 import pytest
 import torch
-from conftest import StopAt
+from conftest import MULTIPROCESS, StopAt
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -244,6 +244,7 @@ def test_packed_layouts_match_padded(policy_dir, tok, tmp_path, loss, layout):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
+@MULTIPROCESS
 def test_precompute_under_deepspeed_zero3_matches(sft_run, world_dir, tmp_path):
     """ZeRO-3 partitions the weights at load; the precompute pass gathers them, so the
     cache key and the values equal a plain run's (same file name, values to 1e-5)."""
