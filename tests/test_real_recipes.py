@@ -77,12 +77,15 @@ def reward_lora(real, tmp_path_factory):
     return reward_run(real, tmp_path_factory, "recipes/qwen2.5-0.5b/reward_lora.yaml")
 
 
+# a test and the test that loads its model share a worker (the fixture is built once)
+@pytest.mark.xdist_group("reward_lora")
 def test_reward_lora(reward_lora):
     out, summary = reward_lora
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR + SCORE_HEAD
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 
 
+@pytest.mark.xdist_group("reward_lora")
 def test_ppo_full_against_a_lora_reward_model(real, reward_lora, tmp_path):
     """ppo.yaml: full policy and value model, gradient checkpointing, bf16; the reward
     model is the LoRA adapter of reward_lora.yaml on its base."""
@@ -123,6 +126,7 @@ def reward_qlora(real, tmp_path_factory):
     return reward_run(real, tmp_path_factory, "recipes/llama3.1-8b/reward_qlora.yaml")
 
 
+@pytest.mark.xdist_group("reward_qlora")
 def test_reward_qlora(reward_qlora):
     out, summary = reward_qlora
     assert summary["quantized_linear_layers"] == LINEAR_LAYERS
@@ -131,6 +135,7 @@ def test_reward_qlora(reward_qlora):
     assert "score" in config["modules_to_save"]
 
 
+@pytest.mark.xdist_group("reward_qlora")
 def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
     """One 4-bit base, three adapters (policy, value, the reward model's)."""
     summary = recipe(real, tmp_path, "ppo", "recipes/llama3.1-8b/ppo_qlora.yaml", "prompts",
