@@ -19,15 +19,6 @@ from transformers import TrainerCallback  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # tests that launch two processes (a fixed rendezvous port) run on one worker, one at a time
 MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
-# the files of the longest tests (minutes each) first, so that no worker is left running
-# one of them alone at the end; the order inside a file is kept
-LONGEST_FIRST = ("test_real_model.py", "test_demo_real.py", "test_real_recipes.py",
-                 "test_demo.py", "test_distributed.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None = None,

@@ -60,7 +60,7 @@ def dpo_args(world_dir):
             "--learning_rate", "1e-3", *STEPS]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker runs other files' tests in between
 def dpo_single(world_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo1")
     return launch("recipes/preference.py", "preference_summary.json", out,
@@ -109,7 +109,7 @@ def reward_args(world_dir, *extra):
             *STEPS, *extra]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker runs other files' tests in between
 def reward_single(world_dir, tmp_path_factory):
     """One-process reward runs, full and LoRA, the references of the two-process ones."""
     out = tmp_path_factory.mktemp("reward1")

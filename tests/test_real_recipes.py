@@ -22,7 +22,7 @@ SCORE_HEAD = 576 + 1  # one reward: weight and bias
 BASE = 134_515_008  # SmolLM2's parameters (tied embeddings)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker runs other files' tests in between
 def real(tmp_path_factory):
     return str(smollm2_path()), conversational_datasets(tmp_path_factory.mktemp("data"), n=16)
 
@@ -72,7 +72,7 @@ def reward_run(real, tmp_path_factory, config):
     return out, recipe(real, out, "reward", config, "pairs", "--max_length", "64")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker runs other files' tests in between
 def reward_lora(real, tmp_path_factory):
     return reward_run(real, tmp_path_factory, "recipes/qwen2.5-0.5b/reward_lora.yaml")
 
@@ -121,7 +121,7 @@ def test_dpo_qlora_with_precomputed_reference(real, tmp_path):
     assert first(summary, "train_loss") == pytest.approx(math.log(2), abs=0.03)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker runs other files' tests in between
 def reward_qlora(real, tmp_path_factory):
     return reward_run(real, tmp_path_factory, "recipes/llama3.1-8b/reward_qlora.yaml")
 
