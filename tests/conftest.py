@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 MULTIPROCESS = pytest.mark.xdist_group("multiprocess")
 
 
+def pytest_configure(config):
+    """Stop if pytest-xdist cannot keep a group on one worker: xdist 3.8 tags grouped tests
+    through ``Node._nodeid``, which pytest 9.2 no longer has, and then the groups are
+    silently spread over both workers (two rendezvous on one port; fixtures built twice)."""
+    from _pytest.nodes import Node
+
+    if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in Node.__slots__:
+        raise pytest.UsageError("pytest-xdist's xdist_group marks have no effect with this "
+                                "pytest; install the pytest of constraints.txt")
+
+
 def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a recipe in its own process; fail the test with the tail of its output."""
