@@ -7,20 +7,27 @@ After ``import rlhf_ext`` the Auto classes know them (no trust_remote_code):
 | ``RewardModelConfig`` (rlhf_ext_reward) | RewardModel | AutoModelForSequenceClassification |
 | ``ValueModelConfig`` (rlhf_ext_value)   | ValueModel  | AutoModelForTokenClassification    |
 
-The backbone is any decoder ``AutoModel`` builds (Llama, Qwen2, GPT-2, ...). The head
-``score`` is ``Linear(hidden, K)`` initialised with std 1 / sqrt(hidden + 1) and zero bias
-(the scale of Stiennon et al. 2020), so initial rewards are O(1).
+The backbone is any decoder ``AutoModel`` builds (Llama, Qwen2, GPT-2, ...), held as
+``model`` as in transformers' own classifiers. The head ``score`` is ``Linear(hidden, K)``
+initialised with std 1 / sqrt(hidden + 1) (the scale of Stiennon et al. 2020), so initial
+rewards are O(1); a scalar reward head (K = 1) has no bias, as transformers' has none (a
+pairwise loss never moves a bias), the value head and K > 1 heads have one.
 
-RewardModel pools the hidden state of the last real token, found from the attention mask
-(not from token ids), so it is right with left or right padding, with pad == eos, and for
-sequences that fill max_length. With K > 1 objectives (``objective_names``) the K rewards
-are combined into one: fixed weights, or learned (ArmoRM-style) gating weights
-softmax(gate(h)) computed from the same pooled state.
+A scalar RewardModel is a transformers ``<Backbone>ForSequenceClassification`` with one
+label in all but name: the same weight names, no bias, and the same pooled token, the
+last one that is neither masked nor the pad token (so with pad == eos, SmolLM2's case,
+the token before a final eos; transformers decides by the ids alone). ``save_pretrained``
+writes it in that native format, so plain transformers loads it and scores the same. With
+K > 1 objectives (``objective_names``) the K rewards are combined into one: fixed weights,
+or learned (ArmoRM-style) gating weights softmax(gate(h)) computed from the same pooled
+state; those, and value models, are saved as our classes.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -125,14 +132,40 @@ class ValueOutput(ModelOutput):
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """Index of the last position whose mask is 1, per row. [B, T] -> [B] (long).
 
-    Left padding: T - 1; right padding: the last real token; a full row: T - 1. Reading
-    the mask, not the ids, keeps a real eos that equals pad."""
+    Left padding: T - 1; right padding: the last real token; a full row: T - 1; a row
+    without any: 0."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * positions).argmax(-1)
 
 
+def pooled_index(input_ids: Tensor, keep: Tensor, pad_token_id: int | None) -> Tensor:
+    """The position a reward head reads, per row: the last one that ``keep`` [B, T] marks
+    and whose id [B, T] is not the pad token -> [B] (long). For padded rows (keep = the
+    attention mask) this is transformers' sequence-classifier rule, the rightmost non-pad
+    token; with pad == eos a final eos is skipped, as it is there."""
+    if pad_token_id is not None:
+        keep = keep.bool() & (input_ids != pad_token_id)
+    return last_token_index(keep)
+
+
+def native_classifier(model_type: str):
+    """transformers' sequence-classifier class for a backbone ``model_type`` if it is the
+    generic one (backbone as ``model``, a bias-free ``score``: Llama, Qwen2, Mistral, ...),
+    whose weights a scalar RewardModel names alike; else None (GPT-2's is ``transformer``)."""
+    import transformers
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    native = getattr(transformers, name, None) if name else None
+    return native if native is not None and issubclass(
+        native, GenericForSequenceClassification) else None
+
+
 class _HeadModel(PreTrainedModel):
-    base_model_prefix = "backbone"
+    base_model_prefix = "model"
     supports_gradient_checkpointing = True
     # the attention is the backbone's: let transformers choose its implementation for it
     _supports_sdpa = True
@@ -143,32 +176,37 @@ class _HeadModel(PreTrainedModel):
 
     def __init__(self, config, backbone=None):
         super().__init__(config)
-        self.backbone = backbone if backbone is not None else AutoModel.from_config(
+        self.model = backbone if backbone is not None else AutoModel.from_config(
             config.backbone_config)
         k = len(config.objective_names)
-        self.score = nn.Linear(config.hidden_size, k)
+        self.score = nn.Linear(config.hidden_size, k, bias=self._score_bias(k))
         self.gate = (nn.Linear(config.hidden_size, k)
                      if config.combination == "learned" and k > 1 else None)
         self.post_init()
 
+    @staticmethod
+    def _score_bias(k: int) -> bool:
+        return True
+
     def _init_weights(self, module):
         if module is getattr(self, "score", None) or module is getattr(self, "gate", None):
             nn.init.normal_(module.weight, std=1 / math.sqrt(self.config.hidden_size + 1))
-            nn.init.zeros_(module.bias)
-        elif hasattr(self, "backbone"):
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(self, "model"):
             # the backbone's own rule (buffers such as rotary frequencies included); modules
             # already loaded from a checkpoint are marked initialised and left alone
-            self.backbone._init_weights(module)
+            self.model._init_weights(module)
 
     def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
     def _hidden(self, input_ids, attention_mask, **kwargs) -> Tensor:
         kwargs.pop("use_cache", None)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             **kwargs)
         return out.last_hidden_state
 
@@ -179,11 +217,13 @@ class _HeadModel(PreTrainedModel):
         """Backbone weights from a causal-LM, base or reward/value checkpoint (a head model
         gives its backbone, e.g. a value model started from the reward model); a fresh
         head (seeded)."""
-        from .models import keep_4bit_differentiable
+        from .models import keep_4bit_differentiable, quiet_transformers
 
-        backbone = keep_4bit_differentiable(AutoModel.from_pretrained(name_or_path, **load_kwargs))
+        with quiet_transformers():  # a classifier's score is not the backbone's: no report
+            backbone = AutoModel.from_pretrained(name_or_path, **load_kwargs)
+        backbone = keep_4bit_differentiable(backbone)
         if isinstance(backbone, _HeadModel):
-            backbone = backbone.backbone
+            backbone = backbone.model
         config_cls = cls.config_class
         config = config_cls(backbone_config=backbone.config, objective_names=objective_names,
                             combination=combination, combination_weights=combination_weights)
@@ -195,32 +235,39 @@ class _HeadModel(PreTrainedModel):
 
 
 class RewardModel(_HeadModel):
-    """r(x, y) = W h_last + b (K objectives, combined into one scalar)."""
+    """r(x, y) = W h + b at the pooled token (K objectives, combined into one scalar)."""
 
     config_class = RewardModelConfig
+
+    @staticmethod
+    def _score_bias(k: int) -> bool:
+        return k > 1
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 segment_ids: Tensor | None = None, **kwargs) -> RewardOutput:
         """Rewards of padded rows [B, T] -> [B]; or, with ``segment_ids`` [B, T] (prefix
         sharing: rows [prompt | chosen | rejected], 0/1/2, -1 padding, and their
-        ``position_ids``), both completions' rewards -> [2B], chosen first."""
+        ``position_ids``), both completions' rewards -> [2B], chosen first. A completion
+        is pooled as it would be in its own padded row [prompt | completion]."""
+        pad = self.config.pad_token_id
         if segment_ids is not None:
             from .logps import additive_mask, prefix_sharing_mask
 
             mask = prefix_sharing_mask(segment_ids)
-            if self.backbone.config._attn_implementation == "eager":  # adds the mask
+            if self.model.config._attn_implementation == "eager":  # adds the mask
                 mask = additive_mask(mask, self.dtype)
             hidden = self._hidden(input_ids, mask, **kwargs)
             rows = torch.arange(hidden.shape[0], device=hidden.device).repeat(2)
-            ends = torch.cat([last_token_index(segment_ids == 1),
-                              last_token_index(segment_ids == 2)])
+            prompt = segment_ids == 0
+            ends = torch.cat([pooled_index(input_ids, prompt | (segment_ids == 1), pad),
+                              pooled_index(input_ids, prompt | (segment_ids == 2), pad)])
             pooled = hidden[rows, ends]
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             hidden = self._hidden(input_ids, attention_mask, **kwargs)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            pooled = hidden[rows, last_token_index(attention_mask)]
+            pooled = hidden[rows, pooled_index(input_ids, attention_mask, pad)]
         logits = self.score(pooled.to(self.score.weight.dtype))  # [B, K]
         if logits.shape[-1] == 1:
             return RewardOutput(rewards=logits[:, 0], logits=logits)
@@ -229,6 +276,34 @@ class RewardModel(_HeadModel):
             return RewardOutput(rewards=(gate * logits).sum(-1), logits=logits, gate=gate)
         weights = logits.new_tensor(self.config.combination_weights)
         return RewardOutput(rewards=logits @ weights, logits=logits)
+
+    def native_config(self):
+        """The config of the transformers sequence classifier (num_labels 1) this scalar
+        head is, or None where there is none that names its weights as ours (``model.*``
+        and a bias-free ``score``: transformers' generic classifier, as Llama's, Qwen2's
+        and Mistral's are): K > 1, or a backbone such as GPT-2."""
+        native = native_classifier(self.config.backbone_config.model_type)
+        if len(self.config.objective_names) != 1 or native is None:
+            return None
+        config = copy.deepcopy(self.model.config)
+        config.architectures = [native.__name__]
+        config.num_labels = 1
+        config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+        config.pad_token_id = self.config.pad_token_id
+        return config
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """A scalar head is saved as transformers' own ``<Backbone>ForSequenceClassification``
+        (``native_config``; the weights already carry its names), which plain transformers
+        loads and which scores exactly as this model does; the others as RewardModel
+        (loading them needs ``import rlhf_ext``)."""
+        config = self.native_config()
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if config is not None and kwargs.get("is_main_process", True):
+            config.save_pretrained(save_directory)  # over ours
+        if push_to_hub:  # uploads what this method writes, into a folder of its own
+            repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, token=kwargs.get("token"))
 
 
 class ValueModel(_HeadModel):

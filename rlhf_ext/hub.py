@@ -108,7 +108,8 @@ Trained with rlhf_ext, the RLHF pipeline on the `transformers.Trainer` API.
 
 def usage_snippet(kind: str, repo: str, base_model: str | None) -> str:
     """Python that loads this model and uses it: ``kind`` is causal-lm, adapter,
-    reward-model (ours, which needs rlhf_ext), sequence-classifier or ppo."""
+    reward-model (ours, which needs rlhf_ext), sequence-classifier, classifier-adapter (a
+    LoRA adapter of one) or ppo."""
     if kind in ("causal-lm", "ppo"):
         extra = ("\n# the value model is in value_model/ (rlhf_ext.ValueModel)"
                  if kind == "ppo" else "")
@@ -124,6 +125,13 @@ def usage_snippet(kind: str, repo: str, base_model: str | None) -> str:
                 "\"Hello!\"}], add_generation_prompt=True, return_tensors=\"pt\", "
                 "return_dict=True)\nprint(tokenizer.decode(model.generate(**inputs, "
                 "max_new_tokens=32)[0]))")
+    if kind == "classifier-adapter":
+        return ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers "
+                "import AutoTokenizer\n\n# a LoRA adapter and its reward head, on the base "
+                f"model\nmodel = AutoPeftModelForSequenceClassification.from_pretrained({repo!r}, "
+                f"num_labels=1)\ntokenizer = AutoTokenizer.from_pretrained({repo!r})\n"
+                "batch = tokenizer([\"How was the film? It was great.\"], return_tensors=\"pt\")\n"
+                "print(model(**batch).logits[:, 0])  # the reward")
     if kind == "sequence-classifier":
         return ("from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
                 f"model = AutoModelForSequenceClassification.from_pretrained({repo!r})\n"
@@ -177,8 +185,8 @@ def write_model_card(output_dir: str, *, model_name: str, base_model: str | None
         tags=sorted({"rlhf-ext", method, *(tags or [])}),
         datasets=[d for d in (datasets or []) if not os.path.exists(d)] or None,
     )
-    if is_adapter and kind == "causal-lm":
-        kind = "adapter"
+    if is_adapter and kind in ("causal-lm", "sequence-classifier"):
+        kind = "adapter" if kind == "causal-lm" else "classifier-adapter"
     papers = [p for p in papers or [] if p in PAPERS]
     links = ", ".join(f"[{PAPERS[p][0]}](https://huggingface.co/papers/{PAPERS[p][1]})"
                       for p in dict.fromkeys(papers))

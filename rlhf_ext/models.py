@@ -154,6 +154,20 @@ def active_adapter(model, name: str):
             m._active_adapter = old
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level for the block (e.g. its load report listing
+    a classifier's head as unexpected when only the backbone is wanted), then restored."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
 def load_tokenizer(processing_class, name_or_path: str):
     """The given tokenizer, else the model's; a missing pad token becomes eos."""
     from transformers import AutoTokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     Trainer,
     TrainingArguments,
 )
@@ -49,6 +51,7 @@ from .models import (
     is_peft_model,
     keep_4bit_differentiable,
     load_tokenizer,
+    quiet_transformers,
 )
 from .trainer_utils import (
     CheckedTraining,
@@ -88,16 +91,43 @@ class RewardConfig(DataFields, TrainingArguments):
         super().__post_init__()
 
 
-def adapter_base(name_or_path: str) -> str | None:
-    """The base model of a saved LoRA adapter directory; None for a full model."""
+def adapter_config(name_or_path: str) -> dict | None:
+    """The ``adapter_config.json`` of a saved LoRA adapter directory; None for a full model."""
     import json
-    import os
 
     path = os.path.join(name_or_path, "adapter_config.json")
     if not os.path.exists(path) or os.path.exists(os.path.join(name_or_path, "config.json")):
         return None
     with open(path) as f:
-        return json.load(f)["base_model_name_or_path"]
+        return json.load(f)
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a saved LoRA adapter directory; None for a full model."""
+    config = adapter_config(name_or_path)
+    return None if config is None else config["base_model_name_or_path"]
+
+
+def mark_classifier_adapter(adapter_dir: str) -> None:
+    """Make a saved LoRA reward adapter whose weights a transformers sequence classifier
+    names (``model.*``, ``score``) say so: task type SEQ_CLS, no auto mapping to our class,
+    so that ``AutoPeftModelForSequenceClassification.from_pretrained(dir, num_labels=1)``
+    loads it with plain peft and transformers."""
+    import json
+
+    config = adapter_config(adapter_dir)
+    config.update(task_type="SEQ_CLS", auto_mapping=None)
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def is_native_classifier(model) -> bool:
+    """Whether plain transformers loads this reward model (or its adapter's base) as a
+    sequence classifier with one label: a scalar RewardModel on a generic backbone, or
+    a transformers classifier itself."""
+    if isinstance(model, RewardModel):
+        return model.native_config() is not None
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def check_prefix_sharing(model) -> None:
@@ -110,37 +140,32 @@ def check_prefix_sharing(model) -> None:
         raise ValueError(f"prefix_sharing needs rlhf_ext's RewardModel, which pools each "
                          f"completion of a shared row; {type(base).__name__} pools one token per "
                          "row: pass the model as a path, or turn prefix_sharing off")
-    impl = attention_implementation(base.backbone)
+    impl = attention_implementation(base.model)
     if impl not in PREFIX_SHARING_ATTENTIONS:
         raise ValueError(f"prefix_sharing needs an attention that takes a dense 4D mask "
                          f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}")
 
 
-def _adapts_a_reward_model(adapter_dir: str) -> bool:
-    """Whether a LoRA adapter's weights are named for our RewardModel (``backbone.``)
-    rather than for a transformers sequence classifier (``model.``)."""
-    import os
-
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
-        return any(".backbone." in key for key in f.keys())
-
-
 def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):
-    """A saved RewardModel as it is, a transformers ``*ForSequenceClassification`` with one
-    label (TRL's reward models), or a LoRA reward adapter on its base (either kind). With ``new_head=True`` (to train one), a causal-LM checkpoint
-    too, as backbone + fresh head; without, such a checkpoint is an error: scoring with an
-    untrained head is scoring with noise."""
+    """A saved reward model: a transformers ``*ForSequenceClassification`` with one label
+    (what a scalar RewardModel saves, and TRL's kind), a multi-objective RewardModel, or a
+    LoRA reward adapter on its base. With ``new_head=True`` (to train one), a causal-LM
+    checkpoint too, as backbone + fresh head; without, such a checkpoint is an error:
+    scoring with an untrained head is scoring with noise."""
     base = adapter_base(name_or_path)
     if base is not None:
         from peft import PeftModel
 
-        if _adapts_a_reward_model(name_or_path):
+        mapping = adapter_config(name_or_path).get("auto_mapping") or {}
+        if mapping.get("base_model_class") == "RewardModel":  # ours, not a transformers one
             model = RewardModel.from_backbone(base, **kwargs)
-        else:  # trained on AutoModelForSequenceClassification(base, num_labels=1), as in TRL
-            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
-                                                                       **kwargs)
+        else:  # a scalar RewardModel's on a generic backbone, or TRL's: model.*, score
+            with quiet_transformers():  # the score it reports missing is in the adapter
+                model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
+                                                                           **kwargs)
+            saved_tokenizer = os.path.exists(os.path.join(name_or_path, "tokenizer_config.json"))
+            if model.config.pad_token_id is None and saved_tokenizer:  # it knows the pad
+                model.config.pad_token_id = AutoTokenizer.from_pretrained(name_or_path).pad_token_id
         model = PeftModel.from_pretrained(model, name_or_path)
         return keep_4bit_differentiable(model.eval())
     config = AutoConfig.from_pretrained(name_or_path)
@@ -271,10 +296,17 @@ class RewardTrainer(CheckedTraining, Trainer):
         add_averaged_metrics(self._metrics, logs)
         super().log(logs, start_time)
 
+    def _base(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if is_peft_model(self.model) and is_native_classifier(self._base()):
+            mark_classifier_adapter(output_dir or self.args.output_dir)
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         args = self.args
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if is_peft_model(model) else model
         trainer_model_card(
             self, method="reward-model", model_name=model_name, dataset_name=dataset_name,
             tags=tags, summary=f"A Bradley-Terry reward model on `{self.base_model_name}`.",
@@ -282,7 +314,7 @@ class RewardTrainer(CheckedTraining, Trainer):
                              "num_train_epochs": args.num_train_epochs,
                              "center_rewards_coefficient": args.center_rewards_coefficient,
                              "per_device_train_batch_size": args.per_device_train_batch_size},
-            kind="reward-model" if isinstance(base, RewardModel) else "sequence-classifier",
+            kind="sequence-classifier" if is_native_classifier(self._base()) else "reward-model",
             papers=["reward-model"])
 
 

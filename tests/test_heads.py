@@ -1,5 +1,7 @@
 """Reward and value heads: pooling, save/load, Auto classes, multi-objective, LoRA, 4-bit."""
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -13,7 +15,14 @@ from transformers import (
 )
 
 import rlhf_ext  # noqa: F401  (registers the heads)
-from rlhf_ext.heads import RewardModel, RewardModelConfig, ValueModel, last_token_index
+from rlhf_ext.heads import (
+    RewardModel,
+    RewardModelConfig,
+    ValueModel,
+    last_token_index,
+    pooled_index,
+    scalar_rewards,
+)
 from rlhf_ext.tiny import build_model
 
 
@@ -34,55 +43,102 @@ def test_last_token_index_by_hand():
     assert last_token_index(mask).tolist() == [2, 4, 4, 0]
 
 
-def test_pooling_is_padding_invariant_and_reads_mask_not_ids(backbone_dir):
+def test_pooled_index_by_hand():
+    ids = torch.tensor([[5, 6, 2, 0, 0],     # pad 0: right padding -> 2
+                        [5, 6, 2, 2, 2],     # pad == eos == 2: the last word -> 1
+                        [2, 2, 5, 6, 2]])    # left padding with pad == eos -> 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    assert pooled_index(ids[:1], mask[:1], 0).tolist() == [2]
+    assert pooled_index(ids[1:], mask[1:], 2).tolist() == [1, 3]
+    assert pooled_index(ids[1:], mask[1:], None).tolist() == [2, 4]  # no pad: the mask
+
+
+def test_pooling_is_transformers_classifier_pooling(backbone_dir):
+    """Padding-invariant, and the token transformers' sequence classifier reads (the last
+    non-pad one), with the tiny world's own pad and with pad == eos (SmolLM2's case, where
+    a final eos is skipped): the same rewards as LlamaForSequenceClassification with the
+    same weights, for left and right padding."""
+    from transformers import LlamaForSequenceClassification
+
     model = RewardModel.from_backbone(str(backbone_dir)).eval()
-    eos = model.config.eos_token_id
+    assert model.score.bias is None
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    assert pad != eos
+    native = LlamaForSequenceClassification.from_pretrained(backbone_dir, num_labels=1).eval()
+    native.score.weight.data.copy_(model.score.weight)
     seq = [5, 9, 17, 33, eos]
-    with torch.no_grad():
-        alone = model(torch.tensor([seq])).rewards
-        # right padding, with pad == eos: the real eos must still be pooled
-        right = model(torch.tensor([seq + [eos, eos]]),
-                      attention_mask=torch.tensor([[1] * 5 + [0, 0]])).rewards
-        # left padding (position ids matter for Llama: pass them as generation does)
-        left = model(torch.tensor([[eos, eos] + seq]),
-                     attention_mask=torch.tensor([[0, 0] + [1] * 5]),
-                     position_ids=torch.tensor([[0, 0, 0, 1, 2, 3, 4]])).rewards
-        # the hidden state pooled is the one at the real eos, not at a pad
-        hidden = model.backbone(torch.tensor([seq])).last_hidden_state[0, -1]
-    by_hand = hidden @ model.score.weight[0] + model.score.bias[0]
-    torch.testing.assert_close(alone[0], by_hand, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(left, alone, rtol=1e-4, atol=1e-4)
+    for pad_id in (pad, eos):
+        model.config.pad_token_id = native.config.pad_token_id = pad_id
+        right = (torch.tensor([seq + [pad_id] * 2]), torch.tensor([[1] * 5 + [0, 0]]), None)
+        left = (torch.tensor([[pad_id] * 2 + seq]), torch.tensor([[0, 0] + [1] * 5]),
+                torch.tensor([[0, 0, 0, 1, 2, 3, 4]]))  # position ids as generation gives
+        with torch.no_grad():
+            alone = model(torch.tensor([seq])).rewards
+            hidden = model.model(torch.tensor([seq])).last_hidden_state[0]
+            for ids, mask, positions in (right, left):
+                ours = model(ids, attention_mask=mask, position_ids=positions).rewards
+                theirs = native(ids, attention_mask=mask, position_ids=positions).logits[:, 0]
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(ours, alone, rtol=1e-4, atol=1e-4)
+        pooled = hidden[-1] if pad_id == pad else hidden[-2]  # pad == eos: the word before
+        torch.testing.assert_close(alone[0], pooled @ model.score.weight[0], rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_head_init_scale_and_fresh_head(backbone_dir):
     model = RewardModel.from_backbone(str(backbone_dir), seed=3)
     hidden = model.config.hidden_size
     assert model.score.weight.std().item() == pytest.approx(1 / (hidden + 1) ** 0.5, rel=0.3)
-    assert torch.count_nonzero(model.score.bias) == 0
-    lm = AutoModelForSequenceClassification  # noqa: F841
+    assert model.score.bias is None  # as transformers' classifier; a pairwise loss never moves one
+    value = ValueModel.from_backbone(str(backbone_dir))
+    assert torch.count_nonzero(value.score.weight) == 0 and value.score.bias is not None
     from transformers import AutoModelForCausalLM
     causal = AutoModelForCausalLM.from_pretrained(backbone_dir)
-    torch.testing.assert_close(model.backbone.embed_tokens.weight, causal.model.embed_tokens.weight)
+    torch.testing.assert_close(model.model.embed_tokens.weight, causal.model.embed_tokens.weight)
 
 
-def test_save_load_and_auto_round_trip(backbone_dir, tmp_path):
-    model = RewardModel.from_backbone(str(backbone_dir)).eval()
-    ids = torch.tensor([[3, 8, 13, 21]])
+def test_a_scalar_head_saves_as_a_plain_transformers_classifier(backbone_dir, tmp_path):
+    """Saved, a scalar RewardModel is LlamaForSequenceClassification with one label: a
+    process that never imports rlhf_ext loads it with AutoModelForSequenceClassification
+    and gets the same rewards; a value model can start from it; a value model saves and
+    loads as ours."""
+    import json
+    import subprocess
+    import sys
+
+    model = RewardModel.from_backbone(str(backbone_dir), seed=5).eval()
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    ids = [[3, 8, 13, 21, eos], [3, 8, eos, pad, pad]]
+    mask = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     model.save_pretrained(tmp_path / "rm")
-    assert (tmp_path / "rm" / "model.safetensors").exists()
-    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    assert type(again) is RewardModel
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["model_type"] == "llama" and config["pad_token_id"] == pad
+    plain = subprocess.run([sys.executable, "-c", (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'rm')!r})\n"
+        f"out = m(torch.tensor({ids}), attention_mask=torch.tensor({mask})).logits[:, 0]\n"
+        "assert 'rlhf_ext' not in sys.modules\n"
+        "print(json.dumps([type(m).__name__, out.tolist()]))")],
+        capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    name, rewards = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert name == "LlamaForSequenceClassification"
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).rewards, again(ids).rewards, rtol=0, atol=0)
+        want = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).rewards
+    torch.testing.assert_close(torch.tensor(rewards), want, rtol=1e-5, atol=1e-6)
+    # a value model from the saved reward model takes its backbone
+    from_rm = ValueModel.from_backbone(str(tmp_path / "rm"))
+    torch.testing.assert_close(from_rm.model.layers[1].mlp.up_proj.weight,
+                               model.model.layers[1].mlp.up_proj.weight, rtol=0, atol=0)
     value = ValueModel.from_backbone(str(backbone_dir)).eval()
     value.save_pretrained(tmp_path / "vm")
     loaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "vm").eval()
     assert type(loaded) is ValueModel
     with torch.no_grad():
-        out = loaded(ids).values
-        assert out.shape == (1, 4)
-        torch.testing.assert_close(out, value(ids).values, rtol=0, atol=0)
+        out = loaded(torch.tensor(ids)).values
+        assert out.shape == (2, 5)
+        torch.testing.assert_close(out, value(torch.tensor(ids)).values, rtol=0, atol=0)
 
 
 def test_multi_objective_fixed_and_learned(backbone_dir, tmp_path):
@@ -118,9 +174,30 @@ def test_other_backbones(tmp_path, config_cls, model_cls):
     rm = RewardModel.from_backbone(str(tmp_path / "b")).eval()
     rm.save_pretrained(tmp_path / "rm")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    # Qwen2's classifier names its weights as ours; GPT-2's calls the backbone transformer
+    want = "RewardModel" if config_cls is GPT2Config else "Qwen2ForSequenceClassification"
+    assert type(again).__name__ == want
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        torch.testing.assert_close(rm(ids).rewards, again(ids).rewards)
+        torch.testing.assert_close(rm(ids).rewards, scalar_rewards(again(ids)))
+    # a LoRA reward adapter of either kind loads in one line, and scores as it was trained
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_ext.reward import is_native_classifier, load_reward_model, mark_classifier_adapter
+
+    target = ["c_attn"] if config_cls is GPT2Config else ["q_proj"]
+    lora = get_peft_model(rm, LoraConfig(r=2, target_modules=target, modules_to_save=["score"],
+                                         init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path / "adapter")
+    if is_native_classifier(rm):  # as RewardTrainer saves it
+        mark_classifier_adapter(str(tmp_path / "adapter"))
+    loaded = load_reward_model(str(tmp_path / "adapter"))
+    assert type(loaded.get_base_model()).__name__ == want
+    with torch.no_grad():
+        trained = lora(ids).rewards
+        with lora.disable_adapter():
+            assert not torch.allclose(trained, lora(ids).rewards)
+        torch.testing.assert_close(scalar_rewards(loaded(ids)), trained)
 
 
 def test_lora_on_backbone_keeps_head_trainable(backbone_dir):
@@ -141,7 +218,7 @@ def test_4bit_backbone(backbone_dir):
 
     model = RewardModel.from_backbone(str(backbone_dir), quantization_config=quantization_config(
         load_in_4bit=True, compute_dtype=torch.float32))
-    assert any(isinstance(m, Linear4bit) for m in model.backbone.modules())
+    assert any(isinstance(m, Linear4bit) for m in model.model.modules())
     assert model.score.weight.dtype == torch.float32
     with torch.no_grad():
         out = model(torch.tensor([[3, 8, 13]])).rewards

@@ -109,7 +109,10 @@ def test_recipe_pushes_adapter_and_card(name, sft_run, world_dir, tmp_path):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_reward_model_push_and_auto_load(world_dir, tmp_path):
+def test_reward_model_push_and_plain_transformers_load(world_dir, tmp_path):
+    """A scalar RewardModel pushed to the Hub is a plain LlamaForSequenceClassification
+    there: a process that never imports rlhf_ext loads it and gets the same reward."""
+    import torch
     from transformers import AutoTokenizer
 
     from rlhf_ext.heads import RewardModel
@@ -117,26 +120,22 @@ def test_reward_model_push_and_auto_load(world_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "lm")
-    RewardModel.from_backbone(str(tmp_path / "lm")).save_pretrained(tmp_path / "rm")
     with LocalHub(tmp_path / "hub") as hub:
         env = hub_env(hub)
         run([sys.executable, "-c", (
-            "import rlhf_ext; from rlhf_ext.heads import RewardModel; "
-            f"RewardModel.from_pretrained({str(tmp_path / 'rm')!r}).push_to_hub('tester/tiny-rm')")],
-            env)
+            "from rlhf_ext.heads import RewardModel; "
+            f"RewardModel.from_backbone({str(tmp_path / 'lm')!r}, seed=2)"
+            ".push_to_hub('tester/tiny-rm')")], env)
         out = run([sys.executable, "-c", (
-            "import torch, rlhf_ext; from transformers import AutoModelForSequenceClassification; "
+            "import sys, torch; from transformers import AutoModelForSequenceClassification; "
             "m = AutoModelForSequenceClassification.from_pretrained('tester/tiny-rm'); "
-            "print('REWARD', type(m).__name__, round(m(torch.tensor([[3, 4, 5]])).rewards.item(), 5))")],
+            "assert 'rlhf_ext' not in sys.modules; "
+            "print('REWARD', type(m).__name__, round(m(torch.tensor([[3, 4, 5]])).logits.item(), 5))")],
             env)
-    import torch
-
-    from rlhf_ext.heads import RewardModel as RM  # noqa: N814
-
-    local = RM.from_pretrained(tmp_path / "rm").eval()
+    local = RewardModel.from_backbone(str(tmp_path / "lm"), seed=2).eval()
     with torch.no_grad():
         expected = round(local(torch.tensor([[3, 4, 5]])).rewards.item(), 5)
-    assert f"REWARD RewardModel {expected}" in out
+    assert f"REWARD LlamaForSequenceClassification {expected}" in out
 
 
 def test_ppo_recipe_pushes_policy_value_and_card(sft_run, world_dir, tmp_path):

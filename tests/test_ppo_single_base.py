@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import AutoPeftModelForSequenceClassification, LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ext.heads import RewardModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.ppo.single_base import build_single_base
 from rlhf_ext.reward import RewardConfig, RewardTrainer, score
@@ -33,8 +32,9 @@ def setup(world_dir, tmp_path_factory):
 
 def test_reward_adapter_matches_the_lora_reward_model(setup):
     root, tok = setup
-    standalone = PeftModel.from_pretrained(RewardModel.from_backbone(str(root / "base")),
-                                           root / "rm").eval()
+    # the saved adapter as plain peft + transformers load it: an independent forward
+    standalone = AutoPeftModelForSequenceClassification.from_pretrained(
+        root / "rm", num_labels=1).eval()
     base = AutoModelForCausalLM.from_pretrained(root / "base")
     policy, value, reward = build_single_base(base, LoraConfig(**LORA), str(root / "rm"))
     prompts = list(prompt_dataset(6, seed=3)["prompt"])
@@ -45,7 +45,7 @@ def test_reward_adapter_matches_the_lora_reward_model(setup):
     assert expected[0] != pytest.approx(expected[1])  # the adapter learned something
     # one copy of the base: value and reward own only their heads
     assert sum(p.numel() for p in value.parameters()) == base.config.hidden_size + 1
-    assert sum(p.numel() for p in reward.parameters()) == base.config.hidden_size + 1
+    assert sum(p.numel() for p in reward.parameters()) == base.config.hidden_size  # no bias
     # the policy's generation still runs the policy adapter after a reward forward
     assert all(m._active_adapter in ("default", ["default"])
                for m in policy.modules() if hasattr(m, "_active_adapter"))

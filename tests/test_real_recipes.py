@@ -22,7 +22,8 @@ from rlhf_ext.real import conversational_datasets, smollm2_path
 # q 576+576, k 576+192, v 576+192, o 576+576, gate 576+1536, up 576+1536, down 1536+576
 LORA_ALL_LINEAR = 30 * 16 * (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112)
 LINEAR_LAYERS = 30 * 7
-SCORE_HEAD = 576 + 1  # one reward: weight and bias
+REWARD_HEAD = 576  # one reward: a weight, no bias (transformers' classifier has none)
+VALUE_HEAD = 576 + 1  # the value head: weight and bias
 BASE = 134_515_008  # SmolLM2's parameters (tied embeddings)
 
 
@@ -69,7 +70,7 @@ def test_sft_qlora(real, tmp_path):
 def test_reward_full(real, tmp_path):
     summary = recipe(real, tmp_path, "reward", "recipes/qwen2.5-0.5b/reward.yaml", "pairs",
                      "--max_length", "64")
-    assert summary["trainable_parameters"] == BASE + SCORE_HEAD  # backbone (no LM head)
+    assert summary["trainable_parameters"] == BASE + REWARD_HEAD  # backbone (no LM head)
 
 
 def reward_run(real, tmp_path_factory, config):
@@ -88,7 +89,7 @@ def reward_lora(real, tmp_path_factory):
 @pytest.mark.xdist_group("reward_lora")
 def test_reward_lora(reward_lora):
     out, summary = reward_lora
-    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + SCORE_HEAD
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + REWARD_HEAD
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 
 
@@ -99,7 +100,7 @@ def test_ppo_full_against_a_lora_reward_model(real, reward_lora, tmp_path):
     summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo.yaml", "prompts",
                      "--reward_model_path", str(reward_lora[0]), "--response_length", "8",
                      "--rollout_batch_size", "4")
-    assert summary["trainable_parameters"] == BASE + BASE + SCORE_HEAD  # policy, value
+    assert summary["trainable_parameters"] == BASE + BASE + VALUE_HEAD  # policy, value
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)
     assert first(summary, "policy/approxkl_avg") == 0.0 and first(summary, "val/ratio") == 1.0
 
@@ -137,7 +138,7 @@ def reward_qlora(real, tmp_path_factory):
 def test_reward_qlora(reward_qlora):
     out, summary = reward_qlora
     assert summary["quantized_linear_layers"] == LINEAR_LAYERS
-    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + SCORE_HEAD
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + REWARD_HEAD
     config = json.loads((out / "adapter_config.json").read_text())
     assert "score" in config["modules_to_save"]
 
@@ -149,7 +150,7 @@ def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
                      "--reward_model_path", str(reward_qlora[0]), "--response_length", "8",
                      "--rollout_batch_size", "4", bf16_as_written=True)
     assert summary["quantized_linear_layers"] == LINEAR_LAYERS
-    assert summary["trainable_parameters"] == 2 * LORA_ALL_LINEAR + SCORE_HEAD  # policy, value
+    assert summary["trainable_parameters"] == 2 * LORA_ALL_LINEAR + VALUE_HEAD  # policy, value
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)  # policy == ref
     # rollout and update in the same precision (bf16 autocast): the first ratio is 1
     assert first(summary, "policy/approxkl_avg") == 0.0
@@ -160,7 +161,7 @@ def test_ppo_lora_with_a_reward_function(real, tmp_path):
                      "--reward", "rlhf_ext.real:vader_reward", "--response_length", "8",
                      "--rollout_batch_size", "4")
     # LoRA policy; a full value model (SmolLM2 backbone + head)
-    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + SCORE_HEAD
+    assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + VALUE_HEAD
     assert -1.0 <= first(summary, "objective/scores") <= 1.0  # VADER's compound range
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)
     assert first(summary, "policy/approxkl_avg") == 0.0 and first(summary, "val/ratio") == 1.0

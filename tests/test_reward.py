@@ -59,7 +59,7 @@ def test_trainer_loss_and_metrics_by_hand(lm_dir, tmp_path):
 
 def test_parity_with_trl_reward_trainer(lm_dir, tmp_path):
     """TRL's RewardTrainer on LlamaForSequenceClassification with the same backbone and
-    head weights (bias 0, as TRL's head has none) gives the same loss at lr 0."""
+    head weights (neither head has a bias) gives the same loss at lr 0."""
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer as TRLRewardTrainer
 
@@ -70,7 +70,7 @@ def test_parity_with_trl_reward_trainer(lm_dir, tmp_path):
     theirs.config.pad_token_id = tok.pad_token_id
     with torch.no_grad():
         theirs.score.weight.copy_(ours.score.weight)
-        torch.testing.assert_close(theirs.model.embed_tokens.weight, ours.backbone.embed_tokens.weight)
+        torch.testing.assert_close(theirs.model.embed_tokens.weight, ours.model.embed_tokens.weight)
     trl_trainer = TRLRewardTrainer(model=theirs, processing_class=tok, train_dataset=data,
                                    args=TRLRewardConfig(output_dir=str(tmp_path / "trl"),
                                                         gradient_checkpointing=False, **COMMON))
@@ -97,8 +97,12 @@ def test_tiny_world_reward_model(reward_run):
     out, summary = reward_run
     assert summary["eval_accuracy"] >= 0.85, summary["eval_accuracy"]
     assert summary["tiny/spearman_oracle"] >= 0.8, summary["tiny/spearman_oracle"]
-    assert type(RewardModel.from_pretrained(out)) is RewardModel
-    assert "reward-model" in (out / "README.md").read_text()
+    from transformers import AutoModelForSequenceClassification
+
+    assert type(AutoModelForSequenceClassification.from_pretrained(out)).__name__ == \
+        "LlamaForSequenceClassification"  # saved as transformers' own classifier
+    card = (out / "README.md").read_text()
+    assert "reward-model" in card and "AutoModelForSequenceClassification.from_pretrained" in card
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -244,7 +244,8 @@ def test_compute_metrics_gets_the_implicit_rewards(policy_dir, tok, tmp_path):
 # model cards: a title, a usage snippet that runs, versions, the method's papers
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["dpo", "dpo-lora", "reward", "reward-classifier"])
+@pytest.mark.parametrize("kind", ["dpo", "dpo-lora", "reward", "reward-lora",
+                                  "reward-classifier"])
 def test_model_card_says_how_to_use_the_model_and_the_snippet_runs(policy_dir, tok, tmp_path,
                                                                    kind, capsys):
     import re
@@ -264,10 +265,11 @@ def test_model_card_says_how_to_use_the_model_and_the_snippet_runs(policy_dir, t
                                       args=rlhf_ext.DPOConfig(ld_alpha=0.5, **common),
                                       peft_config=peft)
     else:
-        model = str(policy_dir) if kind == "reward" else \
+        model = str(policy_dir) if kind != "reward-classifier" else \
             AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        peft = LoraConfig(r=4, target_modules="all-linear") if kind == "reward-lora" else None
         trainer = rlhf_ext.RewardTrainer(model, processing_class=tok, train_dataset=data,
-                                         args=rlhf_ext.RewardConfig(**common))
+                                         args=rlhf_ext.RewardConfig(**common), peft_config=peft)
     trainer.train()
     trainer.save_model(str(out))
     trainer.create_model_card()
@@ -278,7 +280,11 @@ def test_model_card_says_how_to_use_the_model_and_the_snippet_runs(policy_dir, t
     assert f"huggingface.co/papers/{paper}" in card and f"arXiv:{paper}" in card
     if kind.startswith("dpo"):
         assert "arXiv:2409.06411" in card  # LD-DPO, from ld_alpha
-    assert ("needs rlhf_ext" in card) == (kind == "reward")
+    # every scalar reward model loads with plain transformers (and peft for an adapter)
+    assert "needs rlhf_ext" not in card
+    if kind.startswith("reward"):
+        loader = "AutoPeftModel" if kind == "reward-lora" else "AutoModel"
+        assert f"{loader}ForSequenceClassification.from_pretrained" in card
     snippet = re.search(r"## Use it\n\n```python\n(.*?)```", card, re.S).group(1)
     capsys.readouterr()
     exec(compile(snippet, "card", "exec"), {})  # loads from out, runs the model, prints

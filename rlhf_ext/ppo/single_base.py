@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..heads import RewardOutput, ValueOutput, last_token_index
+from ..heads import RewardOutput, ValueOutput, pooled_index
 from ..models import active_adapter
 
 
 class AdapterHead(nn.Module):
     """A value head (``kind='value'``: one value per position) or a reward head
-    (``kind='reward'``: pooled at the last real token) over the shared decoder, with
-    LoRA adapter ``adapter`` active."""
+    (``kind='reward'``: pooled as RewardModel pools, at the last real token that is not
+    the pad token) over the shared decoder, with LoRA adapter ``adapter`` active."""
 
     def __init__(self, peft_model, adapter: str, head: nn.Linear, kind: str):
         super().__init__()
@@ -49,7 +49,8 @@ class AdapterHead(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last_token_index(attention_mask)]
+        pad = self.peft_model.get_base_model().config.pad_token_id
+        pooled = hidden[rows, pooled_index(input_ids, attention_mask, pad)]
         logits = self.head(pooled.to(self.head.weight.dtype))
         return RewardOutput(rewards=logits[:, 0], logits=logits)
 
@@ -112,13 +113,13 @@ def build_single_base(base_model, policy_lora, reward_adapter_dir: str, value_lo
     config.inference_mode = True
     policy.add_adapter("reward", config)
     weights = load_file(os.path.join(reward_adapter_dir, "adapter_model.safetensors"))
-    lora = {k.replace(".backbone.", ".model."): v for k, v in weights.items() if "lora_" in k}
+    lora = {k: v for k, v in weights.items() if "lora_" in k}
     result = set_peft_model_state_dict(policy, lora, adapter_name="reward")
     if [k for k in result.unexpected_keys if "reward" in k or "lora" in k]:
         raise ValueError(f"reward adapter in {reward_adapter_dir} does not fit the base: "
                          f"{result.unexpected_keys[:4]}")
-    head = nn.Linear(hidden, 1)
     score = {k.rsplit(".", 1)[-1]: v for k, v in weights.items() if ".score." in k}
+    head = nn.Linear(hidden, 1, bias="bias" in score)
     head.load_state_dict(score)
     reward = AdapterHead(policy, "reward", head.requires_grad_(False), "reward")
     for name, p in policy.named_parameters():
