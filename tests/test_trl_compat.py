@@ -311,3 +311,41 @@ def test_compute_metrics_gets_kto_rewards_and_labels(policy_dir, tok, tmp_path):
     metrics = trainer.evaluate()
     assert metrics["eval_gap"] == pytest.approx(metrics["eval_rewards/margins"], rel=1e-4)
     assert metrics["eval_gap"] != 0
+
+
+def test_ppo_samples_reach_weights_and_biases_as_a_table(policy_dir, tok, tmp_path,
+                                                         monkeypatch):
+    """report_to="wandb" (offline: W&B writes the run to disk): each sampling epoch's
+    table is logged as a W&B Table whose rows are samples.md's, chat prompts with their
+    newlines included."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ext.tiny import oracle_score, prompt_dataset
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prompts = prompt_dataset(8, seed=5).map(lambda r: {"prompt": "a review.\n" + r["prompt"]})
+    args = rlhf_ext.PPOConfig(output_dir=str(tmp_path / "ppo"), rollout_batch_size=4,
+                              per_device_train_batch_size=4, response_length=6,
+                              num_train_epochs=2, num_sample_generations=2, report_to="wandb",
+                              use_cpu=True, save_strategy="no", disable_tqdm=True,
+                              advantage_estimator="rloo", num_generations=2)
+    trainer = rlhf_ext.PPOTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), args, tok,
+                                  prompts, reward=lambda p, c: [oracle_score(x) for x in c])
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    tables = sorted(tmp_path.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    markdown = (tmp_path / "ppo" / "samples.md").read_text()
+    assert len(tables) == markdown.count("### step") == 2
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert table["columns"] == ["prompt", "completion", "score"]
+        assert len(table["data"]) == 4
+        for prompt, completion, score in table["data"]:
+            assert "\n" not in prompt and f"| {prompt} | {completion} |" in markdown
+            assert -1.0 <= float(score) <= 1.0
