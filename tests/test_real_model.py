@@ -216,9 +216,12 @@ def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2
     """The model's own one-sentence reviews (asked to be glowing or scathing), paired and
     labelled by VADER: 30 steps on nine films rank the pairs of three unseen films well
     above chance. LoRA (r 16, every linear layer) with each pair in one row (prefix
-    sharing). Measured: 115 train / 36 held-out pairs; fresh head accuracy 0.56, loss 0.76;
-    trained 0.81 (29 of 36), loss 0.48, training 111 s (padded rows: the same numbers in
-    162 s; a full fine-tune at lr 3e-5: 0.81, loss 0.46, 220 s)."""
+    sharing), lr 1e-3. Measured (115 train / 36 held-out pairs, one thread): with the head
+    drawn from seeds 0, 1, 2, 3 (0 is this test's), fresh heads 0.64, 0.61, 0.50, 0.50
+    accuracy (loss 0.70, 0.73, 0.70, 0.73), trained 0.81, 0.81, 0.89, 0.86 (loss 0.59,
+    0.57, 0.32, 0.31). At lr 3e-4 the head hardly moves from its random draw in 30 steps
+    and the result depended on that draw: accuracy 0.69 to 0.83, loss 0.37 to 0.71 over
+    five draws (the earlier 0.81 was one of them)."""
     from peft import LoraConfig
 
     from rlhf_ext.real import FILMS
@@ -231,7 +234,7 @@ def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2
     assert all(c - r >= 0.3 for c, r in zip(pairs["chosen_vader"], pairs["rejected_vader"]))
     held_out = pairs.filter(lambda row: row["film"] in FILMS[9:])
     train = pairs.filter(lambda row: row["film"] not in FILMS[9:])
-    args = RewardConfig(output_dir=str(tmp_path), learning_rate=3e-4, max_steps=30,
+    args = RewardConfig(output_dir=str(tmp_path), learning_rate=1e-3, max_steps=30,
                         per_device_train_batch_size=8, per_device_eval_batch_size=len(held_out),
                         lr_scheduler_type="constant", max_length=80, report_to="none",
                         use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
