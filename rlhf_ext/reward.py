@@ -302,7 +302,9 @@ class RewardTrainer(CheckedTraining, Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if is_peft_model(self.model) and is_native_classifier(self._base()):
+        # every DeepSpeed process comes here; the main one has written the adapter
+        if self.args.should_save and is_peft_model(self.model) \
+                and is_native_classifier(self._base()):
             mark_classifier_adapter(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
