@@ -185,8 +185,8 @@ def write_model_card(output_dir: str, *, model_name: str, base_model: str | None
         tags=sorted({"rlhf-ext", method, *(tags or [])}),
         datasets=[d for d in (datasets or []) if not os.path.exists(d)] or None,
     )
-    if is_adapter and kind in ("causal-lm", "sequence-classifier"):
-        kind = "adapter" if kind == "causal-lm" else "classifier-adapter"
+    if is_adapter:
+        kind = {"causal-lm": "adapter", "sequence-classifier": "classifier-adapter"}.get(kind, kind)
     papers = [p for p in papers or [] if p in PAPERS]
     links = ", ".join(f"[{PAPERS[p][0]}](https://huggingface.co/papers/{PAPERS[p][1]})"
                       for p in dict.fromkeys(papers))

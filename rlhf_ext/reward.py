@@ -108,19 +108,6 @@ def adapter_base(name_or_path: str) -> str | None:
     return None if config is None else config["base_model_name_or_path"]
 
 
-def mark_classifier_adapter(adapter_dir: str) -> None:
-    """Make a saved LoRA reward adapter whose weights a transformers sequence classifier
-    names (``model.*``, ``score``) say so: task type SEQ_CLS, no auto mapping to our class,
-    so that ``AutoPeftModelForSequenceClassification.from_pretrained(dir, num_labels=1)``
-    loads it with plain peft and transformers."""
-    import json
-
-    config = adapter_config(adapter_dir)
-    config.update(task_type="SEQ_CLS", auto_mapping=None)
-    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-
-
 def is_native_classifier(model) -> bool:
     """Whether plain transformers loads this reward model (or its adapter's base) as a
     sequence classifier with one label: a scalar RewardModel on a generic backbone, or
@@ -209,7 +196,10 @@ class RewardTrainer(CheckedTraining, Trainer):
             peft_config = copy.copy(peft_config)  # the caller's config stays as it was
             peft_config.task_type = None
             peft_config.modules_to_save = list({*(peft_config.modules_to_save or []), "score"})
+            native = is_native_classifier(model)
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+            if native:  # saved as SEQ_CLS (no auto mapping to our class): plain peft's
+                model.active_peft_config.task_type = "SEQ_CLS"  # AutoPeftModel... loads it
         if args.disable_dropout:  # after the adapters: LoRA has its own dropout
             disable_dropout(model)
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
@@ -299,13 +289,6 @@ class RewardTrainer(CheckedTraining, Trainer):
     def _base(self):
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        # every DeepSpeed process comes here; the main one has written the adapter
-        if self.args.should_save and is_peft_model(self.model) \
-                and is_native_classifier(self._base()):
-            mark_classifier_adapter(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         args = self.args

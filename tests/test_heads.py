@@ -183,14 +183,14 @@ def test_other_backbones(tmp_path, config_cls, model_cls):
     # a LoRA reward adapter of either kind loads in one line, and scores as it was trained
     from peft import LoraConfig, get_peft_model
 
-    from rlhf_ext.reward import is_native_classifier, load_reward_model, mark_classifier_adapter
+    from rlhf_ext.reward import is_native_classifier, load_reward_model
 
     target = ["c_attn"] if config_cls is GPT2Config else ["q_proj"]
     lora = get_peft_model(rm, LoraConfig(r=2, target_modules=target, modules_to_save=["score"],
                                          init_lora_weights=False)).eval()
+    if is_native_classifier(rm):  # as RewardTrainer marks it
+        lora.active_peft_config.task_type = "SEQ_CLS"
     lora.save_pretrained(tmp_path / "adapter")
-    if is_native_classifier(rm):  # as RewardTrainer saves it
-        mark_classifier_adapter(str(tmp_path / "adapter"))
     loaded = load_reward_model(str(tmp_path / "adapter"))
     assert type(loaded.get_base_model()).__name__ == want
     with torch.no_grad():
