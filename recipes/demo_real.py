@@ -36,11 +36,11 @@ SIZES = {  # what --quick shrinks; the default fits 30 minutes on a 2-core CPU
     "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=1, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
-    # the tests' run: no reward model (nor best-of-N), dpo for 8 larger, faster steps and
+    # the tests' run: no reward model (nor best-of-N), dpo for 8 faster steps and
     # ppo_vader for two iterations: the whole pipeline, too short to move held-out VADER
-    "quick": dict(pair_films=8, samples=2, eval_asks=1, eval_samples=1, reference_samples=2,
+    "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=1, reference_samples=2,
                   best_of=[], reward=["--max_steps", "4"],
-                  preference=["--max_steps", "8", "--per_device_train_batch_size", "8",
+                  preference=["--max_steps", "8", "--per_device_train_batch_size", "4",
                               "--learning_rate", "5e-4", "--logging_steps", "2",
                               "--prefix_sharing", "true"],
                   ppo=["--num_train_epochs", "2"]),
