@@ -20,6 +20,8 @@ from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.real import conversational_datasets, smollm2_path, vader_reward
 from rlhf_ext.sampling import generate_completions
 
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 @pytest.fixture(scope="session")
 def smollm2():
@@ -215,15 +217,14 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
 def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2, tmp_path):
     """The model's own one-sentence reviews (asked to be glowing or scathing), paired and
     labelled by VADER: 30 steps on nine films rank the pairs of three unseen films well
-    above chance. LoRA (r 16, every linear layer) with each pair in one row (prefix
-    sharing), lr 1e-3. Measured (115 train / 36 held-out pairs, one thread): with the head
-    drawn from seeds 0, 1, 2, 3 (0 is this test's), fresh heads 0.64, 0.61, 0.50, 0.50
-    accuracy (loss 0.70, 0.73, 0.70, 0.73), trained 0.81, 0.81, 0.89, 0.86 (loss 0.59,
+    above chance. LoRA (r 16) on every linear layer of the top 10 of SmolLM2's 30 blocks,
+    with each pair in one row (prefix sharing), lr 1e-3. Measured (115 train / 36 held-out
+    pairs, one thread): from a fresh head's accuracy 0.64 (loss 0.695) to 0.78 (loss
+    0.486), and 0.75 (0.514) with the data in another order (seed 1); training 151 s.
+    LoRA on all 30 blocks reached 0.81 (loss 0.587) here in 279 s, backpropagating through
+    the whole model; over head draws 0, 1, 2, 3 it gave 0.81, 0.81, 0.89, 0.86 (loss 0.59,
     0.57, 0.32, 0.31). At lr 3e-4 the head hardly moves from its random draw in 30 steps
-    and the result depended on that draw: accuracy 0.69 to 0.83, loss 0.37 to 0.71 over
-    five draws (the earlier 0.81 was one of them)."""
-    from peft import LoraConfig
-
+    and the result depended on that draw (accuracy 0.69 to 0.83 over five)."""
     from rlhf_ext.real import FILMS
     from rlhf_ext.real_task import self_sampled_pairs
     from rlhf_ext.reward import RewardConfig, RewardTrainer
@@ -241,7 +242,8 @@ def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2
                         prefix_sharing=True)
     trainer = RewardTrainer(smollm2, args=args, train_dataset=train, eval_dataset=held_out,
                             processing_class=tok, peft_config=LoraConfig(
-                                r=16, lora_alpha=32, target_modules="all-linear"))
+                                r=16, lora_alpha=32, target_modules=LINEAR,
+                                layers_to_transform=list(range(20, 30))))
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
