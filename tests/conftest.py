@@ -36,8 +36,8 @@ def pytest_configure(config):
 # durations of a `make test`). xdist hands out its groups of several tests first, then the
 # rest in collection order: a six-minute test collected last keeps one worker busy for six
 # minutes after the other has finished, so these are moved to the front, longest first.
-LONGEST = {"test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films": 377,
-           "test_reduced_real_demo": 323, "test_reduced_demo": 200,
+LONGEST = {"test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films": 250,
+           "test_reduced_real_demo": 230, "test_reduced_demo": 200,
            "test_dpo_full_padding_free_starts_at_log_2": 104,
            "test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains": 95,
            "test_recipe_pushes_adapter_and_card": 80,
