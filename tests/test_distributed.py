@@ -133,7 +133,7 @@ def test_reward_two_processes_match_one(world_dir, reward_single, tmp_path, conf
     if lora:  # the adapter and the trained head (modules_to_save), not the backbone
         assert (tmp_path / "adapter_model.safetensors").exists()
         assert not (tmp_path / "model.safetensors").exists()
-        # marked by the main process for AutoPeftModelForSequenceClassification
+        # marked SEQ_CLS when RewardTrainer wrapped it, for AutoPeftModelForSequenceClassification
         assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
 
 
