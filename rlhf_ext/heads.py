@@ -251,12 +251,11 @@ class RewardModel(_HeadModel):
         is pooled as it would be in its own padded row [prompt | completion]."""
         pad = self.config.pad_token_id
         if segment_ids is not None:
-            from .logps import additive_mask, prefix_sharing_mask
+            from .shared_prefix import attention_inputs
 
-            mask = prefix_sharing_mask(segment_ids)
-            if self.model.config._attn_implementation == "eager":  # adds the mask
-                mask = additive_mask(mask, self.dtype)
-            hidden = self._hidden(input_ids, mask, **kwargs)
+            shared = attention_inputs(self.model.config._attn_implementation, segment_ids,
+                                      self.dtype)
+            hidden = self._hidden(input_ids, shared.pop("attention_mask"), **shared, **kwargs)
             rows = torch.arange(hidden.shape[0], device=hidden.device).repeat(2)
             prompt = segment_ids == 0
             ends = torch.cat([pooled_index(input_ids, prompt | (segment_ids == 1), pad),

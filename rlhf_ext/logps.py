@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .shared_prefix import attention_inputs
+
 
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
                 chunk_size: int = 512) -> Tensor:
@@ -99,33 +101,6 @@ def _in_blocks(fn, rows: Tensor, targets: Tensor, chunk_size: int, recompute: bo
     return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
 
 
-def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
-    """Attention for rows laid out [prompt | chosen | rejected | padding]: causal, and a
-    chosen or rejected token sees the prompt and its own completion, never the other one.
-    Padding sees the prompt only (a fully masked row would give NaN).
-
-    Shapes: segment_ids [B, L] (0 prompt, 1 chosen, 2 rejected, -1 padding) -> bool
-    [B, 1, L, L], True where query (row) may attend to key (column).
-    """
-    q, k = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    return (causal & (k >= 0) & ((k == 0) | (k == q))).unsqueeze(1)
-
-
-PREFIX_SHARING_ATTENTIONS = ("sdpa", "eager")
-
-
-def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask as the additive one eager attention expects: 0 where allowed, the
-    dtype's lowest value where blocked (eager adds a boolean mask as 0/1, blocking nothing).
-
-    Shapes: allowed bool [B, 1, L, L] -> [B, 1, L, L] of ``dtype``.
-    """
-    blocked = torch.full_like(allowed, torch.finfo(dtype).min, dtype=dtype)
-    return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)
-
-
 def unwrap(model):
     while hasattr(model, "module"):  # DDP, DeepSpeedEngine
         model = model.module
@@ -166,17 +141,15 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
       [1, N] naming each token's sequence -> ([S], [S]);
     - prefix sharing: one row per pair [prompt | chosen | rejected], ``segment_ids`` [B, L]
       (0/1/2, -1 padding), both completions positioned right after the prompt and kept
-      apart by ``prefix_sharing_mask`` -> ([2B], [2B]), chosen first then rejected.
+      apart by ``shared_prefix.attention_inputs`` -> ([2B], [2B]), chosen first then rejected.
 
     The LM head runs only at the positions that predict a completion token (the first
     rejected token is predicted from the prompt's last token), in chunks (``head_logps``).
     """
     if segment_ids is not None:
-        mask = prefix_sharing_mask(segment_ids)
-        if attention_implementation(model) == "eager":  # eager adds the mask to the scores
-            mask = additive_mask(mask, unwrap(model).dtype)
         hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
-                              attention_mask=mask)
+                              **attention_inputs(attention_implementation(model),
+                                                 segment_ids, unwrap(model).dtype))
     else:
         hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids)

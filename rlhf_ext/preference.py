@@ -32,7 +32,7 @@ from .data import (
     validate_preference_dataset,
 )
 from .hub import trainer_model_card
-from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation, batch_logps
+from .logps import attention_implementation, batch_logps
 from .models import (
     adapters_disabled,
     add_adapters,
@@ -44,6 +44,7 @@ from .models import (
 from .pref_metrics import PreferenceMetrics
 from .preference_config import PreferenceConfig
 from .reference import ReferenceLogps
+from .shared_prefix import PREFIX_SHARING_ATTENTIONS
 from .tables import log_table
 from .trainer_utils import (
     CheckedTraining,

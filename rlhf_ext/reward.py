@@ -120,7 +120,8 @@ def is_native_classifier(model) -> bool:
 def check_prefix_sharing(model) -> None:
     """prefix_sharing pools two completions of one row: our RewardModel can, with an
     attention that takes a dense 4D mask."""
-    from .logps import PREFIX_SHARING_ATTENTIONS, attention_implementation
+    from .logps import attention_implementation
+    from .shared_prefix import PREFIX_SHARING_ATTENTIONS
 
     base = model.get_base_model() if is_peft_model(model) else model
     if not isinstance(base, RewardModel):

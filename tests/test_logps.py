@@ -7,13 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_ext.data import PreferenceCollator
-from rlhf_ext.logps import (
-    additive_mask,
-    head_logps,
-    prefix_sharing_mask,
-    sequence_logps,
-    token_logps,
-)
+from rlhf_ext.logps import head_logps, sequence_logps, token_logps
+from rlhf_ext.shared_prefix import additive_mask, prefix_sharing_mask
 
 
 def plain_logps(logits, labels):

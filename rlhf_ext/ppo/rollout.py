@@ -14,16 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..logps import (
-    additive_mask,
-    attention_implementation,
-    final_hidden,
-    head_logps,
-    output_head,
-    prefix_sharing_mask,
-    unwrap,
-)
+from ..logps import attention_implementation, final_hidden, head_logps, output_head, unwrap
 from ..sampling import generate_completions
+from ..shared_prefix import attention_inputs
 from . import core
 
 
@@ -70,7 +63,7 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
     ``group`` > 1: rows come in groups of that many samples of one prompt (consecutive,
     identical prompt columns), and each group runs as one row
     [prompt | response 1 | ... | response G] whose responses see the prompt and themselves
-    only (``logps.prefix_sharing_mask``), every response positioned right after the
+    only (``shared_prefix.attention_inputs``), every response positioned right after the
     prompt: the prompt is computed once per group instead of G times."""
     r, c = batch.response_mask.nonzero(as_tuple=True)  # real response tokens
     p = batch.prompt_width
@@ -81,11 +74,10 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
         predictors, targets = hidden[r, p - 1 + c], batch.input_ids[r, p + c]
     else:
         packed = pack_groups(batch, group)
-        mask = prefix_sharing_mask(packed["segment_ids"])
-        if attention_implementation(model) == "eager":
-            mask = additive_mask(mask, unwrap(model).dtype)
-        hidden = final_hidden(model, input_ids=packed["input_ids"], attention_mask=mask,
-                              position_ids=packed["position_ids"])
+        hidden = final_hidden(model, input_ids=packed["input_ids"],
+                              position_ids=packed["position_ids"],
+                              **attention_inputs(attention_implementation(model),
+                                                 packed["segment_ids"], unwrap(model).dtype))
         g, column = r // group, p + (r % group) * (batch.input_ids.shape[1] - p) + c
         predictors = hidden[g, torch.where(c == 0, p - 1, column - 1)]
         targets = packed["input_ids"][g, column]

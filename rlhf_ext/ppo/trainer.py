@@ -120,7 +120,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                           "model: the value_model passed is not trained or saved", stacklevel=2)
             value_model = None
         if args.prefix_sharing:
-            from ..logps import PREFIX_SHARING_ATTENTIONS, attention_implementation
+            from ..logps import attention_implementation
+            from ..shared_prefix import PREFIX_SHARING_ATTENTIONS
 
             impl = attention_implementation(model)
             if impl not in PREFIX_SHARING_ATTENTIONS:

@@ -1,0 +1,151 @@
+"""Attention for prefix-shared rows [prompt | completion 1 | ... | completion G | padding]:
+each completion sees the prompt and itself, never another completion.
+
+Two ways, one result. ``eager`` takes the dense mask (``prefix_sharing_mask``). ``sdpa``
+runs without one: a dense mask would make the kernel compute every (query, key) block,
+twice the causal work, and the completions' blocks against each other on top; instead
+each completion runs as its own causal attention over [prompt | completion], the prompt's
+keys and values shared, so the work is that of separate rows less the prompt's repeats.
+The model's forward carries the row layout to the attention as a keyword argument
+(``SPANS``); transformers hands such arguments down to the attention function. The
+dense boolean mask goes along as ``attention_mask``, so a model whose layers do not pass
+keyword arguments on still computes the right thing, only slower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PREFIX_SHARING_ATTENTIONS = ("sdpa", "eager")
+SPANS = "shared_prefix_spans"  # the keyword the layout travels under
+Spans = tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
+
+
+def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
+    """Attention for rows laid out [prompt | chosen | rejected | padding]: causal, and a
+    chosen or rejected token sees the prompt and its own completion, never the other one.
+    Padding sees the prompt only (a fully masked row would give NaN).
+
+    Shapes: segment_ids [B, L] (0 prompt, 1 chosen, 2 rejected, -1 padding) -> bool
+    [B, 1, L, L], True where query (row) may attend to key (column).
+    """
+    q, k = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal & (k >= 0) & ((k == 0) | (k == q))).unsqueeze(1)
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as the additive one eager attention expects: 0 where allowed, the
+    dtype's lowest value where blocked (eager adds a boolean mask as 0/1, blocking nothing).
+
+    Shapes: allowed bool [B, 1, L, L] -> [B, 1, L, L] of ``dtype``.
+    """
+    blocked = torch.full_like(allowed, torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)
+
+
+def segment_spans(segment_ids: Tensor) -> Spans | None:
+    """Each row's prompt and completions as [start, end) column spans: ((prompt span,
+    (completion spans in order)), ...), or None when some segment is not one contiguous
+    run, or does not follow the prompt (then only the dense mask describes the row).
+
+    Shapes: segment_ids [B, L] (0 prompt, k > 0 completion k, -1 padding).
+    """
+    rows = []
+    for row in segment_ids.tolist():
+        runs: dict[int, list[int]] = {}
+        for col, seg in enumerate(row):
+            if seg >= 0:
+                run = runs.setdefault(seg, [col, col])
+                if run[1] != col:  # a gap inside one segment
+                    return None
+                run[1] = col + 1
+        prompt = tuple(runs.pop(0, (0, 0)))
+        completions = tuple(tuple(runs[k]) for k in sorted(runs))
+        if any(start < prompt[1] for start, _ in completions):
+            return None
+        rows.append((prompt, completions))
+    return tuple(rows)
+
+
+def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans: Spans,
+                       **kwargs) -> tuple[Tensor, None]:
+    """Attention of prefix-shared rows from ``spans``: per row and completion, causal SDPA
+    over [prompt | completion] (transformers' own SDPA call, so grouped-query heads and
+    scaling are the model's); the prompt's outputs come from the first completion's call.
+    Padding columns get zeros (nothing reads them: no real token attends to padding).
+
+    Shapes: query [B, H, L, D], key and value [B, Hkv, L, D] -> ([B, L, H, D], None), as
+    transformers' attention functions return.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    batch, heads, length, dim = query.shape
+
+    def attend(b: int, cols: Tensor | slice) -> Tensor:  # -> [1, n, H, D]
+        q, k, v = (t[b:b + 1, :, cols] for t in (query, key, value))
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+
+    rows = []
+    for b, ((p0, p1), completions) in enumerate(spans):
+        pieces = []  # (start column, [1, n, H, D])
+        for i, (c0, c1) in enumerate(completions):
+            cols = slice(p0, c1) if c0 == p1 else torch.cat(
+                [torch.arange(p0, p1), torch.arange(c0, c1)]).to(query.device)
+            out = attend(b, cols)
+            if i == 0:
+                pieces.append((p0, out[:, :p1 - p0]))
+            pieces.append((c0, out[:, p1 - p0:]))
+        if not completions and p1 > p0:
+            pieces.append((p0, attend(b, slice(p0, p1))))
+        row, at = [], 0
+        for start, piece in pieces:
+            if start > at:
+                row.append(query.new_zeros(1, start - at, heads, dim))
+            row.append(piece)
+            at = start + piece.shape[1]
+        if at < length:
+            row.append(query.new_zeros(1, length - at, heads, dim))
+        rows.append(torch.cat(row, 1))
+    return torch.cat(rows, 0), None
+
+
+_installed = False
+
+
+def _install() -> None:
+    """Route transformers' ``sdpa`` through ``shared_prefix_sdpa`` when a forward carries
+    ``SPANS``; every other call goes to transformers' own function unchanged."""
+    global _installed
+    if _installed:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        spans = kwargs.pop(SPANS, None)
+        if spans is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          *args, **kwargs)
+        return shared_prefix_sdpa(module, query, key, value, spans, **kwargs)
+
+    AttentionInterface.register("sdpa", sdpa)
+    _installed = True
+
+
+def attention_inputs(implementation: str | None, segment_ids: Tensor,
+                     dtype: torch.dtype) -> dict:
+    """The keyword arguments a prefix-shared forward gives the model: the dense mask
+    (additive for eager, which adds it to the scores), and for sdpa the spans as well.
+    Shapes: segment_ids [B, L] -> attention_mask [B, 1, L, L]."""
+    mask = prefix_sharing_mask(segment_ids)
+    if implementation == "eager":
+        return {"attention_mask": additive_mask(mask, dtype)}
+    spans = segment_spans(segment_ids) if implementation == "sdpa" else None
+    if spans is None:
+        return {"attention_mask": mask}
+    _install()
+    return {"attention_mask": mask, SPANS: spans}
