@@ -37,11 +37,10 @@ VS_TRL = Path(__file__).resolve().parent / "vs_trl.py"
 # (method, setting); the first of each method is TRL's default, the ratios' base
 SETTINGS = {
     "dpo": ["trl", "trl+no_checkpointing", "ours", "ours+gradient_checkpointing",
-            "ours+gradient_checkpointing+prefix_sharing", "ours+prefix_sharing",
-            "ours+padding_free"],
-    "simpo": ["trl", "ours", "ours+gradient_checkpointing"],
-    "kto": ["trl", "ours", "ours+gradient_checkpointing"],
-    "reward": ["trl", "ours", "ours+gradient_checkpointing", "ours+prefix_sharing"],
+            "ours+no_checkpointing", "ours+prefix_sharing", "ours+padding_free"],
+    "simpo": ["trl", "ours", "ours+gradient_checkpointing", "ours+no_checkpointing"],
+    "kto": ["trl", "ours", "ours+no_checkpointing"],
+    "reward": ["trl", "ours", "ours+gradient_checkpointing", "ours+no_checkpointing"],
 }
 
 

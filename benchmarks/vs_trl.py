@@ -82,13 +82,18 @@ def common(args, out: str) -> dict:
                 use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=0)
 
 
-# Our optimisations one at a time (DPO): the layouts, and the reference cache.
-VARIANTS = {"ours": {}, "ours+padding_free": {"padding_free": True},
-            "ours+prefix_sharing": {"prefix_sharing": True},
-            "ours+precompute_ref": {"precompute_ref_log_probs": True},
-            "ours+gradient_checkpointing": {"gradient_checkpointing": True},
+# Our settings, each named by what it sets (DPO): "ours" is the defaults (gradient
+# checkpointing on, prefix sharing wherever it applies); the rest set both explicitly.
+VARIANTS = {"ours": {},
+            "ours+no_checkpointing": {"gradient_checkpointing": False, "prefix_sharing": False},
+            "ours+gradient_checkpointing": {"gradient_checkpointing": True,
+                                            "prefix_sharing": False},
             "ours+gradient_checkpointing+prefix_sharing": {"gradient_checkpointing": True,
-                                                           "prefix_sharing": True}}
+                                                           "prefix_sharing": True},
+            "ours+prefix_sharing": {"gradient_checkpointing": False, "prefix_sharing": True},
+            "ours+padding_free": {"gradient_checkpointing": False, "prefix_sharing": False,
+                                  "padding_free": True},
+            "ours+precompute_ref": {"precompute_ref_log_probs": True}}
 
 
 def make_trainer(method: str, impl: str, root: Path, args, out: str):

@@ -38,13 +38,14 @@ class PreferenceMetrics:
 
     def _count_tokens(self, mode: str, inputs: dict) -> None:
         """TRL's num_tokens: input tokens trained on so far, every process together
-        (padding excluded; a shared prompt counts once)."""
+        (padding excluded; a prompt shared by a pair counts for both sequences, as in
+        separate rows, so the count does not depend on the layout)."""
         if mode != "train":
             return
         if "attention_mask" in inputs:
             n = inputs["attention_mask"].sum()
         elif "segment_ids" in inputs:
-            n = (inputs["segment_ids"] >= 0).sum()
+            n = (inputs["segment_ids"] >= 0).sum() + (inputs["segment_ids"] == 0).sum()
         else:
             n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
         self._train_tokens += int(self.accelerator.gather(n.reshape(1)).sum())

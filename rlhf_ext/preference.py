@@ -60,12 +60,15 @@ def _named(eval_dataset) -> list:
     return [] if eval_dataset is None else [("eval", eval_dataset)]
 
 
-def check_prefix_sharing_attention(model, args: PreferenceConfig) -> None:
-    """prefix_sharing hands the model a dense 4D mask; only some attentions take one."""
+def resolve_prefix_sharing(model, args: PreferenceConfig) -> None:
+    """prefix_sharing None becomes on where the loss is paired and the attention keeps
+    completions apart (sdpa, eager); an explicit True with another attention is refused."""
     impl = attention_implementation(model)
-    if args.prefix_sharing and args.paired and impl not in PREFIX_SHARING_ATTENTIONS:
+    if args.prefix_sharing is None:
+        args.prefix_sharing = args.paired and impl in PREFIX_SHARING_ATTENTIONS
+    elif args.prefix_sharing and args.paired and impl not in PREFIX_SHARING_ATTENTIONS:
         raise ValueError(
-            f"prefix_sharing needs an attention that takes a dense 4D mask "
+            f"prefix_sharing needs an attention that keeps the completions apart "
             f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}. Load it "
             f"with attn_implementation='sdpa', or use padding_free=True instead")
 
@@ -105,7 +108,7 @@ class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
             ref_model = load_causal_lm(ref_model, **init)
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         pad_id = apply_tokenizer_fields(processing_class, args)
-        check_prefix_sharing_attention(model, args)
+        resolve_prefix_sharing(model, args)
         keep_4bit_differentiable(model)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)

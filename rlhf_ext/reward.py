@@ -65,7 +65,7 @@ from .trainer_utils import (
 @dataclass
 class RewardConfig(DataFields, TrainingArguments):
     """TrainingArguments plus TRL RewardConfig's fields, with its defaults (learning rate
-    1e-4, a log every 10 steps; gradient checkpointing and bf16 off, see the README)."""
+    1e-4, a log every 10 steps, gradient checkpointing; bf16 off, see the README)."""
 
     learning_rate: float = field(default=1e-4, metadata={
         "help": "Initial AdamW learning rate (TRL RewardConfig's default, 1e-4)."})
@@ -77,10 +77,14 @@ class RewardConfig(DataFields, TrainingArguments):
         "help": "Weight of mean((r_chosen + r_rejected)^2), which centres rewards on 0."})
     disable_dropout: bool = True
     model_init_kwargs: dict | None = None
-    prefix_sharing: bool = field(default=False, metadata={
+    prefix_sharing: bool | None = field(default=None, metadata={
         "help": "One row per pair, [prompt | chosen | rejected], so the prompt goes through "
-                "the model once; an attention mask keeps the completions apart (our "
-                "RewardModel with sdpa or eager attention)."})
+                "the model once; the completions are kept apart in attention (our "
+                "RewardModel with sdpa or eager attention). None (the default): on where "
+                "that holds."})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "Recompute each layer's activations in backward instead of keeping them "
+                "(TRL's default too)."})
 
     def __post_init__(self):
         check_finite_fields(self, ("center_rewards_coefficient", "learning_rate"))
@@ -117,21 +121,22 @@ def is_native_classifier(model) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
-def check_prefix_sharing(model) -> None:
-    """prefix_sharing pools two completions of one row: our RewardModel can, with an
-    attention that takes a dense 4D mask."""
+def prefix_sharing_refusal(model) -> str | None:
+    """Why prefix_sharing cannot run on this model, or None: it pools two completions of
+    one row, which our RewardModel does, with an attention that keeps them apart."""
     from .logps import attention_implementation
     from .shared_prefix import PREFIX_SHARING_ATTENTIONS
 
     base = model.get_base_model() if is_peft_model(model) else model
     if not isinstance(base, RewardModel):
-        raise ValueError(f"prefix_sharing needs rlhf_ext's RewardModel, which pools each "
-                         f"completion of a shared row; {type(base).__name__} pools one token per "
-                         "row: pass the model as a path, or turn prefix_sharing off")
+        return (f"prefix_sharing needs rlhf_ext's RewardModel, which pools each completion "
+                f"of a shared row; {type(base).__name__} pools one token per row: pass the "
+                "model as a path, or turn prefix_sharing off")
     impl = attention_implementation(base.model)
     if impl not in PREFIX_SHARING_ATTENTIONS:
-        raise ValueError(f"prefix_sharing needs an attention that takes a dense 4D mask "
-                         f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}")
+        return (f"prefix_sharing needs an attention that keeps the completions apart "
+                f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}")
+    return None
 
 
 def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):
@@ -185,8 +190,11 @@ class RewardTrainer(CheckedTraining, Trainer):
         processing_class = load_tokenizer(processing_class, self.base_model_name)
         pad_id = apply_tokenizer_fields(processing_class, args)
         check_scalar_head(model)
-        if args.prefix_sharing:
-            check_prefix_sharing(model)
+        refusal = prefix_sharing_refusal(model)
+        if args.prefix_sharing is None:  # on where it applies
+            args.prefix_sharing = refusal is None
+        elif args.prefix_sharing and refusal:
+            raise ValueError(refusal)
         if getattr(model.config, "pad_token_id", None) is None:  # a sequence classifier
             model.config.pad_token_id = pad_id                    # pools the last non-pad
 

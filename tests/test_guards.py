@@ -12,7 +12,7 @@ from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model
-from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset
+from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset, unpaired_dataset
 from rlhf_ext.trainer_utils import NonFiniteError
 
 BASE = dict(report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
@@ -156,6 +156,28 @@ def test_prefix_sharing_refuses_an_attention_without_dense_masks(policy_dir, tok
                           processing_class=tok)
 
 
+@pytest.mark.parametrize("attention, fields, expected", [
+    ("sdpa", {}, True),
+    ("eager", {}, True),
+    ("flash_attention_2", {}, False),         # a GPU user's attention: padded rows, no error
+    ("sdpa", {"loss_type": "kto"}, False),    # unpaired rows
+    ("sdpa", {"truncation_mode": "keep_end"}, False),
+    ("sdpa", {"padding_free": True}, False),
+])
+def test_prefix_sharing_is_on_by_default_where_it_applies(policy_dir, tok, tmp_path,
+                                                          attention, fields, expected):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, attn_implementation="sdpa")
+    model.config._attn_implementation = attention
+    args = PreferenceConfig(output_dir=str(tmp_path), max_length=64, **fields, **BASE)
+    data = unpaired_dataset(4, seed=0) if fields.get("loss_type") == "kto" \
+        else preference_pairs(4)
+    trainer = PreferenceTrainer(model, args=args, train_dataset=data, processing_class=tok)
+    assert trainer.args.prefix_sharing is expected and args.gradient_checkpointing
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert ("segment_ids" in batch) is expected
+
+
 def turn(role, content):
     return {"role": role, "content": content}
 
@@ -238,7 +260,6 @@ def test_degenerate_pairs_are_counted(policy_dir, tok, tmp_path):
 
 
 def test_kto_with_one_label_warns(policy_dir, tok, tmp_path):
-    from rlhf_ext.tiny import unpaired_dataset
     data = unpaired_dataset(8, seed=0).map(lambda _: {"label": True})
     args = PreferenceConfig(output_dir=str(tmp_path), loss_type=["kto"], max_length=64, **BASE)
     with pytest.warns(UserWarning, match="8 desirable and 0 undesirable rows"):

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from rlhf_ext.data import DataError
-from rlhf_ext.logps import sequence_logps
+from rlhf_ext.logps import batch_logps
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.tiny import preference_pairs, to_conversational
 
@@ -120,8 +120,7 @@ def test_lora_changes_only_adapters_and_builds_no_second_model(policy_dir, tok, 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     base = LlamaForCausalLM.from_pretrained(policy_dir)
     with torch.no_grad():
-        expected, _ = sequence_logps(base, batch["input_ids"], batch["attention_mask"],
-                                     batch["completion_mask"])
+        expected, _ = batch_logps(base, batch)
     got, _ = trainer.reference.logps(trainer.model, batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

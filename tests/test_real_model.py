@@ -207,9 +207,10 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
     rejected = score(trainer.model, tok, held_out["prompt"], held_out["rejected"])
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == accuracy
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(held_out))])
+    assert "segment_ids" in batch  # prefix sharing, the default for our RewardModel
     with torch.no_grad():
-        rewards = trainer.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).rewards
+        rewards = trainer.model(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
+                                position_ids=batch["position_ids"]).rewards
     torch.testing.assert_close(torch.tensor(chosen + rejected), rewards.float(),
                                rtol=1e-4, atol=1e-4)
 
@@ -239,7 +240,7 @@ def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2
                         per_device_train_batch_size=8, per_device_eval_batch_size=len(held_out),
                         lr_scheduler_type="constant", max_length=80, report_to="none",
                         use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-                        prefix_sharing=True)
+                        prefix_sharing=True, gradient_checkpointing=False)
     trainer = RewardTrainer(smollm2, args=args, train_dataset=train, eval_dataset=held_out,
                             processing_class=tok, peft_config=LoraConfig(
                                 r=16, lora_alpha=32, target_modules=LINEAR,

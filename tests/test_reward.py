@@ -197,6 +197,19 @@ def test_prefix_sharing_needs_our_reward_head(lm_dir, tmp_path):
                       args=RewardConfig(output_dir=str(tmp_path), prefix_sharing=True, **COMMON))
 
 
+def test_prefix_sharing_is_on_by_default_for_our_reward_model_only(lm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tok, data = AutoTokenizer.from_pretrained(lm_dir), preference_pairs(4)
+    classifier = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    for model, expected in ((str(lm_dir), True), (classifier, False)):
+        trainer = RewardTrainer(model, train_dataset=data, processing_class=tok,
+                                args=RewardConfig(output_dir=str(tmp_path), **COMMON))
+        assert trainer.args.prefix_sharing is expected
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert ("segment_ids" in batch) is expected
+
+
 def test_an_eval_dict_is_evaluated_set_by_set(lm_dir, tmp_path):
     """TRL's eval_dataset={"a": ..., "b": ...}: each set tokenized, evaluated and logged
     under its name, its accuracy computed on its own pairs."""
