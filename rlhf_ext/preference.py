@@ -44,7 +44,7 @@ from .models import (
 from .pref_metrics import PreferenceMetrics
 from .preference_config import PreferenceConfig
 from .reference import ReferenceLogps
-from .shared_prefix import PREFIX_SHARING_ATTENTIONS
+from .shared_prefix import attention_refusal
 from .tables import log_table
 from .trainer_utils import (
     CheckedTraining,
@@ -63,14 +63,12 @@ def _named(eval_dataset) -> list:
 def resolve_prefix_sharing(model, args: PreferenceConfig) -> None:
     """prefix_sharing None becomes on where the loss is paired and the attention keeps
     completions apart (sdpa, eager); an explicit True with another attention is refused."""
-    impl = attention_implementation(model)
+    refusal = attention_refusal(attention_implementation(model))
     if args.prefix_sharing is None:
-        args.prefix_sharing = args.paired and impl in PREFIX_SHARING_ATTENTIONS
-    elif args.prefix_sharing and args.paired and impl not in PREFIX_SHARING_ATTENTIONS:
-        raise ValueError(
-            f"prefix_sharing needs an attention that keeps the completions apart "
-            f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}. Load it "
-            f"with attn_implementation='sdpa', or use padding_free=True instead")
+        args.prefix_sharing = args.paired and refusal is None
+    elif args.prefix_sharing and args.paired and refusal:
+        raise ValueError(f"{refusal}. Load it with attn_implementation='sdpa', or use "
+                         "padding_free=True instead")
 
 
 class SyncReference(TrainerCallback):

@@ -125,18 +125,14 @@ def prefix_sharing_refusal(model) -> str | None:
     """Why prefix_sharing cannot run on this model, or None: it pools two completions of
     one row, which our RewardModel does, with an attention that keeps them apart."""
     from .logps import attention_implementation
-    from .shared_prefix import PREFIX_SHARING_ATTENTIONS
+    from .shared_prefix import attention_refusal
 
     base = model.get_base_model() if is_peft_model(model) else model
     if not isinstance(base, RewardModel):
         return (f"prefix_sharing needs rlhf_ext's RewardModel, which pools each completion "
                 f"of a shared row; {type(base).__name__} pools one token per row: pass the "
                 "model as a path, or turn prefix_sharing off")
-    impl = attention_implementation(base.model)
-    if impl not in PREFIX_SHARING_ATTENTIONS:
-        return (f"prefix_sharing needs an attention that keeps the completions apart "
-                f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {impl!r}")
-    return None
+    return attention_refusal(attention_implementation(base.model))
 
 
 def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):

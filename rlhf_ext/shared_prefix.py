@@ -22,6 +22,14 @@ SPANS = "shared_prefix_spans"  # the keyword the layout travels under
 Spans = tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
 
 
+def attention_refusal(implementation: str | None) -> str | None:
+    """Why prefix sharing cannot run under this attention implementation, or None."""
+    if implementation in PREFIX_SHARING_ATTENTIONS:
+        return None
+    return (f"prefix_sharing needs an attention that keeps the completions apart "
+            f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {implementation!r}")
+
+
 def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
     """Attention for rows laid out [prompt | chosen | rejected | padding]: causal, and a
     chosen or rejected token sees the prompt and its own completion, never the other one.
@@ -83,7 +91,7 @@ def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    batch, heads, length, dim = query.shape
+    _, heads, length, dim = query.shape
 
     def attend(b: int, cols: Tensor | slice) -> Tensor:  # -> [1, n, H, D]
         q, k, v = (t[b:b + 1, :, cols] for t in (query, key, value))

@@ -121,13 +121,12 @@ class PPOTrainer(CheckedTraining, Trainer):
             value_model = None
         if args.prefix_sharing:
             from ..logps import attention_implementation
-            from ..shared_prefix import PREFIX_SHARING_ATTENTIONS
+            from ..shared_prefix import attention_refusal
 
-            impl = attention_implementation(model)
-            if impl not in PREFIX_SHARING_ATTENTIONS:
-                raise ValueError(f"prefix_sharing needs a dense attention mask "
-                                 f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the policy uses "
-                                 f"{impl!r}: load it with attn_implementation='sdpa'")
+            refusal = attention_refusal(attention_implementation(model))
+            if refusal:
+                raise ValueError(f"{refusal}: load the policy with "
+                                 "attn_implementation='sdpa'")
         self.base_model_name = getattr(model.config, "_name_or_path", None)
         for m in (model, value_model, reward if isinstance(reward, nn.Module) else None):
             if m is not None:
