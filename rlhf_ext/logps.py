@@ -144,7 +144,9 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
       [1, N] naming each token's sequence -> ([S], [S]);
     - prefix sharing: one row per pair [prompt | chosen | rejected], ``segment_ids`` [B, L]
       (0/1/2, -1 padding), both completions positioned right after the prompt and kept
-      apart by ``shared_prefix.attention_inputs`` -> ([2B], [2B]), chosen first then rejected.
+      apart by ``shared_prefix.attention_inputs`` -> ([2B], [2B]), chosen first then rejected;
+      padding-free, all P pairs in one row [1, N] with ``sequence_ids`` naming each token's
+      pair -> ([2P], [2P]).
 
     The LM head runs only at the positions that predict a completion token (the first
     rejected token is predicted from the prompt's last token), in chunks (``head_logps``).
@@ -152,7 +154,8 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     if segment_ids is not None:
         hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
                               **attention_inputs(attention_implementation(model),
-                                                 segment_ids, unwrap(model).dtype))
+                                                 segment_ids, unwrap(model).dtype,
+                                                 sequence_ids))
     else:
         hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids)
@@ -160,12 +163,19 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     keep = cols > 0
     rows, cols = rows[keep], cols[keep]
     predictors = cols - 1
-    if segment_ids is not None:
+    if segment_ids is not None:  # pair p: chosen sequence p, rejected sequence pairs + p
+        pair = (sequence_ids if sequence_ids is not None
+                else torch.arange(segment_ids.shape[0], device=cols.device)[:, None]
+                .expand_as(segment_ids))
+        pairs = int(pair.max()) + 1 if pair.numel() else 0
+        prompt_rows, prompt_cols = (segment_ids == 0).nonzero(as_tuple=True)
+        prompt_end = torch.full((pairs,), -1, dtype=cols.dtype, device=cols.device)
+        prompt_end = prompt_end.scatter_reduce(0, pair[prompt_rows, prompt_cols], prompt_cols,
+                                               "amax")
         first_rejected = (segment_ids[rows, cols] == 2) & (segment_ids[rows, cols - 1] == 1)
-        prompt_end = (segment_ids == 0).sum(-1)[rows] - 1
-        predictors = torch.where(first_rejected, prompt_end, predictors)
-        index = rows + segment_ids.shape[0] * (segment_ids[rows, cols] == 2)
-        n = 2 * segment_ids.shape[0]
+        predictors = torch.where(first_rejected, prompt_end[pair[rows, cols]], predictors)
+        index = pair[rows, cols] + pairs * (segment_ids[rows, cols] == 2)
+        n = 2 * pairs
     elif sequence_ids is not None:
         index, n = sequence_ids[rows, cols], int(sequence_ids.max()) + 1
     else:

@@ -62,13 +62,19 @@ def _named(eval_dataset) -> list:
 
 def resolve_prefix_sharing(model, args: PreferenceConfig) -> None:
     """prefix_sharing None becomes on where the loss is paired and the attention keeps
-    completions apart (sdpa, eager); an explicit True with another attention is refused."""
-    refusal = attention_refusal(attention_implementation(model))
+    completions apart (sdpa, eager); an explicit True with another attention is refused.
+    padding_free None becomes on where prefix sharing is and the attention is sdpa (the
+    packed pairs then attend without a mask)."""
+    implementation = attention_implementation(model)
+    refusal = attention_refusal(implementation)
     if args.prefix_sharing is None:
         args.prefix_sharing = args.paired and refusal is None
     elif args.prefix_sharing and args.paired and refusal:
         raise ValueError(f"{refusal}. Load it with attn_implementation='sdpa', or use "
                          "padding_free=True instead")
+    if args.padding_free is None:
+        args.padding_free = bool(args.prefix_sharing and args.paired
+                                 and implementation == "sdpa")
 
 
 class SyncReference(TrainerCallback):

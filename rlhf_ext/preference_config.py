@@ -67,16 +67,20 @@ class PreferenceConfig(DataFields, TrainingArguments):
         "help": "TR-DPO's alpha."})
     ref_model_sync_steps: int = field(default=512, metadata={
         "help": "TR-DPO's tau: optimizer steps between two reference updates."})
-    padding_free: bool = field(default=False, metadata={
+    padding_free: bool | None = field(default=None, metadata={
         "help": "Pack each batch into one row without padding (positions restart per "
                 "sequence); needs an attention that honours packed position_ids (sdpa, "
-                "flash-attention)."})
+                "flash-attention). With prefix_sharing the row is the pairs' "
+                "[prompt | chosen | rejected] one after another. None (the default): on "
+                "where prefix_sharing is on and the attention is sdpa, which then attends "
+                "per pair without a mask; eager would need a dense mask over the whole "
+                "batch, so it keeps one row per pair."})
     prefix_sharing: bool | None = field(default=None, metadata={
         "help": "Paired losses: one row per pair, [prompt | chosen | rejected], so the prompt "
                 "goes through the model once; the completions are kept apart in attention "
                 "(sdpa or eager; others are refused at start). keep_start only. None (the "
-                "default): on wherever it applies (a paired loss, keep_start, not "
-                "padding_free, an sdpa or eager attention)."})
+                "default): on wherever it applies (a paired loss, keep_start, an sdpa or "
+                "eager attention)."})
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "Recompute each layer's activations in backward instead of keeping them "
                 "(TRL's default too): on SmolLM2-135M about 45% less peak memory at no "
@@ -112,14 +116,11 @@ class PreferenceConfig(DataFields, TrainingArguments):
         self.loss_specs, self.resolved_loss_weights = L.resolve_loss_types(*self._losses())
         L.check_params(self.loss_specs, self.loss_params())
         self._check_trl_fields()
-        if self.prefix_sharing is None and (self.truncation_mode != "keep_start"
-                                            or self.padding_free):
+        if self.prefix_sharing is None and self.truncation_mode != "keep_start":
             self.prefix_sharing = False  # "wherever it applies": not here
         if self.prefix_sharing and self.truncation_mode != "keep_start":
             raise ValueError("prefix_sharing keeps one prompt for chosen and rejected, which "
                              "keep_end truncation could cut differently: use keep_start")
-        if self.prefix_sharing and self.padding_free:
-            raise ValueError("prefix_sharing and padding_free are two layouts; pick one")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be keep_start or keep_end, "
                              f"got {self.truncation_mode!r}")

@@ -1,5 +1,7 @@
 """Attention for prefix-shared rows [prompt | completion 1 | ... | completion G | padding]:
-each completion sees the prompt and itself, never another completion.
+each completion sees the prompt and itself, never another completion. A row may also
+hold several such groups one after another (padding-free: ``group_ids`` name each
+token's group), and no token sees another group.
 
 Two ways, one result. ``eager`` takes the dense mask (``prefix_sharing_mask``). ``sdpa``
 runs without one: a dense mask would make the kernel compute every (query, key) block,
@@ -19,7 +21,8 @@ from torch import Tensor
 
 PREFIX_SHARING_ATTENTIONS = ("sdpa", "eager")
 SPANS = "shared_prefix_spans"  # the keyword the layout travels under
-Spans = tuple[tuple[tuple[int, int], tuple[tuple[int, int], ...]], ...]
+Span = tuple[int, int]
+Spans = tuple[tuple[tuple[Span, tuple[Span, ...]], ...], ...]  # rows, groups, (prompt, completions)
 
 
 def attention_refusal(implementation: str | None) -> str | None:
@@ -30,18 +33,22 @@ def attention_refusal(implementation: str | None) -> str | None:
             f"({' or '.join(PREFIX_SHARING_ATTENTIONS)}); the model uses {implementation!r}")
 
 
-def prefix_sharing_mask(segment_ids: Tensor) -> Tensor:
+def prefix_sharing_mask(segment_ids: Tensor, group_ids: Tensor | None = None) -> Tensor:
     """Attention for rows laid out [prompt | chosen | rejected | padding]: causal, and a
     chosen or rejected token sees the prompt and its own completion, never the other one.
-    Padding sees the prompt only (a fully masked row would give NaN).
+    Padding sees the prompt only (a fully masked row would give NaN). With ``group_ids``
+    (several such groups in a row, no padding) a token sees its own group only.
 
-    Shapes: segment_ids [B, L] (0 prompt, 1 chosen, 2 rejected, -1 padding) -> bool
-    [B, 1, L, L], True where query (row) may attend to key (column).
+    Shapes: segment_ids [B, L] (0 prompt, 1 chosen, 2 rejected, -1 padding), group_ids
+    [B, L] or None -> bool [B, 1, L, L], True where query (row) may attend to key (column).
     """
     q, k = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    return (causal & (k >= 0) & ((k == 0) | (k == q))).unsqueeze(1)
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    if group_ids is not None:
+        allowed &= group_ids.unsqueeze(-1) == group_ids.unsqueeze(-2)
+    return allowed.unsqueeze(1)
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -54,27 +61,35 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)
 
 
-def segment_spans(segment_ids: Tensor) -> Spans | None:
-    """Each row's prompt and completions as [start, end) column spans: ((prompt span,
-    (completion spans in order)), ...), or None when some segment is not one contiguous
-    run, or does not follow the prompt (then only the dense mask describes the row).
+def segment_spans(segment_ids: Tensor, group_ids: Tensor | None = None) -> Spans | None:
+    """Each row's groups, each its prompt and completions as [start, end) column spans:
+    (((prompt span, (completion spans in order)), ...), ...), or None when some segment is
+    not one contiguous run, or does not follow its prompt (then only the dense mask
+    describes the row). Without ``group_ids`` a row is one group.
 
-    Shapes: segment_ids [B, L] (0 prompt, k > 0 completion k, -1 padding).
+    Shapes: segment_ids [B, L] (0 prompt, k > 0 completion k, -1 padding), group_ids
+    [B, L] or None.
     """
+    groups_of = group_ids.tolist() if group_ids is not None else None
     rows = []
-    for row in segment_ids.tolist():
-        runs: dict[int, list[int]] = {}
+    for r, row in enumerate(segment_ids.tolist()):
+        runs: dict[tuple[int, int], list[int]] = {}  # (group, segment) -> [start, end)
         for col, seg in enumerate(row):
             if seg >= 0:
-                run = runs.setdefault(seg, [col, col])
+                key = (groups_of[r][col] if groups_of else 0, seg)
+                run = runs.setdefault(key, [col, col])
                 if run[1] != col:  # a gap inside one segment
                     return None
                 run[1] = col + 1
-        prompt = tuple(runs.pop(0, (0, 0)))
-        completions = tuple(tuple(runs[k]) for k in sorted(runs))
-        if any(start < prompt[1] for start, _ in completions):
-            return None
-        rows.append((prompt, completions))
+        groups = []
+        for g in dict.fromkeys(group for group, _ in runs):  # in order of appearance
+            prompt = tuple(runs.get((g, 0), (0, 0)))
+            completions = tuple(tuple(runs[key]) for key in sorted(runs)
+                                if key[0] == g and key[1] > 0)
+            if any(start < prompt[1] for start, _ in completions):
+                return None
+            groups.append((prompt, completions))
+        rows.append(tuple(groups))
     return tuple(rows)
 
 
@@ -98,17 +113,19 @@ def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans:
         return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
 
     rows = []
-    for b, ((p0, p1), completions) in enumerate(spans):
+    for b, groups in enumerate(spans):
         pieces = []  # (start column, [1, n, H, D])
-        for i, (c0, c1) in enumerate(completions):
-            cols = slice(p0, c1) if c0 == p1 else torch.cat(
-                [torch.arange(p0, p1), torch.arange(c0, c1)]).to(query.device)
-            out = attend(b, cols)
-            if i == 0:
-                pieces.append((p0, out[:, :p1 - p0]))
-            pieces.append((c0, out[:, p1 - p0:]))
-        if not completions and p1 > p0:
-            pieces.append((p0, attend(b, slice(p0, p1))))
+        for (p0, p1), completions in groups:
+            for i, (c0, c1) in enumerate(completions):
+                cols = slice(p0, c1) if c0 == p1 else torch.cat(
+                    [torch.arange(p0, p1), torch.arange(c0, c1)]).to(query.device)
+                out = attend(b, cols)
+                if i == 0:
+                    pieces.append((p0, out[:, :p1 - p0]))
+                pieces.append((c0, out[:, p1 - p0:]))
+            if not completions and p1 > p0:
+                pieces.append((p0, attend(b, slice(p0, p1))))
+        pieces.sort(key=lambda piece: piece[0])
         row, at = [], 0
         for start, piece in pieces:
             if start > at:
@@ -145,14 +162,14 @@ def _install() -> None:
 
 
 def attention_inputs(implementation: str | None, segment_ids: Tensor,
-                     dtype: torch.dtype) -> dict:
+                     dtype: torch.dtype, group_ids: Tensor | None = None) -> dict:
     """The keyword arguments a prefix-shared forward gives the model: the dense mask
     (additive for eager, which adds it to the scores), and for sdpa the spans as well.
-    Shapes: segment_ids [B, L] -> attention_mask [B, 1, L, L]."""
-    mask = prefix_sharing_mask(segment_ids)
+    Shapes: segment_ids, group_ids [B, L] -> attention_mask [B, 1, L, L]."""
+    mask = prefix_sharing_mask(segment_ids, group_ids)
     if implementation == "eager":
         return {"attention_mask": additive_mask(mask, dtype)}
-    spans = segment_spans(segment_ids) if implementation == "sdpa" else None
+    spans = segment_spans(segment_ids, group_ids) if implementation == "sdpa" else None
     if spans is None:
         return {"attention_mask": mask}
     _install()

@@ -156,16 +156,18 @@ def test_prefix_sharing_refuses_an_attention_without_dense_masks(policy_dir, tok
                           processing_class=tok)
 
 
-@pytest.mark.parametrize("attention, fields, expected", [
-    ("sdpa", {}, True),
-    ("eager", {}, True),
-    ("flash_attention_2", {}, False),         # a GPU user's attention: padded rows, no error
-    ("sdpa", {"loss_type": "kto"}, False),    # unpaired rows
-    ("sdpa", {"truncation_mode": "keep_end"}, False),
-    ("sdpa", {"padding_free": True}, False),
+@pytest.mark.parametrize("attention, fields, expected, packed", [
+    ("sdpa", {}, True, True),                 # all pairs in one row, attended per pair
+    ("eager", {}, True, False),               # one row per pair: eager needs a dense mask
+    ("flash_attention_2", {}, False, False),  # a GPU user's attention: padded rows, no error
+    ("sdpa", {"loss_type": "kto"}, False, False),    # unpaired rows
+    ("sdpa", {"truncation_mode": "keep_end"}, False, False),
+    ("sdpa", {"padding_free": False}, True, False),
+    ("eager", {"padding_free": True}, True, True),
+    ("sdpa", {"prefix_sharing": False, "padding_free": True}, False, True),
 ])
 def test_prefix_sharing_is_on_by_default_where_it_applies(policy_dir, tok, tmp_path,
-                                                          attention, fields, expected):
+                                                          attention, fields, expected, packed):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(policy_dir, attn_implementation="sdpa")
     model.config._attn_implementation = attention
@@ -174,8 +176,11 @@ def test_prefix_sharing_is_on_by_default_where_it_applies(policy_dir, tok, tmp_p
         else preference_pairs(4)
     trainer = PreferenceTrainer(model, args=args, train_dataset=data, processing_class=tok)
     assert trainer.args.prefix_sharing is expected and args.gradient_checkpointing
+    assert trainer.args.padding_free is packed
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert ("segment_ids" in batch) is expected
+    rows = 1 if packed else 4 if expected or fields.get("loss_type") == "kto" else 8
+    assert batch["input_ids"].shape[0] == rows
 
 
 def turn(role, content):

@@ -109,22 +109,39 @@ def test_prefix_sharing_mask_by_hand():
                  [1, 1, 1, 1, 0, 0],
                  [1, 1, 0, 0, 1, 0],   # rejected: the prompt and itself, not the chosen
                  [1, 1, 0, 0, 0, 0]]   # padding: the prompt only
+    # two pairs in one row (padding-free): each token sees its own pair only
+    seg, pair = torch.tensor([[0, 1, 2, 0, 1, 2]]), torch.tensor([[0, 0, 0, 1, 1, 1]])
+    assert prefix_sharing_mask(seg, pair)[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                                                   [1, 1, 0, 0, 0, 0],
+                                                                   [1, 0, 1, 0, 0, 0],
+                                                                   [0, 0, 0, 1, 0, 0],
+                                                                   [0, 0, 0, 1, 1, 0],
+                                                                   [0, 0, 0, 1, 0, 1]]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("max_length", [64, 9])  # 9 cuts some completions
-def test_prefix_sharing_matches_separate_sequences(attention, max_length):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_prefix_sharing_matches_separate_sequences(attention, max_length, padding_free):
     model = tiny_llama(attention)
     padded = PreferenceCollator(0, max_length)(rows())
-    shared = PreferenceCollator(0, max_length, prefix_sharing=True)(rows())
-    assert shared["input_ids"].shape[0] == 3  # one row per pair
+    shared = PreferenceCollator(0, max_length, padding_free=padding_free,
+                                prefix_sharing=True)(rows())
+    # one row per pair, or all three pairs in one row without padding
+    assert shared["input_ids"].shape[0] == (1 if padding_free else 3)
     assert shared["input_ids"].numel() < padded["input_ids"].numel()
+    if padding_free:  # every token real: each pair's prompt once and both completions, cut
+        kept = [len(r["prompt_ids"][:max_length]) for r in rows()]
+        assert shared["input_ids"].numel() == sum(
+            n + min(len(r["chosen_ids"]), max_length - n)
+            + min(len(r["rejected_ids"]), max_length - n) for n, r in zip(kept, rows()))
     weight = model.model.layers[0].mlp.up_proj.weight
     a, count_a = sequence_logps(model, padded["input_ids"], padded["attention_mask"],
                                 padded["completion_mask"])
     (g_a,) = torch.autograd.grad(a.sum(), weight)
     b, count_b = sequence_logps(model, shared["input_ids"], None, shared["completion_mask"],
-                                shared["position_ids"], segment_ids=shared["segment_ids"])
+                                shared["position_ids"], shared.get("sequence_ids"),
+                                segment_ids=shared["segment_ids"])
     (g_b,) = torch.autograd.grad(b.sum(), weight)
     assert count_a.tolist() == count_b.tolist()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -228,15 +228,24 @@ def test_padding_free_collator_packs_one_row(tok):
     assert "attention_mask" not in out
 
 
-@pytest.mark.parametrize("loss, layout", [("sigmoid", "padding_free"), ("kto", "padding_free"),
-                                          ("simpo", "padding_free"),
-                                          ("sigmoid", "prefix_sharing"),
-                                          ("simpo", "prefix_sharing")])
+PADDED = {"padding_free": False, "prefix_sharing": False}
+PACKED = {"padding_free": True, "prefix_sharing": False}
+SHARED = {"padding_free": False, "prefix_sharing": True}
+SHARED_PACKED = {"padding_free": True, "prefix_sharing": True}  # the sdpa default (pairs)
+
+
+@pytest.mark.parametrize("loss, layout", [("sigmoid", PACKED), ("kto", PACKED),
+                                          ("simpo", PACKED), ("sigmoid", SHARED),
+                                          ("simpo", SHARED), ("sigmoid", SHARED_PACKED),
+                                          ("simpo", SHARED_PACKED)])
 def test_packed_layouts_match_padded(policy_dir, tok, tmp_path, loss, layout):
     kw = dict(loss_type=loss, max_steps=1, learning_rate=0.0, per_device_train_batch_size=8)
-    padded = make(policy_dir, tok, tmp_path / "a", PAIRS, **kw)
+    padded = make(policy_dir, tok, tmp_path / "a", PAIRS, **PADDED, **kw)
     padded.train()
-    packed = make(policy_dir, tok, tmp_path / "b", PAIRS, **{layout: True}, **kw)
+    packed = make(policy_dir, tok, tmp_path / "b", PAIRS, **layout, **kw)
+    rows = packed.data_collator([packed.train_dataset[i] for i in range(8)])["input_ids"]
+    assert rows.shape[0] == (1 if layout["padding_free"] else 8 if layout["prefix_sharing"]
+                             else 16)
     packed.train()
     a, b = padded.state.log_history[0], packed.state.log_history[0]
     for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):

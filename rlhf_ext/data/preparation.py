@@ -177,7 +177,8 @@ class PreferenceCollator:
     (``chosen_probability``) pass through as tensors. With
     ``padding_free`` every group of sequences is one row without padding; with
     ``prefix_sharing`` each pair is one row [prompt | chosen | rejected] whose prompt is
-    computed once (see ``logps.sequence_logps``).
+    computed once, and with both, all the pairs are one such row after another (see
+    ``logps.sequence_logps``).
     """
 
     pad_token_id: int
@@ -199,6 +200,14 @@ class PreferenceCollator:
             segments.append([0] * len(p) + [1] * len(c) + [2] * len(r))
             positions.append(list(range(len(p) + len(c)))
                              + list(range(len(p), len(p) + len(r))))
+        if self.padding_free:  # one row; sequence_ids: each token's pair
+            return {"input_ids": torch.tensor([sum(ids, [])]),
+                    "position_ids": torch.tensor([sum(positions, [])]),
+                    "segment_ids": torch.tensor([sum(segments, [])]),
+                    "completion_mask": torch.tensor([[int(x > 0) for g in segments
+                                                      for x in g]]),
+                    "sequence_ids": torch.tensor([[i for i, g in enumerate(segments)
+                                                   for _ in g]])}
         return {"input_ids": _pad(ids, self.pad_token_id, self.pad_to_multiple_of),
                 "position_ids": _pad(positions, 0, self.pad_to_multiple_of),
                 "segment_ids": _pad(segments, -1, self.pad_to_multiple_of),
