@@ -36,9 +36,11 @@ from isolated import run_isolated  # noqa: E402
 VS_TRL = Path(__file__).resolve().parent / "vs_trl.py"
 # (method, setting); the first of each method is TRL's default, the ratios' base
 SETTINGS = {
-    "dpo": ["trl", "trl+no_checkpointing", "ours", "ours+gradient_checkpointing",
-            "ours+no_checkpointing", "ours+prefix_sharing", "ours+padding_free"],
-    "simpo": ["trl", "ours", "ours+gradient_checkpointing", "ours+no_checkpointing"],
+    "dpo": ["trl", "trl+no_checkpointing", "ours", "ours+gradient_checkpointing+prefix_sharing",
+            "ours+gradient_checkpointing", "ours+no_checkpointing", "ours+prefix_sharing",
+            "ours+padding_free"],
+    "simpo": ["trl", "ours", "ours+gradient_checkpointing+prefix_sharing",
+              "ours+gradient_checkpointing", "ours+no_checkpointing"],
     "kto": ["trl", "ours", "ours+no_checkpointing"],
     "reward": ["trl", "ours", "ours+gradient_checkpointing", "ours+no_checkpointing"],
 }

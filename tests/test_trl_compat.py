@@ -16,7 +16,8 @@ from rlhf_ext.tiny import preference_pairs
 
 # Defaults that differ from TRL's on purpose (README, "What differs from TRL")
 OUR_DEFAULTS = {"activation_checkpointing", "bf16",
-                "train_sampling_strategy", "beta", "loss_type"}
+                "train_sampling_strategy", "beta", "loss_type",
+                "padding_free"}  # None: on where prefix sharing is, under sdpa
 
 
 def trl_configs():
