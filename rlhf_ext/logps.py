@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .shared_prefix import attention_inputs
+from .shared_prefix import SPANS, attention_inputs, check_spans_used, span_calls
 
 
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
@@ -140,8 +140,9 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     Three layouts (``data.PreferenceCollator``):
     - padded: [B, T] rows -> ([B], [B]);
     - padding-free: one row [1, N] of concatenated sequences, ``position_ids`` restarting
-      at 0 for each (the attention then stays within each sequence), ``sequence_ids``
-      [1, N] naming each token's sequence -> ([S], [S]);
+      at 0 for each (the attention then stays within each sequence: under sdpa each
+      sequence attends on its own, from spans), ``sequence_ids`` [1, N] naming each
+      token's sequence -> ([S], [S]);
     - prefix sharing: one row per pair [prompt | chosen | rejected], ``segment_ids`` [B, L]
       (0/1/2, -1 padding), both completions positioned right after the prompt and kept
       apart by ``shared_prefix.attention_inputs`` -> ([2B], [2B]), chosen first then rejected;
@@ -151,11 +152,17 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     The LM head runs only at the positions that predict a completion token (the first
     rejected token is predicted from the prompt's last token), in chunks (``head_logps``).
     """
-    if segment_ids is not None:
+    implementation = attention_implementation(model)
+    if segment_ids is not None or (sequence_ids is not None and implementation == "sdpa"):
+        # prefix sharing, or padding-free under sdpa: attention from the row's spans (each
+        # sequence its own causal attention), never a mask over the whole packed row
+        before = span_calls()
+        layout = segment_ids if segment_ids is not None else torch.zeros_like(sequence_ids)
+        attention = attention_inputs(implementation, layout, unwrap(model).dtype, sequence_ids)
         hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
-                              **attention_inputs(attention_implementation(model),
-                                                 segment_ids, unwrap(model).dtype,
-                                                 sequence_ids))
+                              **attention)
+        if sequence_ids is not None and SPANS in attention:  # packed: spans are the only guard
+            check_spans_used(before)
     else:
         hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids)

@@ -63,8 +63,8 @@ def _named(eval_dataset) -> list:
 def resolve_prefix_sharing(model, args: PreferenceConfig) -> None:
     """prefix_sharing None becomes on where the loss is paired and the attention keeps
     completions apart (sdpa, eager); an explicit True with another attention is refused.
-    padding_free None becomes on where prefix sharing is and the attention is sdpa (the
-    packed pairs then attend without a mask)."""
+    padding_free None becomes on where the attention is sdpa: every sequence (or pair)
+    then attends on its own from the row's spans, with no mask over the packed row."""
     implementation = attention_implementation(model)
     refusal = attention_refusal(implementation)
     if args.prefix_sharing is None:
@@ -73,8 +73,7 @@ def resolve_prefix_sharing(model, args: PreferenceConfig) -> None:
         raise ValueError(f"{refusal}. Load it with attn_implementation='sdpa', or use "
                          "padding_free=True instead")
     if args.padding_free is None:
-        args.padding_free = bool(args.prefix_sharing and args.paired
-                                 and implementation == "sdpa")
+        args.padding_free = implementation == "sdpa"
 
 
 class SyncReference(TrainerCallback):

@@ -72,9 +72,9 @@ class PreferenceConfig(DataFields, TrainingArguments):
                 "sequence); needs an attention that honours packed position_ids (sdpa, "
                 "flash-attention). With prefix_sharing the row is the pairs' "
                 "[prompt | chosen | rejected] one after another. None (the default): on "
-                "where prefix_sharing is on and the attention is sdpa, which then attends "
-                "per pair without a mask; eager would need a dense mask over the whole "
-                "batch, so it keeps one row per pair."})
+                "where the attention is sdpa, which then attends per sequence (or pair) "
+                "without a mask; eager would need a dense mask over the whole batch, so "
+                "it keeps padded rows."})
     prefix_sharing: bool | None = field(default=None, metadata={
         "help": "Paired losses: one row per pair, [prompt | chosen | rejected], so the prompt "
                 "goes through the model once; the completions are kept apart in attention "

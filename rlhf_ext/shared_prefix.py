@@ -9,9 +9,12 @@ twice the causal work, and the completions' blocks against each other on top; in
 each completion runs as its own causal attention over [prompt | completion], the prompt's
 keys and values shared, so the work is that of separate rows less the prompt's repeats.
 The model's forward carries the row layout to the attention as a keyword argument
-(``SPANS``); transformers hands such arguments down to the attention function. The
-dense boolean mask goes along as ``attention_mask``, so a model whose layers do not pass
-keyword arguments on still computes the right thing, only slower.
+(``SPANS``); transformers hands such arguments down to the attention function. For rows
+of one group the dense boolean mask goes along as ``attention_mask``, so a model whose
+layers do not pass keyword arguments on still computes the right thing, only slower.
+Packed rows (padding-free, several groups) get no dense mask: it would grow with the
+square of the whole batch's tokens. A model that drops the spans there is caught after
+its forward (``check_spans_used``).
 """
 
 from __future__ import annotations
@@ -139,6 +142,20 @@ def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans:
 
 
 _installed = False
+_span_calls = 0  # attention calls that read spans, so far
+
+
+def span_calls() -> int:
+    return _span_calls
+
+
+def check_spans_used(before: int) -> None:
+    """Raise if no attention call read the spans since ``span_calls()`` was ``before``:
+    the model's layers did not pass them on, and packed rows had no other guard."""
+    if _span_calls == before:
+        raise RuntimeError("padding_free rows need the model's attention to receive the row "
+                           "layout, and this model's layers did not pass it on (they drop "
+                           "keyword arguments): set padding_free=False")
 
 
 def _install() -> None:
@@ -151,10 +168,12 @@ def _install() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+        global _span_calls
         spans = kwargs.pop(SPANS, None)
         if spans is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           *args, **kwargs)
+        _span_calls += 1
         return shared_prefix_sdpa(module, query, key, value, spans, **kwargs)
 
     AttentionInterface.register("sdpa", sdpa)
@@ -164,8 +183,16 @@ def _install() -> None:
 def attention_inputs(implementation: str | None, segment_ids: Tensor,
                      dtype: torch.dtype, group_ids: Tensor | None = None) -> dict:
     """The keyword arguments a prefix-shared forward gives the model: the dense mask
-    (additive for eager, which adds it to the scores), and for sdpa the spans as well.
+    (additive for eager, which adds it to the scores), and for sdpa the spans as well;
+    for sdpa with ``group_ids`` (packed rows) the spans and a [1, 1, 1, 1] stand-in mask
+    (a 4D mask keeps transformers from building its own [N, N] one for packed positions).
     Shapes: segment_ids, group_ids [B, L] -> attention_mask [B, 1, L, L]."""
+    if implementation == "sdpa" and group_ids is not None:
+        spans = segment_spans(segment_ids, group_ids)
+        if spans is not None:
+            _install()
+            stand_in = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=segment_ids.device)
+            return {"attention_mask": stand_in, SPANS: spans}
     mask = prefix_sharing_mask(segment_ids, group_ids)
     if implementation == "eager":
         return {"attention_mask": additive_mask(mask, dtype)}

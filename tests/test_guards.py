@@ -160,8 +160,8 @@ def test_prefix_sharing_refuses_an_attention_without_dense_masks(policy_dir, tok
     ("sdpa", {}, True, True),                 # all pairs in one row, attended per pair
     ("eager", {}, True, False),               # one row per pair: eager needs a dense mask
     ("flash_attention_2", {}, False, False),  # a GPU user's attention: padded rows, no error
-    ("sdpa", {"loss_type": "kto"}, False, False),    # unpaired rows
-    ("sdpa", {"truncation_mode": "keep_end"}, False, False),
+    ("sdpa", {"loss_type": "kto"}, False, True),     # unpaired: packed, nothing shared
+    ("sdpa", {"truncation_mode": "keep_end"}, False, True),
     ("sdpa", {"padding_free": False}, True, False),
     ("eager", {"padding_free": True}, True, True),
     ("sdpa", {"prefix_sharing": False, "padding_free": True}, False, True),

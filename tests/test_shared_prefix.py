@@ -7,7 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_ext.logps import final_hidden
-from rlhf_ext.shared_prefix import SPANS, attention_inputs, segment_spans
+from rlhf_ext.shared_prefix import (
+    SPANS,
+    attention_inputs,
+    check_spans_used,
+    segment_spans,
+    span_calls,
+)
 
 
 def test_segment_spans_by_hand():
@@ -90,7 +96,8 @@ def test_spans_keep_packed_groups_apart():
     seg, group = torch.tensor([seg]), torch.tensor([group])
     inputs = attention_inputs("sdpa", seg, torch.float32, group)
     assert inputs[SPANS] == ((((0, 4), ((4, 7), (7, 9))), ((9, 11), ((11, 14), (14, 15)))),)
-    inputs["attention_mask"] = torch.ones(1, 1, len(ids), len(ids), dtype=torch.bool)
+    assert inputs["attention_mask"].shape == (1, 1, 1, 1)  # no [N, N] mask for packed rows
+    before = span_calls()
     with torch.no_grad():
         packed = final_hidden(model, input_ids=torch.tensor([ids]),
                               position_ids=torch.tensor([pos]), **inputs)[0]
@@ -100,3 +107,7 @@ def test_spans_keep_packed_groups_apart():
                 hidden = final_hidden(model, input_ids=torch.tensor([prompt + completion]))[0]
                 pieces.append(hidden if k == 0 else hidden[len(prompt):])
     torch.testing.assert_close(packed, torch.cat(pieces), rtol=1e-5, atol=1e-5)
+    assert span_calls() == before + 3  # one attention call per layer read the spans
+    check_spans_used(before)
+    with pytest.raises(RuntimeError, match="did not pass it on.*padding_free=False"):
+        check_spans_used(span_calls())  # a forward whose layers dropped the spans
