@@ -148,6 +148,34 @@ def pooled_index(input_ids: Tensor, keep: Tensor, pad_token_id: int | None) -> T
     return last_token_index(keep)
 
 
+def shared_pooled_index(input_ids: Tensor, segment_ids: Tensor, sequence_ids: Tensor | None,
+                        pad_token_id: int | None) -> tuple[Tensor, Tensor]:
+    """Where each completion of prefix-shared pairs is pooled: the last position of its
+    pair's prompt or its own tokens that is not the pad token, as in its own padded row.
+    Pairs are the rows, or (``sequence_ids`` given) the ids in them.
+
+    Shapes: input_ids, segment_ids (0/1/2, -1 padding), sequence_ids [B, L] ->
+    (row [2P], column [2P]), the P chosen first.
+    """
+    pair = (sequence_ids if sequence_ids is not None else
+            torch.arange(segment_ids.shape[0], device=segment_ids.device)[:, None]
+            .expand_as(segment_ids))
+    pairs, width = (int(pair.max()) + 1 if pair.numel() else 0), segment_ids.shape[1]
+    flat = torch.arange(pair.numel(), device=pair.device).view_as(pair)  # row * width + col
+    # a pair with nothing to pool reads its first position, as last_token_index's 0
+    first = torch.full((pairs,), pair.numel(), dtype=flat.dtype, device=flat.device)
+    first = first.scatter_reduce(0, pair.reshape(-1), flat.reshape(-1), "amin")
+    real = segment_ids >= 0
+    if pad_token_id is not None:
+        real &= input_ids != pad_token_id
+    lasts = []
+    for completion in (1, 2):
+        keep = real & ((segment_ids == 0) | (segment_ids == completion))
+        lasts.append(first.scatter_reduce(0, pair[keep], flat[keep], "amax"))
+    last = torch.cat(lasts)
+    return last // width, last % width
+
+
 def native_classifier(model_type: str):
     """transformers' sequence-classifier class for a backbone ``model_type`` if it is the
     generic one (backbone as ``model``, a bias-free ``score``: Llama, Qwen2, Mistral, ...),
@@ -244,22 +272,25 @@ class RewardModel(_HeadModel):
         return k > 1
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                segment_ids: Tensor | None = None, **kwargs) -> RewardOutput:
+                segment_ids: Tensor | None = None, sequence_ids: Tensor | None = None,
+                **kwargs) -> RewardOutput:
         """Rewards of padded rows [B, T] -> [B]; or, with ``segment_ids`` [B, T] (prefix
         sharing: rows [prompt | chosen | rejected], 0/1/2, -1 padding, and their
-        ``position_ids``), both completions' rewards -> [2B], chosen first. A completion
-        is pooled as it would be in its own padded row [prompt | completion]."""
+        ``position_ids``), both completions' rewards -> [2B], chosen first; or with
+        ``sequence_ids`` too (padding-free: P such pairs one after another in one row,
+        ``sequence_ids`` [1, N] naming each token's pair) -> [2P]. A completion is pooled
+        as it would be in its own padded row [prompt | completion]."""
         pad = self.config.pad_token_id
         if segment_ids is not None:
-            from .shared_prefix import attention_inputs
+            from .shared_prefix import SPANS, attention_inputs, check_spans_used, span_calls
 
+            before = span_calls()
             shared = attention_inputs(self.model.config._attn_implementation, segment_ids,
-                                      self.dtype)
+                                      self.dtype, sequence_ids)
             hidden = self._hidden(input_ids, shared.pop("attention_mask"), **shared, **kwargs)
-            rows = torch.arange(hidden.shape[0], device=hidden.device).repeat(2)
-            prompt = segment_ids == 0
-            ends = torch.cat([pooled_index(input_ids, prompt | (segment_ids == 1), pad),
-                              pooled_index(input_ids, prompt | (segment_ids == 2), pad)])
+            if sequence_ids is not None and SPANS in shared:
+                check_spans_used(before)
+            rows, ends = shared_pooled_index(input_ids, segment_ids, sequence_ids, pad)
             pooled = hidden[rows, ends]
         else:
             if attention_mask is None:

@@ -82,6 +82,10 @@ class RewardConfig(DataFields, TrainingArguments):
                 "the model once; the completions are kept apart in attention (our "
                 "RewardModel with sdpa or eager attention). None (the default): on where "
                 "that holds."})
+    padding_free: bool | None = field(default=None, metadata={
+        "help": "With prefix_sharing: all the pairs of a batch in one row without padding, "
+                "each attending on its own (sdpa). None (the default): on where prefix "
+                "sharing is and the attention is sdpa."})
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "Recompute each layer's activations in backward instead of keeping them "
                 "(TRL's default too)."})
@@ -124,7 +128,6 @@ def is_native_classifier(model) -> bool:
 def prefix_sharing_refusal(model) -> str | None:
     """Why prefix_sharing cannot run on this model, or None: it pools two completions of
     one row, which our RewardModel does, with an attention that keeps them apart."""
-    from .logps import attention_implementation
     from .shared_prefix import attention_refusal
 
     base = model.get_base_model() if is_peft_model(model) else model
@@ -132,7 +135,15 @@ def prefix_sharing_refusal(model) -> str | None:
         return (f"prefix_sharing needs rlhf_ext's RewardModel, which pools each completion "
                 f"of a shared row; {type(base).__name__} pools one token per row: pass the "
                 "model as a path, or turn prefix_sharing off")
-    return attention_refusal(attention_implementation(base.model))
+    return attention_refusal(backbone_attention(base))
+
+
+def backbone_attention(model) -> str | None:
+    """The attention implementation of a reward model's backbone (through adapters)."""
+    from .logps import attention_implementation
+
+    base = model.get_base_model() if is_peft_model(model) else model
+    return attention_implementation(getattr(base, "model", base))
 
 
 def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):
@@ -191,6 +202,12 @@ class RewardTrainer(CheckedTraining, Trainer):
             args.prefix_sharing = refusal is None
         elif args.prefix_sharing and refusal:
             raise ValueError(refusal)
+        sdpa = refusal is None and backbone_attention(model) == "sdpa"
+        if args.padding_free is None:
+            args.padding_free = bool(args.prefix_sharing) and sdpa
+        elif args.padding_free and not (args.prefix_sharing and sdpa):
+            raise ValueError("padding_free reward training packs prefix-shared pairs and needs "
+                             "prefix_sharing and an sdpa attention: set padding_free=False")
         if getattr(model.config, "pad_token_id", None) is None:  # a sequence classifier
             model.config.pad_token_id = pad_id                    # pools the last non-pad
 
@@ -221,6 +238,7 @@ class RewardTrainer(CheckedTraining, Trainer):
         if data_collator is None:
             data_collator = PreferenceCollator(pad_id, args.max_length,
                                                pad_to_multiple_of=args.pad_to_multiple_of,
+                                               padding_free=args.padding_free,
                                                prefix_sharing=args.prefix_sharing)
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -252,9 +270,10 @@ class RewardTrainer(CheckedTraining, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         with activation_offloading(model, self.args):
-            if "segment_ids" in inputs:  # prefix sharing: one row per pair
+            if "segment_ids" in inputs:  # prefix sharing: one row per pair, or one in all
                 out = model(input_ids=inputs["input_ids"], segment_ids=inputs["segment_ids"],
-                            position_ids=inputs["position_ids"])
+                            position_ids=inputs["position_ids"],
+                            sequence_ids=inputs.get("sequence_ids"))
             else:
                 out = model(input_ids=inputs["input_ids"],
                             attention_mask=inputs["attention_mask"])

@@ -163,10 +163,13 @@ def test_a_classifier_with_two_labels_is_refused(lm_dir, tmp_path):
                       .from_pretrained(lm_dir))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_prefix_sharing_gives_the_padded_loss_and_gradients(lm_dir, tmp_path, attention):
-    """One row per pair [prompt | chosen | rejected] against two padded rows per pair, on
-    12 pairs of many prompt and completion lengths: the same loss, rewards and gradient."""
+@pytest.mark.parametrize("attention, packed", [("sdpa", False), ("eager", False),
+                                               ("sdpa", True)])
+def test_prefix_sharing_gives_the_padded_loss_and_gradients(lm_dir, tmp_path, attention,
+                                                            packed):
+    """One row per pair [prompt | chosen | rejected] (or, packed, all 12 pairs in one row
+    without padding) against two padded rows per pair, on 12 pairs of many prompt and
+    completion lengths: the same loss, rewards and gradient."""
     data = preference_pairs(12, seed=7)
     tok = AutoTokenizer.from_pretrained(lm_dir)
     model = RewardModel.from_backbone(str(lm_dir), seed=1, attn_implementation=attention)
@@ -174,9 +177,11 @@ def test_prefix_sharing_gives_the_padded_loss_and_gradients(lm_dir, tmp_path, at
     for sharing in (False, True):
         trainer = RewardTrainer(model, train_dataset=data, processing_class=tok,
                                 args=RewardConfig(output_dir=str(tmp_path), **COMMON,
-                                                  prefix_sharing=sharing))
+                                                  prefix_sharing=sharing,
+                                                  padding_free=sharing and packed))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(12)])
         assert ("segment_ids" in batch) == sharing
+        assert batch["input_ids"].shape[0] == (24 if not sharing else 1 if packed else 12)
         loss, out = trainer.compute_loss(model, batch, return_outputs=True)
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
         results.append((loss, out.rewards, grads))
@@ -206,8 +211,14 @@ def test_prefix_sharing_is_on_by_default_for_our_reward_model_only(lm_dir, tmp_p
         trainer = RewardTrainer(model, train_dataset=data, processing_class=tok,
                                 args=RewardConfig(output_dir=str(tmp_path), **COMMON))
         assert trainer.args.prefix_sharing is expected
+        assert trainer.args.padding_free is expected  # packed too: the backbone is sdpa
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         assert ("segment_ids" in batch) is expected
+        assert batch["input_ids"].shape[0] == (1 if expected else 8)
+    with pytest.raises(ValueError, match="needs prefix_sharing and an sdpa.*padding_free=Fa"):
+        RewardTrainer(str(lm_dir), train_dataset=data, processing_class=tok,
+                      args=RewardConfig(output_dir=str(tmp_path), **COMMON,
+                                        prefix_sharing=False, padding_free=True))
 
 
 def test_an_eval_dict_is_evaluated_set_by_set(lm_dir, tmp_path):
