@@ -42,7 +42,8 @@ SETTINGS = {
     "simpo": ["trl", "ours", "ours+gradient_checkpointing+prefix_sharing",
               "ours+gradient_checkpointing", "ours+no_checkpointing"],
     "kto": ["trl", "ours", "ours+no_checkpointing"],
-    "reward": ["trl", "ours", "ours+gradient_checkpointing", "ours+no_checkpointing"],
+    "reward": ["trl", "ours", "ours+gradient_checkpointing+prefix_sharing",
+               "ours+gradient_checkpointing", "ours+no_checkpointing"],
 }
 
 

@@ -85,7 +85,7 @@ def common(args, out: str) -> dict:
 # Our settings, each named by what it sets (DPO): "ours" is the defaults (gradient
 # checkpointing on, prefix sharing wherever it applies, and under sdpa the shared pairs
 # packed into one row without padding); the rest set all three explicitly ("padded" rows:
-# one per sequence or per pair). Reward training has no padding_free: it is dropped there.
+# one per sequence or per pair).
 _PADDED = {"prefix_sharing": False, "padding_free": False}
 VARIANTS = {"ours": {},
             "ours+no_checkpointing": {"gradient_checkpointing": False, **_PADDED},
@@ -113,9 +113,8 @@ def make_trainer(method: str, impl: str, root: Path, args, out: str):
 
             rm = load_reward_model(model, new_head=True)
             rm.score.weight.data.fill_(0.01)
-            fields = {k: v for k, v in VARIANTS[impl].items() if k != "padding_free"}
             return RewardTrainer(rm, args=RewardConfig(max_length=args.max_length,
-                                                       **fields, **kw),
+                                                       **VARIANTS[impl], **kw),
                                  train_dataset=pairs, processing_class=tok)
         from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 
