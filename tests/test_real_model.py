@@ -207,10 +207,12 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
     rejected = score(trainer.model, tok, held_out["prompt"], held_out["rejected"])
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == accuracy
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(held_out))])
-    assert "segment_ids" in batch  # prefix sharing, the default for our RewardModel
+    # prefix sharing, the default for our RewardModel, with the pairs packed in one row (sdpa)
+    assert "segment_ids" in batch and batch["input_ids"].shape[0] == 1
     with torch.no_grad():
         rewards = trainer.model(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
-                                position_ids=batch["position_ids"]).rewards
+                                position_ids=batch["position_ids"],
+                                sequence_ids=batch["sequence_ids"]).rewards
     torch.testing.assert_close(torch.tensor(chosen + rejected), rewards.float(),
                                rtol=1e-4, atol=1e-4)
 
