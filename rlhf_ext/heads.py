@@ -157,10 +157,9 @@ def shared_pooled_index(input_ids: Tensor, segment_ids: Tensor, sequence_ids: Te
     Shapes: input_ids, segment_ids (0/1/2, -1 padding), sequence_ids [B, L] ->
     (row [2P], column [2P]), the P chosen first.
     """
-    pair = (sequence_ids if sequence_ids is not None else
-            torch.arange(segment_ids.shape[0], device=segment_ids.device)[:, None]
-            .expand_as(segment_ids))
-    pairs, width = (int(pair.max()) + 1 if pair.numel() else 0), segment_ids.shape[1]
+    from .shared_prefix import pair_ids
+
+    (pair, pairs), width = pair_ids(segment_ids, sequence_ids), segment_ids.shape[1]
     flat = torch.arange(pair.numel(), device=pair.device).view_as(pair)  # row * width + col
     # a pair with nothing to pool reads its first position, as last_token_index's 0
     first = torch.full((pairs,), pair.numel(), dtype=flat.dtype, device=flat.device)

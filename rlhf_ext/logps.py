@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .shared_prefix import SPANS, attention_inputs, check_spans_used, span_calls
+from .shared_prefix import SPANS, attention_inputs, check_spans_used, pair_ids, span_calls
 
 
 def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
@@ -171,10 +171,7 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     rows, cols = rows[keep], cols[keep]
     predictors = cols - 1
     if segment_ids is not None:  # pair p: chosen sequence p, rejected sequence pairs + p
-        pair = (sequence_ids if sequence_ids is not None
-                else torch.arange(segment_ids.shape[0], device=cols.device)[:, None]
-                .expand_as(segment_ids))
-        pairs = int(pair.max()) + 1 if pair.numel() else 0
+        pair, pairs = pair_ids(segment_ids, sequence_ids)
         prompt_rows, prompt_cols = (segment_ids == 0).nonzero(as_tuple=True)
         prompt_end = torch.full((pairs,), -1, dtype=cols.dtype, device=cols.device)
         prompt_end = prompt_end.scatter_reduce(0, pair[prompt_rows, prompt_cols], prompt_cols,

@@ -54,6 +54,15 @@ def prefix_sharing_mask(segment_ids: Tensor, group_ids: Tensor | None = None) ->
     return allowed.unsqueeze(1)
 
 
+def pair_ids(segment_ids: Tensor, sequence_ids: Tensor | None) -> tuple[Tensor, int]:
+    """Each token's pair in prefix-shared rows: its row, or (packed rows) its
+    ``sequence_ids`` entry; and the number of pairs. [B, L] -> ([B, L] long, P)."""
+    if sequence_ids is None:
+        rows = torch.arange(segment_ids.shape[0], device=segment_ids.device)
+        return rows[:, None].expand_as(segment_ids), segment_ids.shape[0]
+    return sequence_ids, int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
+
+
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean mask as the additive one eager attention expects: 0 where allowed, the
     dtype's lowest value where blocked (eager adds a boolean mask as 0/1, blocking nothing).
