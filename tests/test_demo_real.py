@@ -81,3 +81,19 @@ def test_reduced_real_demo(tmp_path):
     again = json.loads((out / "report.json").read_text())
     assert all(s == 0.0 for s in again["stage_seconds"].values())
     assert again["methods"] == report["methods"]
+
+
+
+def test_eval_samples_must_be_positive(tmp_path):
+    """Refused by the argument parser, before any folder is made or model loaded."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo_real.py"), "--out",
+                           str(tmp_path / "d"), "--eval_samples", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--eval_samples must be at least 1, got 0" in proc.stderr
+    assert not (tmp_path / "d").exists()
