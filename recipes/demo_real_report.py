@@ -29,10 +29,10 @@ def plot(report: dict, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     colors, markers = plt.get_cmap("tab20").colors, "osD^vPX<>"
-    for i, (family, points) in enumerate(report["frontier"].items()):  # up to 18 told apart
+    for i, (family, points) in enumerate(report["frontier"].items()):  # 20 told apart
         kl, reward = zip(*points)
         ax.plot(kl, reward, "-" if len(points) > 1 else "", marker=markers[i % len(markers)],
-                color=colors[2 * i % 20 + (2 * i // 20) % 2], label=family, markersize=7)
+                color=colors[2 * i % 20 + i // 10 % 2], label=family, markersize=7)
     for name, value in report["knob"].items():  # beta / kl_coef beside each frontier point
         m = report["methods"][name]
         ax.annotate(str(value), (m["kl_to_reference"], m["vader"]), textcoords="offset points",

@@ -83,7 +83,6 @@ def test_reduced_real_demo(tmp_path):
     assert again["methods"] == report["methods"]
 
 
-
 def test_eval_samples_must_be_positive(tmp_path):
     """Refused by the argument parser, before any folder is made or model loaded."""
     import subprocess
