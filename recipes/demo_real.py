@@ -46,8 +46,8 @@ SIZES = {  # what --quick shrinks; the default fits 30 minutes on a 2-core CPU
     # learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
     # prompts (2026-12-03, 2 threads: +0.27 over the reference's 0.294, s.e. of the
     # difference 0.066; 16 steps +0.14, 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9);
-    # ppo_vader for two iterations: too few to move held-out VADER reliably (+0.07 here;
-    # two iterations of 32 rollouts, 5e-4, +0.08 to +0.21 over three settings)
+    # ppo_vader for two iterations: too few to move held-out VADER reliably (two or three
+    # iterations of 16 or 32 rollouts, lr 2e-4 to 1e-3, 1 to 4 epochs: +0.05 to +0.21)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,
                   best_of=[], reward=["--max_steps", "4"],
                   preference=["--max_steps", "24", "--per_device_train_batch_size", "4",
