@@ -192,13 +192,14 @@ class Judge:
         self.reward_model = (load_reward_model(str(out / "reward")).eval()
                              if with_reward_model else None)
 
-    def sample(self, model, copies: int, seed_offset: int):
+    def sample(self, model, copies: int, seed_offset: int, return_logps: bool = False):
         """``copies`` samples of every prompt, prompt-major within each copy."""
         from rlhf_ext.sampling import generate_completions
 
         return generate_completions(model, self.tokenizer, self.rendered * copies,
                                     MAX_NEW_TOKENS, temperature=1.0, batch_size=96,
-                                    seed=self.seed + seed_offset, progress=True)
+                                    seed=self.seed + seed_offset, progress=True,
+                                    return_logps=return_logps)
 
     def stats(self, texts: list[str], lengths: list[int], kl: float,
               reference: list[list[float]]) -> dict:
@@ -259,9 +260,15 @@ class Judge:
         from rlhf_ext.sampling import sequence_kl
 
         model = load_policy(path)
-        out = self.sample(model, self.samples, seed_offset=2)
+        out = self.sample(model, self.samples, seed_offset=2, return_logps=True)
+        # the KL: the policy's log-probs from its sampling, the reference's from a forward
+        # with each prompt's samples side by side and the prompt computed once
+        k, n = len(self.prompts), self.samples
+        order = [j * k + i for i in range(k) for j in range(n)]
         kl = mean(sequence_kl(model, self.reference, self.tokenizer,
-                              self.rendered * self.samples, out.ids))
+                              [self.rendered[x % k] for x in order],
+                              [out.ids[x] for x in order],
+                              logps=[out.logps[x] for x in order], group=n))
         return self.stats(out.texts, [len(i) for i in out.ids], kl, reference)
 
 

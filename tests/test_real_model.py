@@ -18,7 +18,7 @@ from rlhf_ext import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.real import conversational_datasets, smollm2_path, vader_reward
-from rlhf_ext.sampling import generate_completions
+from rlhf_ext.sampling import generate_completions, sequence_kl
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -119,6 +119,38 @@ def test_ppo_ratio_is_one_at_lr0_with_lora_dropout(smollm2, real_data, tmp_path)
                        disable_dropout=False)
     kept.train()
     assert max(logged(kept, "policy/approxkl_avg")) > 1e-4
+
+
+def test_sampled_kl_from_the_sampling_logits_and_shared_prompts(smollm2):
+    """The demo's KL to the reference: the policy's log-probs read from its sampling (no
+    forward of its own) and the reference's with each prompt computed once per group give
+    the plain estimate (both forwards, every row whole), sequence by sequence."""
+    from rlhf_ext.ppo.rollout import build_batch, response_logps
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    policy = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    reference = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    with torch.no_grad():  # a reference that differs: every MLP output scaled
+        for layer in reference.model.layers:
+            layer.mlp.down_proj.weight.mul_(0.9)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Review film {k}."}],
+                                       tokenize=False, add_generation_prompt=True)
+               for k in ("A", "Blue Sky", "C") for _ in range(2)]  # groups of 2
+    out = generate_completions(policy, tok, prompts, max_new_tokens=10, seed=3,
+                               return_logps=True)
+    assert [len(x) for x in out.logps] == [len(x) for x in out.ids]
+    batch = build_batch(tok, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts],
+                        out.ids, "cpu")
+    with torch.no_grad():
+        forward = response_logps(policy, batch, 1.0)
+    for row, logps in enumerate(out.logps):  # the sampling's own logits, token by token
+        assert torch.allclose(torch.tensor(logps), forward[row, :len(logps)], atol=1e-4)
+    plain = sequence_kl(policy, reference, tok, prompts, out.ids)
+    fast = sequence_kl(policy, reference, tok, prompts, out.ids, logps=out.logps, group=2)
+    assert max(abs(k) for k in plain) > 0.1  # the two models do differ
+    assert max(abs(a - b) for a, b in zip(plain, fast)) < 1e-3, (plain, fast)
+    with pytest.raises(ValueError, match="consecutive runs of 2 identical"):
+        sequence_kl(policy, reference, tok, prompts[1:] + prompts[:1], out.ids, group=2)
 
 
 def test_sampling_ignores_the_models_generation_config(smollm2):
