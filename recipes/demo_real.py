@@ -38,8 +38,8 @@ PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 LOSS_ARGS = {"orpo": ["--beta", "2.0"], "simpo": ["--learning_rate", "1e-4"]}
 # the frontier of --full: (family, knob, values); the first value is the default run's point
 FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0.2])}
-SIZES = {  # what --quick shrinks; the default fits 30 minutes on a 2-core CPU
-    "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=1, reference_samples=16,
+SIZES = {  # what --quick shrinks; the default: 35.1 minutes on a 2-core CPU (2026-12-03)
+    "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=3, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
     # the tests' run: no reward model (nor best-of-N); dpo for 24 steps at the default's
@@ -318,9 +318,9 @@ def main(argv=None):
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset, e.g. dpo,ppo (the reward model always runs)")
     parser.add_argument("--eval_samples", type=int, default=None,
-                        help="samples per held-out prompt and policy (default 1: one sample "
-                             "per prompt is noisy, s.e. about 0.05; 8 cost about 2.5 more "
-                             "minutes a policy)")
+                        help="samples per held-out prompt and policy (default 3, s.e. about "
+                             "0.03 a policy; one sample's 0.05 is as large as most gains; 8 "
+                             "take about 1.5 minutes a policy)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.eval_samples is not None and args.eval_samples < 1:
