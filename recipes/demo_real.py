@@ -1,7 +1,7 @@
 """The DPO paper's controlled-sentiment experiment on SmolLM2-135M-Instruct, judged by VADER.
 
     python recipes/demo_real.py [--out outputs/demo_real] [--full] [--quick] [--fresh]
-                                [--methods dpo,ppo] [--seed 0]
+                                [--methods dpo,ppo] [--eval_samples 3] [--seed 0]
 
 The instruct model is the reference (and the SFT stage). Its own reviews of made-up films,
 asked to be glowing or scathing, are paired and labelled by a Bradley-Terry model on VADER
