@@ -5,12 +5,12 @@ there (measured +0.27, 4 standard errors of the difference; recipes/demo_real.py
 
 PPO is not in it: on this 2-core CPU a PPO run that moves held-out VADER reliably takes
 longer than this whole test (two or three iterations: +0.05 to +0.21 over six settings, in
-1 to 4 minutes each; the default's ten iterations +0.20 in 5 minutes), so PPO on the real
-model is tested for its mechanics in tests/test_real_recipes.py and
-tests/test_real_model.py, and the demo's PPO stages run the same recipe. What is asserted besides: the pairs and their
-labels, the held-out split, the report's schema and its exact parts (the reference's KL 0
-and win rate 0.5, DPO's training margins), the evaluations cached per sample count, and
-that a rerun reuses every stage and evaluation.
+1 to 4 minutes each; the default's ten iterations +0.20 in 5 to 7.5 minutes), so PPO on
+the real model is tested for its mechanics in tests/test_real_recipes.py and
+tests/test_real_model.py, and the demo's PPO stages run the same recipe. What is asserted
+besides: the pairs and their labels, the held-out split, the report's schema and its exact
+parts (the reference's KL 0 and win rate 0.5, DPO's training margins), the evaluations
+cached per sample count, and that a rerun reuses every stage and evaluation.
 """
 
 import json
