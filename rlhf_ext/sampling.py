@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from .logps import token_logps
+
 
 @dataclass
 class Completions:
@@ -74,8 +76,10 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
             generated = model.generate(**batch, generation_config=config)
             sequences = generated.sequences if return_logps else generated
             new = sequences[:, batch["input_ids"].shape[1]:]
-            logps = (token_logps(generated.logits, new).tolist() if return_logps
-                     else [None] * len(new))
+            # one [B, 1, V] step at a time: the steps are never stacked into [B, T, V]
+            logps = (torch.cat([token_logps(step[:, None], new[:, t:t + 1])
+                                for t, step in enumerate(generated.logits)], 1).tolist()
+                     if return_logps else [None] * len(new))
             for row, row_logps in zip(new.tolist(), logps):
                 finished = eos in row
                 ids = row[: row.index(eos) + 1] if finished else row
@@ -91,13 +95,6 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
         tokenizer.padding_side = side
         model.train(was_training)
     return out
-
-
-def token_logps(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits_t)[token_t] for each generation step t: ``step_logits`` T tensors
-    [B, V] (``generate(output_logits=True)``), ``tokens`` [B, T] -> [B, T], float32."""
-    return torch.stack([torch.log_softmax(step.float(), -1).gather(-1, tokens[:, t, None])[:, 0]
-                        for t, step in enumerate(step_logits)], 1)
 
 
 @torch.no_grad()
