@@ -54,7 +54,8 @@ def make_trainer(tok, policy_dir, out, **kw):
                      save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,
                      num_sample_generations=0, seed=3, **{**settings, **kw})
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
-    value = ValueModel.from_backbone(str(policy_dir), seed=1) if args.uses_critic else None
+    value = (ValueModel.from_backbone(str(policy_dir), seed=1)
+             if args.uses_critic and not args.value_head_on_policy else None)
     return PPOTrainer(policy, args, tok, prompt_dataset(40, seed=2),
                       reward=lambda p, c: [oracle_score(x) for x in c], value_model=value)
 
@@ -62,8 +63,10 @@ def make_trainer(tok, policy_dir, out, **kw):
 GRPO = dict(advantage_estimator="grpo", num_generations=4, kl_loss_coef=0.05)
 
 
-# 4 updates per iteration: stop at its end, or mid-way; GRPO (no value model) mid-way
-@pytest.mark.parametrize("stop, estimator", [(8, {}), (6, {}), (6, GRPO)])
+# 4 updates per iteration: stop at its end, or mid-way; GRPO (no value model) and PPO with
+# the value head on the policy mid-way
+@pytest.mark.parametrize("stop, estimator", [(8, {}), (6, {}), (6, GRPO),
+                                             (6, dict(value_head_on_policy=True))])
 def test_resume_matches_uninterrupted(world_dir, tmp_path, stop, estimator):
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
@@ -76,7 +79,10 @@ def test_resume_matches_uninterrupted(world_dir, tmp_path, stop, estimator):
     checkpoint = tmp_path / "part" / f"checkpoint-{stop}"
     # mid-iteration, the checkpoint keeps the iteration's rollout for the remaining updates
     assert (checkpoint / "ppo_experience_0.pt").exists() == (stop % 4 != 0)
-    assert (checkpoint / "value_model").exists() == (not estimator)
+    critic = part.args.uses_critic
+    assert (checkpoint / "value_model").exists() == critic
+    assert (checkpoint / "value_model" / "value_head.safetensors").exists() == \
+        part.args.value_head_on_policy
     resumed = make_trainer(tok, tmp_path / "policy", tmp_path / "part", **estimator)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == full.state.global_step == 16
@@ -84,6 +90,10 @@ def test_resume_matches_uninterrupted(world_dir, tmp_path, stop, estimator):
     assert resumed.kl_ctl.value != 0.1  # the adaptive controller moved and was restored
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    if part.args.value_head_on_policy:  # the head learned, and its weights came back
+        names = [n for n, _ in full.model.named_parameters() if n.startswith("value_model")]
+        assert names == ["value_model.head.weight", "value_model.head.bias"]
+        assert full.model.value_model.head.weight.abs().sum() > 0
     # the optimizer state came back too
     sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     torch.testing.assert_close(sa[0]["exp_avg"], sb[0]["exp_avg"], rtol=0, atol=1e-6)

@@ -134,3 +134,48 @@ def test_prefix_shared_groups_equal_the_padded_rows(world_dir, attention):
     assert packed["position_ids"][1, c].item() == packed["position_ids"][1, c + 7].item() == 6
     with pytest.raises(ValueError, match="share one prompt"):
         response_logps(model, batch, 0.8, group=9)
+
+
+def test_value_head_on_policy_shares_the_policys_forward(world_dir):
+    """``value_head_on_policy``: the values come from the hidden states of the forward that
+    gives the log-probs, and equal the head's own forward of the policy (the state before
+    each response token; 0 on padding), padded or prefix-shared; the gradient of a loss on
+    both, through one forward, equals the one through two."""
+    from transformers import AutoTokenizer
+
+    from rlhf_ext.ppo.policy_value import PolicyValueHead
+    from rlhf_ext.ppo.rollout import build_batch, response_values
+    from rlhf_ext.tiny import build_model
+
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    model = build_model("tiny", tok, seed=0).eval()
+    head = PolicyValueHead(model, model.config.hidden_size)
+    torch.nn.init.normal_(head.head.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    torch.nn.init.constant_(head.head.bias, 0.3)
+    assert [n for n, _ in head.named_parameters()] == ["head.weight", "head.bias"]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in (3, 6, 4)]
+    lengths = [1, 7, 4, 5, 2, 7, 3, 3, 6]
+    responses = [torch.randint(3, len(tok), (n,), generator=gen).tolist() for n in lengths]
+    batch = build_batch(tok, [p for p in prompts for _ in range(3)], responses, "cpu")
+    mask = batch.response_mask
+
+    logps, values = response_logps(model, batch, 0.8, value_head=head)
+    plain = response_logps(model, batch, 0.8)
+    separate = response_values(head, batch)
+    torch.testing.assert_close(logps, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(values, separate * mask, rtol=0, atol=1e-5)
+    assert (values[mask == 0] == 0).all() and (values[mask == 1] != 0).all()
+    with torch.no_grad():
+        _, _, shared = response_logps(model, batch, 0.8, True, group=3, value_head=head)
+    torch.testing.assert_close(shared, values.detach(), rtol=0, atol=2e-5)
+
+    weights = torch.linspace(-1, 1, mask.numel()).view(mask.shape) * mask
+    one = ((logps + values ** 2) * weights).sum()
+    grads_one = torch.autograd.grad(one, [p for p in model.parameters()] + [head.head.weight])
+    two = ((response_logps(model, batch, 0.8) + response_values(head, batch) ** 2)
+           * weights).sum()
+    grads_two = torch.autograd.grad(two, [p for p in model.parameters()] + [head.head.weight])
+    for a, b in zip(grads_one, grads_two):  # float32 sums in another order: 1e-4 of the scale
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())

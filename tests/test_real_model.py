@@ -96,7 +96,8 @@ def ppo_trainer(smollm2, real_data, out, lora_b_std=False, **overrides):
     settings.update(overrides)
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(smollm2)
-    value = ValueModel.from_backbone(smollm2, seed=1)
+    value = (None if settings.get("value_head_on_policy")
+             else ValueModel.from_backbone(smollm2, seed=1))
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
     prompts = load_from_disk(real_data / "prompts")["train"]
@@ -177,8 +178,9 @@ def test_sampling_ignores_the_models_generation_config(smollm2):
 
 
 def test_ppo_resumed_mid_iteration_equals_uninterrupted(smollm2, real_data, tmp_path):
-    """2 iterations of 2 updates; a checkpoint after the first update of the first."""
-    kw = dict(num_train_epochs=2, learning_rate=1e-3)
+    """2 iterations of 2 updates; a checkpoint after the first update of the first. The
+    value a head on the policy (as the demo's PPO stages have it): the head is restored."""
+    kw = dict(num_train_epochs=2, learning_rate=1e-3, value_head_on_policy=True)
     full = ppo_trainer(smollm2, real_data, tmp_path / "full", **kw)
     full.train()
     part = ppo_trainer(smollm2, real_data, tmp_path / "part", save_strategy="steps",
@@ -190,6 +192,9 @@ def test_ppo_resumed_mid_iteration_equals_uninterrupted(smollm2, real_data, tmp_
     assert resumed.state.global_step == full.state.global_step == 4
     trained = [(n, p) for n, p in full.model.named_parameters() if p.requires_grad]
     assert any("lora_B" in n and p.abs().max() > 0 for n, p in trained)
+    assert [n for n, _ in trained if "value" in n] == ["value_model.head.weight",
+                                                      "value_model.head.bias"]
+    assert full.model.value_model.head.weight.abs().max() > 0
     again = dict(resumed.model.named_parameters())
     for name, param in trained:
         torch.testing.assert_close(again[name], param, rtol=0, atol=1e-6, msg=name)

@@ -60,6 +60,11 @@ class PPOConfig(TrainingArguments):
     cliprange: float = 0.2
     cliprange_value: float | None = 0.2
     vf_coef: float = 0.1
+    value_head_on_policy: bool = field(default=False, metadata={
+        "help": "gae only: the value is a linear head on the policy's own hidden states "
+                "(TRL 0.x's AutoModelForCausalLMWithValueHead) instead of a value model: one "
+                "forward and backward per minibatch serve both losses, no second model is "
+                "held, and the value loss trains the policy's weights too."})
     whiten_advantages: bool = field(default=True, metadata={
         "help": "gae only: whiten advantages over the rollout's tokens (the critic-free "
                 "estimators normalise as their method defines)."})
@@ -105,6 +110,9 @@ class PPOConfig(TrainingArguments):
         if name in core.GROUP_ESTIMATORS and self.num_generations < 2:
             raise ValueError(f"{name} compares samples of the same prompt: set "
                              "num_generations >= 2 (e.g. 4 or 8)")
+        if name != "gae" and self.value_head_on_policy:
+            raise ValueError(f"value_head_on_policy is a gae option; {name} learns no value: "
+                             "drop value_head_on_policy")
         if name != "gae" and self.whiten_rewards:
             raise ValueError(f"whiten_rewards is a gae option; {name} normalises its own "
                              "advantages: drop whiten_rewards")

@@ -18,6 +18,7 @@ from ..logps import attention_implementation, final_hidden, head_logps, output_h
 from ..sampling import generate_completions
 from ..shared_prefix import attention_inputs
 from . import core
+from .policy_value import PolicyValueHead
 
 
 @dataclass
@@ -54,11 +55,15 @@ def rows(batch: Batch, start: int, stop: int) -> Batch:
 
 
 def response_logps(model, batch: Batch, temperature: float, with_entropy: bool = False,
-                   group: int = 1):
+                   group: int = 1, value_head=None):
     """log pi(response token) at the sampling temperature, with the LM head only at the
     positions that predict a real response token (``logps.head_logps``, in blocks): no
     [B, C, V] logits. With ``with_entropy`` also each position's entropy (no gradient).
     Padding gets 0. -> [B, C] (or ([B, C], [B, C])).
+
+    ``value_head`` (``policy_value.PolicyValueHead``): also the values of the states before
+    each response token, from the same hidden states, appended: (logps, values) or
+    (logps, entropy, values), values [B, C] with 0 on padding.
 
     ``group`` > 1: rows come in groups of that many samples of one prompt (consecutive,
     identical prompt columns), and each group runs as one row
@@ -89,7 +94,10 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
         full = torch.zeros(shape, dtype=values.dtype, device=values.device)
         return full.index_put((r, c), values)
 
-    return (scatter(out[0]), scatter(out[1]["entropy"])) if with_entropy else scatter(out)
+    result = (scatter(out[0]), scatter(out[1]["entropy"])) if with_entropy else (scatter(out),)
+    if value_head is not None:
+        result += (scatter(value_head.values(predictors)),)
+    return result if len(result) > 1 else result[0]
 
 
 def pack_groups(batch: Batch, group: int) -> dict[str, Tensor]:
@@ -141,13 +149,19 @@ def scoring_forwards(policy, reference: Callable[[Batch], Tensor] | None, value_
     skipped when its model is None), in chunks of ``chunk`` rows: one chunk's activations
     at a time, so peak memory follows ``chunk`` (local_rollout_forward_batch_size), not the
     rollout batch. With ``group`` > 1 (prefix sharing; ``chunk`` a multiple of it) the
-    policy and ``reference`` run each group's prompt once."""
+    policy and ``reference`` run each group's prompt once. A value head on the policy
+    (``PolicyValueHead``) takes its values from the policy's forward."""
+    shared = isinstance(value_model, PolicyValueHead) and policy is not None
     parts = []
     for start in range(0, batch.input_ids.shape[0], chunk):
         sub = rows(batch, start, start + chunk)
-        logps, entropy = (response_logps(policy, sub, temperature, True, group)
-                          if policy is not None else (None, None))
-        values = response_values(value_model, sub) if value_model is not None else None
+        if shared:
+            logps, entropy, values = response_logps(policy, sub, temperature, True, group,
+                                                    value_head=value_model)
+        else:
+            logps, entropy = (response_logps(policy, sub, temperature, True, group)
+                              if policy is not None else (None, None))
+            values = response_values(value_model, sub) if value_model is not None else None
         ref = reference(sub) if reference is not None else None
         parts.append((logps, ref, entropy, values))
     cat = [torch.cat(column) if column[0] is not None else None for column in zip(*parts)]

@@ -46,6 +46,7 @@ from ..trainer_utils import (
 from . import core
 from .config import PPOConfig
 from .experience import ExperienceLoader
+from .policy_value import PolicyValueHead
 from .rollout import (
     Batch,
     check_prompts_fit_model,
@@ -70,6 +71,9 @@ class PolicyAndValue(nn.Module):
         the wrapper (DDP, DeepSpeed), whose forward arms the gradient synchronisation;
         calling the inner modules directly would skip it."""
         batch = Batch(input_ids, attention_mask, position_ids, response_mask, prompt_width)
+        if isinstance(self.value_model, PolicyValueHead):  # one forward for both
+            return response_logps(self.policy, batch, temperature, group=group,
+                                  value_head=self.value_model)
         values = (response_values(self.value_model, batch)
                   if self.value_model is not None else None)
         return response_logps(self.policy, batch, temperature, group=group), values
@@ -79,7 +83,7 @@ class PolicyAndValue(nn.Module):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
         their activations in the backward pass (a PeftModel passes it to its base)."""
         for m in (self.policy, self.value_model):
-            if m is None:
+            if m is None or isinstance(m, PolicyValueHead):  # the policy's own forward
                 continue
             m.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=activation_checkpointing_kwargs,
@@ -109,10 +113,14 @@ class PPOTrainer(CheckedTraining, Trainer):
         validate_prompt_dataset(train_dataset)
         check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
                                 args.response_length)
-        if args.uses_critic and value_model is None:
+        if args.value_head_on_policy and value_model is not None:
+            raise ValueError("value_head_on_policy=True puts the value head on the policy: "
+                             "pass no value_model (or set value_head_on_policy=False)")
+        if args.uses_critic and value_model is None and not args.value_head_on_policy:
             raise ValueError("advantage_estimator='gae' learns a value model: pass value_model="
-                             "ValueModel.from_backbone(path), or choose a critic-free "
-                             "estimator (grpo, rloo, reinforce_pp, reinforce_pp_baseline)")
+                             "ValueModel.from_backbone(path), set value_head_on_policy=True, "
+                             "or choose a critic-free estimator (grpo, rloo, reinforce_pp, "
+                             "reinforce_pp_baseline)")
         if not args.uses_critic and value_model is not None:
             import warnings
 
@@ -133,6 +141,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                 keep_4bit_differentiable(m)
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if args.value_head_on_policy:
+            value_model = PolicyValueHead(model, model.config.get_text_config().hidden_size)
         if args.disable_dropout:  # after the adapters: LoRA has its own dropout
             for m in (model, value_model, ref_model,
                       reward if isinstance(reward, nn.Module) else None):
@@ -332,7 +342,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         value_dir = os.path.join(resume_from_checkpoint, "value_model")
         if wrapper.value_model is None:
             pass
-        elif hasattr(wrapper.value_model, "load_checkpoint"):  # single-base AdapterHead
+        elif hasattr(wrapper.value_model, "load_checkpoint"):  # AdapterHead, PolicyValueHead
             wrapper.value_model.load_checkpoint(value_dir)
         else:
             _load_weights(wrapper.value_model, os.path.join(value_dir, "model.safetensors"))

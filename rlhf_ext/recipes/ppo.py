@@ -49,6 +49,9 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     policy = load_causal_lm(model_args.model_name_or_path, model_args)
     peft_config = get_peft_config(model_args)
+    if ppo_args.single_base and training_args.value_head_on_policy:
+        raise ValueError("single_base gives the value its own adapter; value_head_on_policy "
+                         "puts it on the policy: choose one")
     if ppo_args.single_base:
         if peft_config is None or ppo_args.reward_model_path is None:
             raise ValueError("single_base needs use_peft: true and a reward_model_path saved "
@@ -75,8 +78,8 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
     else:
         raise ValueError(f"reward must be 'model', 'oracle' or 'module:function', "
                          f"got {ppo_args.reward!r}")
-    if not training_args.uses_critic:  # grpo, rloo, reinforce_pp...: no value model
-        value_model = None
+    if not training_args.uses_critic or training_args.value_head_on_policy:
+        value_model = None  # critic-free (grpo, rloo...), or the trainer's head on the policy
     elif not ppo_args.single_base:
         reward_path = ppo_args.reward_model_path if ppo_args.reward == "model" else None
         value_path = (ppo_args.value_model_path or reward_path
