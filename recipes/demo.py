@@ -106,10 +106,12 @@ def evaluate_all(out: Path, world: Path, methods: list[str], n_prompts: int, see
 def curves(summary: dict) -> dict[str, list]:
     """Training curves from a stage's log history: the reward signal and, for PPO, the KL."""
     history = [h for h in summary.get("log_history", []) if "loss" in h]
-    steps = [h["step"] for h in history]
-    key = "objective/scores" if history and "objective/scores" in history[0] else "rewards/margins"
-    out = {"step": steps, "reward_key": key, "reward": [h.get(key) for h in history]}
-    if history and "objective/kl" in history[0]:
+    key = "objective/scores" if any("objective/scores" in h for h in history) \
+        else "rewards/margins"
+    history = [h for h in history if key in h]  # PPO: the logs whose steps held a rollout
+    out = {"step": [h["step"] for h in history], "reward_key": key,
+           "reward": [h[key] for h in history]}
+    if any("objective/kl" in h for h in history):
         out["kl"] = [h["objective/kl"] for h in history]
     return out
 

@@ -38,7 +38,7 @@ PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 LOSS_ARGS = {"orpo": ["--beta", "2.0"], "simpo": ["--learning_rate", "1e-4"]}
 # the frontier of --full: (family, knob, values); the first value is the default run's point
 FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0.2])}
-SIZES = {  # what --quick shrinks; the default: 35.1 minutes on a 2-core CPU (2026-12-03)
+SIZES = {  # what --quick shrinks; the default: 31.9 minutes on a 2-core CPU (2026-12-03)
     "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=3, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
@@ -46,8 +46,9 @@ SIZES = {  # what --quick shrinks; the default: 35.1 minutes on a 2-core CPU (20
     # learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
     # prompts (2026-12-03, 2 threads: +0.27 over the reference's 0.294, s.e. of the
     # difference 0.066; 16 steps +0.14, 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9);
-    # ppo_vader for two iterations: too few to move held-out VADER reliably (two or three
-    # iterations of 16 or 32 rollouts, lr 2e-4 to 1e-3, 1 to 4 epochs: +0.05 to +0.21)
+    # ppo_vader for two iterations: too few to move held-out VADER reliably (two to four
+    # iterations of 16 or 32 rollouts, lr 2e-4 to 1e-3, 1 to 4 epochs: +0.04 to +0.21,
+    # with a separate value model or the value head on the policy)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,
                   best_of=[], reward=["--max_steps", "4"],
                   preference=["--max_steps", "24", "--per_device_train_batch_size", "4",

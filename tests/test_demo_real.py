@@ -4,8 +4,11 @@ VADER as the judge, the pairs sampled and labelled, DPO trained 24 steps on them
 there (measured +0.27, 4 standard errors of the difference; recipes/demo_real.py).
 
 PPO is not in it: on this 2-core CPU a PPO run that moves held-out VADER reliably takes
-longer than this whole test (two or three iterations: +0.05 to +0.21 over six settings, in
-1 to 4 minutes each; the default's ten iterations +0.20 in 5 to 7.5 minutes), so PPO on
+longer than this whole test. With the separate value model (until 2026-12-03), two or
+three iterations gave +0.05 to +0.21 over six settings, in 1 to 4 minutes each; with the
+value head on the policy (the demo's PPO now), five settings of 2 to 4 iterations gave
++0.04 to +0.17 in 1.2 to 3.1 minutes each on one thread (lr 2e-4 to 1e-3, rollouts of 16
+or 32, 1 or 2 epochs); the default's ten iterations +0.17 in 5 to 7.5 minutes. So PPO on
 the real model is tested for its mechanics in tests/test_real_recipes.py and
 tests/test_real_model.py, and the demo's PPO stages run the same recipe. What is asserted
 besides: the pairs and their labels, the held-out split, the report's schema and its exact
