@@ -6,9 +6,10 @@ PPOTrainer (the last TRL with PPO), GRPO against the installed TRL's GRPOTrainer
 Same prompts (chat-templated film-review requests), response length, rollout and minibatch
 sizes, one PPO epoch, float32, one thread, each run in its own process; PPO: a reward
 model and a value model on SmolLM2's backbone with fresh heads, the reference a copy of
-the policy; GRPO: 4 samples per prompt, VADER as the reward function, KL to the reference
-as a loss term (beta 0.04), one optimizer step per rollout; ours also with prefix sharing
-(each group's prompt computed once). TRL 1.12.0 is installed (without dependencies, beside this environment's
+the policy (ours also with the value as a head on the policy, ``value_head_on_policy``:
+no value model); GRPO: 4 samples per prompt, VADER as the reward function, KL to the
+reference as a loss term (beta 0.04), one optimizer step per rollout; ours also with
+prefix sharing (each group's prompt computed once). TRL 1.12.0 is installed (without dependencies, beside this environment's
 transformers) into a folder of its own under the rlhf_ext cache the first time.
 Printed: seconds per iteration (median after the first), rollout tokens per second
 (response tokens sampled per second of iteration), peak resident memory of the process,
@@ -121,7 +122,8 @@ def ours(a) -> dict:
         logging_steps=1, num_sample_generations=0, use_cpu=True, disable_tqdm=True,
         **(dict(advantage_estimator="grpo", num_generations=a.group, kl_coef=0.0,
                 kl_loss_coef=0.04, loss_aggregation="token_mean",
-                prefix_sharing=a.mode == "grpo-ours-shared") if grpo else {}))
+                prefix_sharing=a.mode == "grpo-ours-shared") if grpo
+           else dict(value_head_on_policy=a.mode == "ppo-ours-head")))
     policy = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     n = a.rollout // (a.group if grpo else 1) * a.iterations
@@ -129,8 +131,9 @@ def ours(a) -> dict:
     if grpo:
         trainer = PPOTrainer(policy, args, tok, data, reward=vader_reward)
     else:
+        value = None if args.value_head_on_policy else ValueModel.from_backbone(path)
         trainer = PPOTrainer(policy, args, tok, data, reward=RewardModel.from_backbone(path),
-                             value_model=ValueModel.from_backbone(path))
+                             value_model=value)
     clock = Clock()
     trainer.add_callback(clock.callback)
     trainer.train()
@@ -228,8 +231,8 @@ def trl_grpo(a) -> dict:
     return out
 
 
-CHILDREN = {"ppo-trl": trl_ppo, "ppo-ours": ours, "grpo-trl": trl_grpo, "grpo-ours": ours,
-            "grpo-ours-shared": ours}
+CHILDREN = {"ppo-trl": trl_ppo, "ppo-ours": ours, "ppo-ours-head": ours, "grpo-trl": trl_grpo,
+            "grpo-ours": ours, "grpo-ours-shared": ours}
 
 
 # -------------------------------------------------------------------------------------
@@ -281,6 +284,7 @@ def main() -> None:
     for algo in ("ppo", "grpo"):
         trl_r = results.get(f"{algo}-trl")
         for name, r in (("TRL", trl_r), ("rlhf_ext", results.get(f"{algo}-ours")),
+                        ("rlhf_ext, value head on the policy", results.get(f"{algo}-ours-head")),
                         ("rlhf_ext, prefix sharing", results.get(f"{algo}-ours-shared"))):
             if r is None:
                 continue
