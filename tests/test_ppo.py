@@ -79,8 +79,7 @@ def test_resume_matches_uninterrupted(world_dir, tmp_path, stop, estimator):
     checkpoint = tmp_path / "part" / f"checkpoint-{stop}"
     # mid-iteration, the checkpoint keeps the iteration's rollout for the remaining updates
     assert (checkpoint / "ppo_experience_0.pt").exists() == (stop % 4 != 0)
-    critic = part.args.uses_critic
-    assert (checkpoint / "value_model").exists() == critic
+    assert (checkpoint / "value_model").exists() == part.args.uses_critic
     assert (checkpoint / "value_model" / "value_head.safetensors").exists() == \
         part.args.value_head_on_policy
     resumed = make_trainer(tok, tmp_path / "policy", tmp_path / "part", **estimator)

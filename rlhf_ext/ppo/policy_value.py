@@ -19,6 +19,7 @@ from torch import nn
 
 from ..heads import ValueOutput
 from ..logps import final_hidden
+from .single_base import new_value_head
 
 FILE, CONFIG = "value_head.safetensors", "value_head.json"
 
@@ -34,9 +35,7 @@ class PolicyValueHead(nn.Module):
     def __init__(self, policy, hidden_size: int):
         super().__init__()
         self._policy = [policy]  # a list: not a registered submodule (no parameter twice)
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = new_value_head(hidden_size)
 
     @property
     def policy(self):

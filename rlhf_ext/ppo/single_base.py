@@ -79,7 +79,7 @@ class AdapterHead(nn.Module):
         set_peft_model_state_dict(self.peft_model, lora, adapter_name=self.adapter)
 
 
-def _new_value_head(hidden: int) -> nn.Linear:
+def new_value_head(hidden: int) -> nn.Linear:
     """V = 0 everywhere at the start, as ValueModel's head (rlhf_ext.heads)."""
     head = nn.Linear(hidden, 1)
     nn.init.zeros_(head.weight)
@@ -106,7 +106,7 @@ def build_single_base(base_model, policy_lora, reward_adapter_dir: str, value_lo
     for name, p in policy.named_parameters():
         if ".value." in name or name.endswith(".value"):
             p.requires_grad_(True)
-    value = AdapterHead(policy, "value", _new_value_head(hidden), "value")
+    value = AdapterHead(policy, "value", new_value_head(hidden), "value")
 
     config = LoraConfig.from_pretrained(reward_adapter_dir)
     config.modules_to_save = None
