@@ -2,6 +2,7 @@
 PPOTrainer (the last TRL with PPO), GRPO against the installed TRL's GRPOTrainer.
 
     python benchmarks/online_vs_trl.py [--iterations 3 --rollout 16 --chunk 8 --response 48]
+                                       [--lora 16] [--runs ppo-trl ppo-ours-head ...]
 
 Same prompts (chat-templated film-review requests), response length, rollout and minibatch
 sizes, one PPO epoch, float32, one thread, each run in its own process; PPO: a reward
@@ -9,8 +10,11 @@ model and a value model on SmolLM2's backbone with fresh heads, the reference a 
 the policy (ours also with the value as a head on the policy, ``value_head_on_policy``:
 no value model); GRPO: 4 samples per prompt, VADER as the reward function, KL to the
 reference as a loss term (beta 0.04), one optimizer step per rollout; ours also with
-prefix sharing (each group's prompt computed once). TRL 1.12.0 is installed (without dependencies, beside this environment's
-transformers) into a folder of its own under the rlhf_ext cache the first time.
+prefix sharing (each group's prompt computed once). With ``--lora R`` every run trains a
+LoRA adapter of rank R on the policy, and both trainers use the policy without its adapter
+as the reference (TRL's value model stays a full model, as TRL 1.12 has it). TRL 1.12.0
+is installed (without dependencies, beside this environment's transformers) into a folder
+of its own under the rlhf_ext cache the first time.
 Printed: seconds per iteration (median after the first), rollout tokens per second
 (response tokens sampled per second of iteration), peak resident memory of the process,
 and the ratios ours / TRL.
@@ -129,15 +133,27 @@ def ours(a) -> dict:
     n = a.rollout // (a.group if grpo else 1) * a.iterations
     data = Dataset.from_dict({"prompt": prompts(n)})
     if grpo:
-        trainer = PPOTrainer(policy, args, tok, data, reward=vader_reward)
+        trainer = PPOTrainer(policy, args, tok, data, reward=vader_reward,
+                             peft_config=lora(a))
     else:
         value = None if args.value_head_on_policy else ValueModel.from_backbone(path)
         trainer = PPOTrainer(policy, args, tok, data, reward=RewardModel.from_backbone(path),
-                             value_model=value)
+                             value_model=value, peft_config=lora(a))
     clock = Clock()
     trainer.add_callback(clock.callback)
     trainer.train()
     return summary(clock, tokens, a.iterations)
+
+
+def lora(a):
+    """The policy's LoRA adapter of ``--lora R`` (every linear layer, alpha 2R, no dropout;
+    the reference is then the policy with the adapter switched off), or None."""
+    if not a.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def trl_ppo(a) -> dict:
@@ -180,12 +196,12 @@ def trl_ppo(a) -> dict:
         save_strategy="no", logging_steps=1, num_sample_generations=0, use_cpu=True,
         disable_tqdm=True, stop_token="eos")
     policy = AutoModelForCausalLM.from_pretrained(path)
-    ref = AutoModelForCausalLM.from_pretrained(path)
+    ref = None if a.lora else AutoModelForCausalLM.from_pretrained(path)
     reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref,
                          reward_model=reward, value_model=value, train_dataset=data,
-                         eval_dataset=data)
+                         eval_dataset=data, peft_config=lora(a))
     clock = Clock()
     trainer.add_callback(clock.callback)
     trainer.train()
@@ -222,7 +238,8 @@ def trl_grpo(a) -> dict:
         disable_tqdm=True, log_completions=False)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path),
                           reward_funcs=reward, args=args, processing_class=tok,
-                          train_dataset=Dataset.from_dict({"prompt": prompts(n)}))
+                          train_dataset=Dataset.from_dict({"prompt": prompts(n)}),
+                          peft_config=lora(a))
     clock = Clock()
     trainer.add_callback(clock.callback)
     trainer.train()
@@ -251,6 +268,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4, help="GRPO samples per prompt")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing on for every run (TRL's default)")
+    parser.add_argument("--lora", type=int, default=0,
+                        help="LoRA rank of the policy for every run (0: full fine-tuning); "
+                             "the reference is then the policy without its adapter")
     parser.add_argument("--runs", nargs="+", default=list(CHILDREN))
     parser.add_argument("--json")
     parser.add_argument("--child", choices=list(CHILDREN))
@@ -263,7 +283,7 @@ def main() -> None:
         return
     shared = ["--iterations", str(a.iterations), "--rollout", str(a.rollout),
               "--minibatch", str(a.minibatch), "--chunk", str(a.chunk),
-              "--response", str(a.response), "--group", str(a.group)]
+              "--response", str(a.response), "--group", str(a.group), "--lora", str(a.lora)]
     if a.checkpointing:
         shared.append("--checkpointing")
     results = {}
@@ -278,7 +298,8 @@ def main() -> None:
                   flush=True)
     print(f"\nSmolLM2-135M-Instruct, one thread, float32, rollout {a.rollout}, minibatch "
           f"{a.minibatch}, forward chunk {a.chunk}, response {a.response}, gradient "
-          f"checkpointing {'on' if a.checkpointing else 'off'}")
+          f"checkpointing {'on' if a.checkpointing else 'off'}, "
+          + (f"LoRA r {a.lora} on the policy" if a.lora else "full fine-tuning"))
     print("| algorithm | trainer | s / iteration | rollout tokens / s | peak MiB | speed vs TRL "
           "| memory vs TRL |\n|---|---|---|---|---|---|---|")
     for algo in ("ppo", "grpo"):
