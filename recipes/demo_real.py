@@ -48,7 +48,9 @@ SIZES = {  # what --quick shrinks; the default: 31.9 minutes on a 2-core CPU (20
     # difference 0.066; 16 steps +0.14, 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9);
     # ppo_vader for two iterations: too few to move held-out VADER reliably (two to four
     # iterations of 16 or 32 rollouts, lr 2e-4 to 1e-3, 1 to 4 epochs: +0.04 to +0.21,
-    # with a separate value model or the value head on the policy)
+    # with a separate value model or the value head on the policy; on 2026-12-03 with
+    # the head, 2 iterations +0.07 at KL 0.24; 3 at lr 1e-3 with 2 epochs, seed 1, -0.06
+    # at KL 7.6 (seed 0 had given +0.17); 3 at lr 5e-4 with 4 epochs +0.06 at KL 4.0)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,
                   best_of=[], reward=["--max_steps", "4"],
                   preference=["--max_steps", "24", "--per_device_train_batch_size", "4",
