@@ -46,16 +46,19 @@ SIZES = {  # what --quick shrinks; the default: 31.9 minutes on a 2-core CPU (20
     # learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
     # prompts (2026-12-03, 2 threads: +0.27 over the reference's 0.294, s.e. of the
     # difference 0.066; 16 steps +0.14, 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9);
-    # ppo_vader for two iterations: too few to move held-out VADER reliably (two to four
-    # iterations of 16 or 32 rollouts, lr 2e-4 to 1e-3, 1 to 4 epochs: +0.04 to +0.21,
-    # with a separate value model or the value head on the policy; on 2026-12-03 with
-    # the head, 2 iterations +0.07 at KL 0.24; 3 at lr 1e-3 with 2 epochs, seed 1, -0.06
-    # at KL 7.6 (seed 0 had given +0.17); 3 at lr 5e-4 with 4 epochs +0.06 at KL 4.0)
+    # ppo_vader (PPO against VADER, the value head on the policy) for 4 iterations of 16
+    # rollouts at lr 5e-4 with 2 epochs and lam 1 (each token credited with the whole
+    # final score: at 0.95 the first of 32 tokens, where a review's tone is set, gets a
+    # fifth of it while the fresh value head knows nothing): +0.16, +0.25, +0.14, +0.12 at KL
+    # 2.3 to 5.7 with PPO seeds 0-3 (2026-12-03, 2 threads, 130-150 s of training). At
+    # lam 0.95 it did not move reliably: two to four iterations, lr 2e-4 to 1e-3, 1 to 4
+    # epochs gave -0.06 to +0.21 (+0.17 and -0.06 for one setting with two seeds)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,
                   best_of=[], reward=["--max_steps", "4"],
                   preference=["--max_steps", "24", "--per_device_train_batch_size", "4",
                               "--logging_steps", "4", "--prefix_sharing", "true"],
-                  ppo=["--num_train_epochs", "2"]),
+                  ppo=["--num_train_epochs", "4", "--learning_rate", "5e-4",
+                       "--num_ppo_epochs", "2", "--lam", "1.0"]),
 }
 MAX_NEW_TOKENS = 32
 # critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each
