@@ -38,6 +38,8 @@ class OnlineDPOConfig(PreferenceConfig):
     """PreferenceConfig (the loss, beta and the rest as offline) plus the rounds; sampling
     field names and defaults as TRL's OnlineDPOConfig (max_new_tokens 64, temperature 0.9)."""
 
+    completions_are_samples = True  # an empty sample (eos first) is trained on
+
     num_rounds: int = field(default=2, metadata={
         "help": "Rounds of sample -> judge -> train."})
     num_generations: int = field(default=2, metadata={

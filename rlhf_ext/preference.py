@@ -218,7 +218,8 @@ class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
     def _prepare(dataset, tokenizer, args, names, name):
         if dataset is None:
             return None
-        kind = validate_preference_dataset(dataset, args.paired, names, name)
+        kind = validate_preference_dataset(dataset, args.paired, names, name,
+                                           args.completions_are_samples)
         soft = check_soft_labels(dataset, name)
         if soft and not args.paired:
             raise DataError(f"{name} dataset has soft labels ('{SOFT_LABEL}'), which rate a "

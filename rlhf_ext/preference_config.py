@@ -18,6 +18,11 @@ class PreferenceConfig(DataFields, TrainingArguments):
     defaults (learning rate 1e-6, a log every 10 steps). Two defaults differ on purpose:
     gradient checkpointing and bf16 stay off (TRL turns both on) — see the README."""
 
+    # not a field: True where the completions are the policy's own samples (online DPO),
+    # so an empty one is the policy stopping at once, a sample to learn from; in a given
+    # dataset an empty completion is an error
+    completions_are_samples = False
+
     learning_rate: float = field(default=1e-6, metadata={
         "help": "Initial AdamW learning rate (TRL DPOConfig's default, 1e-6)."})
     logging_steps: float = field(default=10, metadata={

@@ -102,3 +102,26 @@ def test_online_dpo_rounds_labels_and_resume(sft_run, tok, tmp_path, lora):
     resumed = weights(policy.merge_and_unload() if lora else policy)
     for k in final:
         torch.testing.assert_close(resumed[k], final[k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_sample_is_trained_on_where_a_given_one_is_refused(policy_dir, tok, tmp_path):
+    """A sample that is eos at once (text "") is a sample online DPO learns from: its
+    completion is the eos token alone; the same row in a given dataset is a data error."""
+    from datasets import Dataset
+
+    from rlhf_ext.data import DataError
+    from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+
+    data = Dataset.from_list([{"prompt": PROMPTS[0]["prompt"], "chosen": "a fine day .",
+                               "rejected": ""}] * 2)
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, beta=0.1,
+              max_length=64, report_to="none", use_cpu=True, save_strategy="no",
+              disable_tqdm=True, learning_rate=1e-3)
+    with pytest.raises(DataError, match="row 0, column 'rejected': empty text"):
+        PreferenceTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), None,
+                          PreferenceConfig(**kw), train_dataset=data, processing_class=tok)
+    trainer = PreferenceTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), None,
+                                OnlineDPOConfig(**kw), train_dataset=data, processing_class=tok)
+    assert trainer.train_dataset[0]["rejected_ids"] == [tok.eos_token_id]
+    # one step from policy == reference: the DPO loss is exactly log 2
+    assert math.isclose(trainer.train().training_loss, math.log(2), rel_tol=1e-5)

@@ -113,9 +113,10 @@ def dataset_kind(dataset, name: str = "train") -> str:
 
 
 def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str],
-                                name: str = "train") -> str:
+                                name: str = "train", empty_completions: bool = False) -> str:
     """Check every row before training (a stream: its first rows); return the dataset
-    kind. Raises ``DataError``."""
+    kind. Raises ``DataError``. ``empty_completions``: allow them (a policy's own samples,
+    where an empty one is the policy stopping at once)."""
     check_one_split(dataset, name)
     kind = dataset_kind(dataset, name)
     if paired_loss and kind.endswith("unpaired"):
@@ -131,7 +132,7 @@ def validate_preference_dataset(dataset, paired_loss: bool, loss_names: list[str
         if has_prompt:
             _check_text(example["prompt"], "prompt", row, name, allow_empty=kind == "paired")
         for column in columns:
-            _check_text(example[column], column, row, name)
+            _check_text(example[column], column, row, name, allow_empty=empty_completions)
             _check_completion_turns(example, column, has_prompt, row, name)
         if kind == "unpaired" and not isinstance(example["label"], bool):
             raise DataError(
