@@ -154,6 +154,28 @@ def test_sampled_kl_from_the_sampling_logits_and_shared_prompts(smollm2):
         sequence_kl(policy, reference, tok, prompts[1:] + prompts[:1], out.ids, group=2)
 
 
+def test_repeated_prompts_are_computed_once_and_sample_as_alone(smollm2):
+    """Repeated prompts (of different lengths, interleaved) share one prompt forward and
+    its KV cache; greedy, every row equals the prompt decoded on its own, in input order."""
+    from rlhf_ext.sampling import shared_prompt_inputs
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                       add_generation_prompt=True)
+               for c in ("Hi.", "Write one sentence about a rainy harbour town.", "Name a fruit.")]
+    alone = generate_completions(model, tok, prompts, max_new_tokens=12, temperature=0.0)
+    mixed = [prompts[i] for i in (2, 0, 2, 1, 0, 2)]
+    shared = generate_completions(model, tok, mixed, max_new_tokens=12, temperature=0.0,
+                                  batch_size=4)
+    assert shared.ids == [alone.ids[i] for i in (2, 0, 2, 1, 0, 2)]
+    assert len(set(map(tuple, alone.ids))) == 3
+    tok.padding_side = "left"
+    inputs = shared_prompt_inputs(model, tok, [prompts[1], prompts[1], prompts[0]])
+    assert inputs["past_key_values"].get_seq_length() == inputs["input_ids"].shape[1] - 1
+    assert inputs["past_key_values"].layers[0].keys.shape[0] == 3  # two prompts, three rows
+
+
 def test_sampling_ignores_the_models_generation_config(smollm2):
     tok = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModelForCausalLM.from_pretrained(smollm2)
@@ -166,13 +188,18 @@ def test_sampling_ignores_the_models_generation_config(smollm2):
     ours = generate_completions(model, tok, prompts, max_new_tokens=12, seed=5)
     assert ours.ids == plain.ids
     assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
-    # the shipped settings would have changed the samples
+    # the shipped settings would have changed the output: greedy, ours ignores the
+    # shipped repetition penalty where transformers' generate() applies it
+    greedy = generate_completions(model, tok, prompts, max_new_tokens=12, temperature=0.0)
     batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
                 add_special_tokens=False)
-    torch.manual_seed(5)
-    leaked = model.generate(**batch, max_new_tokens=12, do_sample=True, temperature=1.0)
+    leaked = model.generate(**batch, max_new_tokens=12, do_sample=False)
     leaked = leaked[:, batch["input_ids"].shape[1]:].tolist()
-    assert [row[:len(ids)] for row, ids in zip(leaked, ours.ids)] != ours.ids
+    assert [row[:len(ids)] for row, ids in zip(leaked, greedy.ids)] != greedy.ids
+    model.generation_config.repetition_penalty = 1.0  # without it, the same greedy output
+    plain_greedy = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    plain_greedy = plain_greedy[:, batch["input_ids"].shape[1]:].tolist()
+    assert [row[:len(ids)] for row, ids in zip(plain_greedy, greedy.ids)] == greedy.ids
     with pytest.raises(ValueError, match="temperature must be > 0"):
         PPOConfig(output_dir="unused", temperature=0.0)
 

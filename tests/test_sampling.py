@@ -1,0 +1,80 @@
+"""The sampler of generate_completions: inverse-CDF draws from softmax(logits / T)
+restricted by top-k/top-p, in place of torch.multinomial."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from rlhf_ext.sampling import InverseCdfSampling, generate_completions, inverse_cdf_sample
+
+
+def test_inverse_cdf_at_hand_computed_points():
+    """weights [0, 1, 0, 3, 0]: CDF 0, 1, 1, 4, 4 (blocks of 2); target u * 4."""
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]]).expand(6, -1)
+    uniform = torch.tensor([0.0, 0.2, 0.249, 0.25, 0.9999, 1.0])  # 1.0: rounding's worst case
+    got = inverse_cdf_sample(weights, uniform, block=2)
+    assert got.tolist() == [1, 1, 1, 3, 3, 3]  # never a token of weight 0
+
+
+@pytest.mark.parametrize("block", [4, 64, 256])
+def test_inverse_cdf_frequencies_are_the_weights(block):
+    """50,000 draws over 300 entries (a zero block, zeros inside blocks, one heavy entry):
+    every frequency within 5 standard errors of its probability, zeros never drawn."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(300, generator=g) ** 4
+    weights[40:80] = 0.0
+    weights[::7] = 0.0
+    weights[123] = 30.0
+    p = weights / weights.sum()
+    n = 50_000
+    draws = inverse_cdf_sample(weights.expand(n, -1), torch.rand(n, generator=g), block=block)
+    freq = torch.bincount(draws, minlength=300).double() / n
+    se = (p * (1 - p) / n).sqrt().double()
+    assert freq[p == 0].sum() == 0
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all()
+
+
+def test_processor_draws_from_the_warped_softmax():
+    """Temperature 0.5, top-k 3 and top-p 0.9 on fixed logits: the processor's argmax is
+    a draw from transformers' own warped distribution."""
+    torch.manual_seed(1)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.8]])
+    warped = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(3)(None, logits / 0.5))
+    p = torch.softmax(warped, -1)[0]
+    assert (p > 0).sum() == 2  # top-p keeps 2 of top-k's 3: hand-checkable support
+    n = 40_000
+    scores = InverseCdfSampling(0.5, 3, 0.9)(None, logits.expand(n, -1).clone())
+    assert ((scores == 0).sum(1) == 1).all() and torch.isinf(scores).sum() == n * 5
+    freq = torch.bincount(scores.argmax(1), minlength=6).double() / n
+    se = (p * (1 - p) / n).sqrt().double()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), (freq, p)
+
+
+def test_generate_completions_samples_the_models_next_token_distribution(tmp_path):
+    """One new token from a tiny Llama: the empirical next-token frequencies over 4,000
+    rows match the model's softmax; the same seed gives the same samples."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(16)}, "t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1")
+    assert tok("t5 t6", add_special_tokens=False)["input_ids"] == [5, 6]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=None)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a peaked distribution, far from uniform
+        p = torch.softmax(model(torch.tensor([[5, 6]])).logits[0, -1], -1)
+    n = 4000
+    out = generate_completions(model, tok, ["t5 t6"] * n, max_new_tokens=1, batch_size=n,
+                               seed=3)
+    again = generate_completions(model, tok, ["t5 t6"] * n, max_new_tokens=1, batch_size=n,
+                                 seed=3)
+    assert out.ids == again.ids
+    freq = torch.bincount(torch.tensor([ids[0] for ids in out.ids]), minlength=16) / n
+    se = (p * (1 - p) / n).sqrt()
+    assert p.max() < 0.9 and (p > 0.02).sum() >= 3  # several likely tokens to tell apart
+    assert ((freq - p).abs() <= 5 * se + 1e-6).all(), (freq, p)
