@@ -203,7 +203,7 @@ class Judge:
         from rlhf_ext.sampling import generate_completions
 
         return generate_completions(model, self.tokenizer, self.rendered * copies,
-                                    MAX_NEW_TOKENS, temperature=1.0, batch_size=96,
+                                    MAX_NEW_TOKENS, temperature=1.0, batch_size=176,
                                     seed=self.seed + seed_offset, progress=True,
                                     return_logps=return_logps)
 
