@@ -110,9 +110,8 @@ def shared_prompt_inputs(model, tokenizer, prompts: list[str]) -> dict:
     """``generate()``'s inputs for a batch whose identical prompts sit side by side: each
     distinct prompt but its last token goes through the model once, and its KV cache is
     repeated for its rows (``past_key_values``); generate() then computes only the last
-    prompt token of every row. Three samples of a 48-token prompt with 32 new tokens
-    compute 80 tokens of prompt and completion each without this, 59 with it (the prompt
-    counted once). A batch of distinct prompts gets the plain inputs.
+    prompt token of every row: three samples of a 48-token prompt compute its first 47
+    tokens once instead of three times. A batch of distinct prompts gets the plain inputs.
 
     Left padding, and positions counted from each row's first real token, as generate()
     counts them."""
