@@ -142,7 +142,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     Prompts are plain strings, already rendered (apply a chat template before calling).
     Exactly this decoding is used: nothing of the model's own ``generation_config`` (a
     shipped repetition penalty, top-k, min-p...) applies, so the samples come from
-    softmax(logits / temperature) restricted by ``top_k``/``top_p`` alone.
+    softmax(logits / temperature) restricted by ``top_k``/``top_p`` alone, drawn by
+    ``InverseCdfSampling``. Identical prompts are batched together and each is computed
+    once per batch (``shared_prompt_inputs``); the results keep the order of ``prompts``.
 
     ``return_logps``: also each sampled token's log-probability at temperature 1, read
     from the logits the sampling step computed (what ``sequence_kl`` needs of the
