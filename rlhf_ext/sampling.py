@@ -116,20 +116,19 @@ def shared_prompt_inputs(model, tokenizer, prompts: list[str]) -> dict:
     Left padding, and positions counted from each row's first real token, as generate()
     counts them."""
     device = next(model.parameters()).device
-    distinct = list(dict.fromkeys(prompts))
-    batch = tokenizer(distinct, return_tensors="pt", padding=True,
+    distinct = {p: k for k, p in enumerate(dict.fromkeys(prompts))}
+    batch = tokenizer(list(distinct), return_tensors="pt", padding=True,
                       add_special_tokens=False).to(device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    index = torch.tensor([distinct[p] for p in prompts], device=device)
+    inputs = {"input_ids": ids[index], "attention_mask": mask[index]}
     if len(distinct) == len(prompts) or ids.shape[1] < 2:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
-        return dict(batch)
+        return inputs
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                   position_ids=positions[:, :-1], use_cache=True).past_key_values
-    index = torch.tensor([distinct.index(p) for p in prompts], device=device)
     cache.reorder_cache(index)  # row i of the cache becomes distinct prompt index[i]'s
-    return {"input_ids": ids[index], "attention_mask": mask[index], "past_key_values": cache}
+    return {**inputs, "past_key_values": cache}
 
 
 @torch.no_grad()
