@@ -50,7 +50,8 @@ SIZES = {  # what --quick shrinks; the default: 34.1 minutes on a 2-core CPU (20
     # rollouts at lr 5e-4 with 2 epochs and lam 1 (each token credited with the whole
     # final score: at 0.95 the first of 32 tokens, where a review's tone is set, gets a
     # fifth of it while the fresh value head knows nothing): +0.16, +0.25, +0.14, +0.12 at KL
-    # 2.3 to 5.7 with PPO seeds 0-3 (2026-12-03, 2 threads, 130-150 s of training). At
+    # 2.3 to 5.7 with PPO seeds 0-3 (2026-12-03, 2 threads, 130-150 s of training; these
+    # quick numbers are all from the sampler before its inverse-CDF draws). At
     # lam 0.95 it did not move reliably: two to four iterations, lr 2e-4 to 1e-3, 1 to 4
     # epochs gave -0.06 to +0.21 (+0.17 and -0.06 for one setting with two seeds)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,

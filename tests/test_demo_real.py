@@ -2,7 +2,9 @@
 SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, DPO trained 24
 steps on them, PPO against VADER for 4 iterations of 16 rollouts (LoRA, the value a head on
 the policy), both judged on 4 samples of each of 22 prompts about films no stage trained
-on: both beat the reference there. Measured (2026-12-03, 2 threads; recipes/demo_real.py):
+on: both beat the reference there. Measured with the sampler before its inverse-CDF draws
+(2026-12-03, 2 threads; recipes/demo_real.py; the new sampler's samples differ, and the
+test passed with them in CI, margins not recorded):
 DPO +0.27 over the reference's 0.294 (4 standard errors of the difference); PPO +0.16,
 +0.25, +0.14, +0.12 with PPO seeds 0-3 (2 to 4 standard errors), after over a dozen shorter
 or lam-0.95 settings had moved it by -0.06 to +0.21 only.
