@@ -51,6 +51,13 @@ def stages(out: Path, world: Path, quick: bool) -> list[tuple[str, str, str, str
     return plan
 
 
+def stage_command(name, recipe, config, extra, out: Path, seed: int) -> list[str]:
+    """One stage's recipe as a command: its config, then the demo's overrides."""
+    return [sys.executable, str(RECIPES / recipe), "--config", str(RECIPES / config),
+            "--output_dir", str(out / name), "--seed", str(seed), "--disable_tqdm", "true",
+            *extra]
+
+
 def run_stage(name, recipe, config, summary_file, extra, out: Path, fresh: bool, seed: int):
     """Run one recipe unless its summary exists; return (summary, seconds, reused)."""
     stage_dir = out / name
@@ -59,9 +66,7 @@ def run_stage(name, recipe, config, summary_file, extra, out: Path, fresh: bool,
         shutil.rmtree(stage_dir, ignore_errors=True)
     if summary.exists():
         return json.loads(summary.read_text()), 0.0, True
-    cmd = [sys.executable, str(RECIPES / recipe), "--config", str(RECIPES / config),
-           "--output_dir", str(stage_dir), "--seed", str(seed), "--disable_tqdm", "true",
-           *extra]
+    cmd = stage_command(name, recipe, config, extra, out, seed)
     stage_dir.mkdir(parents=True, exist_ok=True)
     log = stage_dir / "log.txt"
     start = time.time()

@@ -1,7 +1,7 @@
 """The DPO paper's controlled-sentiment experiment on SmolLM2-135M-Instruct, judged by VADER.
 
     python recipes/demo_real.py [--out outputs/demo_real] [--full] [--quick] [--fresh]
-                                [--methods dpo,ppo] [--eval_samples 3] [--seed 0]
+                                [--methods dpo,ppo] [--eval_samples 3] [--seed 0] [--jobs 2]
 
 The instruct model is the reference (and the SFT stage). Its own reviews of made-up films,
 asked to be glowing or scathing, are paired and labelled by a Bradley-Terry model on VADER
@@ -10,15 +10,17 @@ a reward model on the pairs; PPO against that reward model; PPO against VADER it
 dpo, ipo, kto, orpo and simpo on the pairs; with --full (or --methods rlaif) DPO on the
 pairs as the model itself judges them (recipes/demo_real_rlaif.py). Best-of-N sampling of the reference (N = 4, 16,
 ranked by the reward model) is the baseline that trains nothing. Every policy is then
-sampled on prompts about held-out films: mean VADER score, win rate against the
+sampled on prompts about held-out films (recipes/demo_real_eval.py, one process each): mean VADER score, win rate against the
 reference, sampled KL to it, length, distinct-2 and the repeated-word rate (VADER is
 gameable by "great great great"). --full adds DPO betas and PPO KL coefficients for the
 reward-against-KL frontier (the paper's figure 2).
 
-Writes OUT/report.md, OUT/report.json, OUT/frontier.png and OUT/training_curves.png. A
-finished stage (its summary file, or for evaluations its JSON) is reused unless --fresh;
-each stage's output goes to OUT/<stage>/log.txt. --quick is the reduced run of the tests.
-Stages run as in recipes/demo.py; the report is written by recipes/demo_real_report.py.
+Writes OUT/report.md, OUT/report.json, OUT/frontier.png and OUT/training_curves.png. After
+the pairs, training stages and evaluations run --jobs at a time (recipes/stage_pool.py),
+each as soon as what it reads is done. A finished stage (its summary file, or for
+evaluations its JSON) is reused unless --fresh; each stage's output goes to
+OUT/<stage>/log.txt, each evaluation's to OUT/logs/. --quick is the reduced run of the
+tests. The report is written by recipes/demo_real_report.py.
 """
 
 import argparse
@@ -26,6 +28,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+from demo_real_eval import MAX_NEW_TOKENS, eval_folder  # recipes/ is on the path
 
 RECIPES = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -61,7 +65,6 @@ SIZES = {  # what --quick shrinks; the default: 34.1 minutes on a 2-core CPU (20
                   ppo=["--num_train_epochs", "4", "--learning_rate", "5e-4",
                        "--num_ppo_epochs", "2", "--lam", "1.0"]),
 }
-MAX_NEW_TOKENS = 32
 # critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each
 # group's prompt computed once; GRPO with its KL as a loss term (k3), RLOO with the KL in
 # the reward as PPO has it
@@ -163,155 +166,37 @@ def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
     return facts
 
 
-def load_policy(path: Path):
-    """A saved policy, a LoRA adapter merged into its base for fast sampling."""
-    from transformers import AutoModelForCausalLM
+def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool) -> list:
+    """Every training stage and evaluation as a stage_pool Job, longest first where the
+    order is free: the reward model, the two PPO stages, the reference's evaluation (its
+    best-of-N ranks by the reward model; every win rate reads its samples), the offline
+    losses, then each policy's evaluation after its training."""
+    import sys
 
-    if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+    from demo import stage_command
+    from stage_pool import Job
 
-        return AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload().eval()
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
-
-
-class Judge:
-    """Samples policies on the held-out prompts and scores them against the reference.
-
-    The reference is sampled ``reference_samples`` times per prompt: its VADER score and
-    length are means over all of them, and a policy's win rate is, per prompt, the chance
-    that its sample beats one of the reference's (ties half), averaged over prompts; its
-    other statistics, like every policy's, come from ``samples`` samples per prompt."""
-
-    def __init__(self, out: Path, model_path: str, prompts: list, seed: int, samples: int,
-                 reference_samples: int, with_reward_model: bool):
-        from transformers import AutoTokenizer
-
-        from rlhf_ext.models import load_causal_lm
-        from rlhf_ext.reward import load_reward_model
-
-        self.out, self.seed, self.prompts, self.samples = out, seed, prompts, samples
-        self.reference_samples = reference_samples
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.rendered = [self.tokenizer.apply_chat_template(p, tokenize=False,
-                                                            add_generation_prompt=True)
-                         for p in prompts]
-        self.reference = load_causal_lm(model_path).eval()
-        self.reward_model = (load_reward_model(str(out / "reward")).eval()
-                             if with_reward_model else None)
-
-    def sample(self, model, copies: int, seed_offset: int, return_logps: bool = False):
-        """``copies`` samples of every prompt, prompt-major within each copy."""
-        from rlhf_ext.sampling import generate_completions
-
-        return generate_completions(model, self.tokenizer, self.rendered * copies,
-                                    MAX_NEW_TOKENS, temperature=1.0, batch_size=176,
-                                    seed=self.seed + seed_offset, progress=True,
-                                    return_logps=return_logps)
-
-    def stats(self, texts: list[str], lengths: list[int], kl: float,
-              reference: list[list[float]]) -> dict:
-        from statistics import mean, stdev
-
-        from rlhf_ext.real import vader_scores
-        from rlhf_ext.real_task import distinct_n, repeated_word_rate, win_rate
-
-        scores, k = vader_scores(texts), len(self.prompts)
-        wins = mean(win_rate([scores[i]] * len(reference[i % k]), reference[i % k])
-                    for i in range(len(scores)))
-        return {"vader": mean(scores), "vader_se": stdev(scores) / len(scores) ** 0.5,
-                "win_rate_vs_reference": wins, "kl_to_reference": kl,
-                "mean_length": mean(lengths), "distinct_2": distinct_n(texts, 2),
-                "repeated_word_rate": repeated_word_rate(texts), "scores": scores,
-                "completions": texts}
-
-    def reference_and_best_of(self, best_of: list[int]) -> dict:
-        """The reference's samples and best-of-n (the reward model's favourite of n) from
-        the same pool; the reward model's Spearman with VADER over the pool."""
-        from statistics import mean, stdev
-
-        from scipy.stats import spearmanr
-
-        from rlhf_ext.data import as_replies
-        from rlhf_ext.real import vader_scores
-        from rlhf_ext.real_task import best_of_n_kl
-
-        n, k = max([self.reference_samples, self.samples, *best_of]), len(self.prompts)
-        out = self.sample(self.reference, n, seed_offset=1)
-        vader = vader_scores(out.texts)
-        per_prompt = [vader[i::k] for i in range(k)]
-        own = self.samples * k  # the reference's row: like any policy's, plus all-sample means
-        results = {"reference": self.stats(out.texts[:own], [len(i) for i in out.ids[:own]],
-                                           0.0, per_prompt)}
-        results["reference"].update(vader=mean(vader), win_rate_vs_reference=0.5,
-                                    vader_se=stdev(vader) / len(vader) ** 0.5,
-                                    mean_length=mean(len(i) for i in out.ids))
-        facts = {"reference_scores": per_prompt}
-        if self.reward_model is not None:
-            from rlhf_ext.reward import score
-
-            rewards = score(self.reward_model, self.tokenizer, self.prompts * n,
-                            as_replies(self.prompts * n, out.texts))
-            for m in best_of:
-                picks = [max((j * k + i for j in range(m)), key=lambda x: rewards[x])
-                         for i in range(k)]
-                results[f"best_of_{m}"] = self.stats(
-                    [out.texts[x] for x in picks], [len(out.ids[x]) for x in picks],
-                    best_of_n_kl(m), per_prompt)
-            facts.update(reward_spearman_vader=float(spearmanr(rewards, vader).statistic),
-                         reward_spearman_samples=len(out.texts))
-        return {"methods": results, **facts}
-
-    def policy(self, path: Path, reference: list[list[float]]) -> dict:
-        from statistics import mean
-
-        from rlhf_ext.sampling import sequence_kl
-
-        model = load_policy(path)
-        out = self.sample(model, self.samples, seed_offset=2, return_logps=True)
-        # the KL: the policy's log-probs from its sampling, the reference's from a forward
-        # with each prompt's samples side by side and the prompt computed once
-        k, n = len(self.prompts), self.samples
-        order = [j * k + i for i in range(k) for j in range(n)]
-        kl = mean(sequence_kl(model, self.reference, self.tokenizer,
-                              [self.rendered[x % k] for x in order],
-                              [out.ids[x] for x in order],
-                              logps=[out.logps[x] for x in order], group=n))
-        return self.stats(out.texts, [len(i) for i in out.ids], kl, reference)
-
-
-def evaluate_all(out: Path, model_path: str, prompts: list, plan, size: dict, seed: int,
-                 with_reward_model: bool):
-    """Every evaluation, each cached as OUT/eval/<name>.json with its seconds (with more
-    than one sample per prompt, OUT/eval_samples<n>/<name>.json)."""
-    from tqdm.auto import tqdm
-
-    n = size["eval_samples"]
-    folder = out / ("eval" if n == 1 else f"eval_samples{n}")
-    folder.mkdir(exist_ok=True)
-    judge = None
-
-    def cached(name, compute):
-        nonlocal judge
-        path = folder / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        if judge is None:
-            judge = Judge(out, model_path, prompts, seed, size["eval_samples"],
-                          size["reference_samples"], with_reward_model)
-        start = time.time()
-        result = compute(judge)
-        result["seconds"] = time.time() - start
-        path.write_text(json.dumps(result, indent=2))
-        return result
-
-    base = cached("reference", lambda j: j.reference_and_best_of(size["best_of"]))
-    results = dict(base["methods"])
-    seconds = {"reference_and_best_of": base["seconds"]}
-    for entry in tqdm([p for p in plan if p[0] != "reward"], desc="evaluating policies"):
-        name = entry[0]
-        results[name] = cached(name, lambda j, n=name: j.policy(out / n, base["reference_scores"]))
-        seconds[name] = results[name].pop("seconds")
-    return results, base, seconds
+    first = {"reward.py": 0, "ppo.py": 1}  # the longest; the offline losses after them
+    plan = sorted(plan, key=lambda p: first.get(p[1], 2))  # stable: the plan's order within
+    training = [Job(name, stage_command(name, recipe, config, extra, out, seed),
+                    out / name / summary, out / name / "log.txt",
+                    ["reward"] if "--reward_model_path" in extra else [])
+                for name, recipe, config, summary, extra, _, _ in plan]
+    folder = eval_folder(out, size["eval_samples"])
+    evaluate = [sys.executable, str(RECIPES / "demo_real_eval.py"), "--out", str(out),
+                "--samples", str(size["eval_samples"]), "--seed", str(seed),
+                "--reference_samples", str(size["reference_samples"]),
+                "--best_of", ",".join(map(str, size["best_of"]))]
+    evaluate += ["--reward_model"] if with_reward_model else []
+    logs = out / "logs"  # OUT/logs/eval_samples<n>_<name>.txt
+    reference = Job("eval reference", evaluate + ["--name", "reference"],
+                    folder / "reference.json", logs / f"{folder.name}_reference.txt",
+                    ["reward"] if with_reward_model else [])
+    policies = [Job(f"eval {j.name}", evaluate + ["--name", j.name], folder / f"{j.name}.json",
+                    logs / f"{folder.name}_{j.name}.txt", [j.name, reference.name])
+                for j in training if j.name != "reward"]
+    long = sum(p[1] in first for p in plan)
+    return training[:long] + [reference] + training[long:] + policies
 
 
 def main(argv=None):
@@ -329,7 +214,13 @@ def main(argv=None):
                              "0.03 a policy; one sample's 0.05 is as large as most gains; 8 "
                              "take about 1.5 minutes a policy)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="stages run at once, the CPU cores split among them (default 2: "
+                             "on 2 cores, two one-thread stages side by side do 1.25-1.4x "
+                             "the work of one two-thread stage)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.eval_samples is not None and args.eval_samples < 1:
         parser.error(f"--eval_samples must be at least 1, got {args.eval_samples}")
     out = Path(args.out)
@@ -338,8 +229,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     total = time.time()
 
-    from demo import curves, run_stage  # the tiny-world demo's: same stages, same logs
+    from demo import curves  # the tiny-world demo's
     from demo_real_report import frontier, markdown, plot, verdict
+    from stage_pool import run_jobs, threads_each
     from tqdm.auto import tqdm
 
     from rlhf_ext.real import smollm2_path
@@ -358,16 +250,22 @@ def main(argv=None):
 
         print("RLAIF: the model judges the pairs (cached after the first run)")
         rlaif = judge_pairs(out, model, args.seed)
-    summaries, seconds = {}, {}
-    bar = tqdm(plan, desc="demo-real stages", unit="stage")
-    for name, recipe, config, summary_file, extra, _, _ in bar:
-        bar.set_postfix_str(f"{name} (log: {out / name / 'log.txt'})")
-        summaries[name], seconds[name], reused = run_stage(
-            name, recipe, config, summary_file, extra, out, False, args.seed)
-        bar.write(f"stage {name}: " + ("reused" if reused else f"{seconds[name]:.0f} s"))
     trained_reward = plan[0][0] == "reward"
-    results, base, eval_seconds = evaluate_all(out, model, data["held_out_prompts"], plan,
-                                               size, args.seed, trained_reward)
+    todo = jobs(out, plan, size, args.seed, trained_reward)
+    threads = threads_each(args.jobs)
+    print(f"stages and evaluations: {args.jobs} at a time, {threads} thread(s) each; "
+          f"logs in {out}/<stage>/log.txt and {out}/logs/")
+    with tqdm(total=len(todo), desc="demo-real stages", unit="stage") as bar:
+        wall = run_jobs(todo, args.jobs, threads, bar)
+    summaries = {p[0]: json.loads((out / p[0] / p[3]).read_text()) for p in plan}
+    seconds = {p[0]: wall[p[0]] for p in plan}
+    folder = eval_folder(out, size["eval_samples"])
+    base = json.loads((folder / "reference.json").read_text())
+    results = dict(base["methods"])
+    eval_seconds = {"reference_and_best_of": base["seconds"]}
+    for name in [p[0] for p in plan if p[0] != "reward"]:
+        results[name] = json.loads((folder / f"{name}.json").read_text())
+        eval_seconds[name] = results[name].pop("seconds")
     report = {
         "schema_version": SCHEMA_VERSION, "seed": args.seed, "quick": args.quick,
         "full": args.full, "size": size, "data": data, "methods": results,
@@ -380,6 +278,7 @@ def main(argv=None):
         "rlaif": rlaif,
         "training": {p[0]: curves(summaries[p[0]]) for p in plan if p[0] != "reward"},
         "stage_seconds": seconds, "eval_seconds": eval_seconds,
+        "parallel": {"jobs": args.jobs, "threads_each": threads},
     }
     report["frontier"] = frontier(report)
     report["verdict"] = verdict(report)

@@ -127,7 +127,12 @@ def markdown(report: dict, max_new_tokens: int) -> str:
         for name, m in report["methods"].items():
             lines.append(f"| {short(prompt[-1]['content'], 60)} | {name} | "
                          f"{m['scores'][i]:.2f} | {short(m['completions'][i])} |")
-    lines += ["", "## Where the time went", "", "| stage | seconds |", "|---|---|",
+    par = report.get("parallel", {"jobs": 1, "threads_each": "all the"})
+    lines += ["", "## Where the time went", "",
+              f"After the pairs, {par['jobs']} stage(s) ran at once with {par['threads_each']} "
+              f"thread(s) each: each row is one stage's wall time (an evaluation's without "
+              f"loading its models), so the rows add up to more than the run.", "",
+              "| stage | seconds |", "|---|---|",
               f"| pairs (sampling, VADER) | {data['seconds']:.0f} |"]
     lines += [f"| train {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()]
     lines += [f"| evaluate {k} | {v:.0f} |" for k, v in report["eval_seconds"].items()]

@@ -18,7 +18,7 @@ reuses every stage and evaluation.
 import json
 import math
 
-from conftest import run_recipe
+from conftest import load_recipe, run_recipe
 from datasets import load_from_disk
 
 from rlhf_ext.real_task import bradley_terry_prob, films
@@ -36,6 +36,11 @@ def test_reduced_real_demo(tmp_path):
     assert list(report["methods"]) == ["reference", "ppo_vader", "dpo"]
     assert report["reward_model"] is None  # neither PPO against it nor best-of-N asked
     assert set(report["stage_seconds"]) == {"ppo_vader", "dpo"}
+    # two stages at a time, the cores split between them; every evaluation logged apart
+    assert report["parallel"] == {"jobs": 2, "threads_each": load_recipe("stage_pool")
+                                  .threads_each(2)}
+    assert sorted(p.name for p in (out / "logs").iterdir()) == [
+        "eval_samples4_dpo.txt", "eval_samples4_ppo_vader.txt", "eval_samples4_reference.txt"]
 
     # the pairs: the reference's own reviews, chosen and rejected differing by >= 0.3 VADER;
     # the training labels are Bradley-Terry draws (some prefer the lower score), the
