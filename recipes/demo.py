@@ -2,7 +2,7 @@
 
     python recipes/demo.py [--out outputs/demo] [--fresh] [--quick] [--seed 0]
 
-Stages, each one recipe run in its own process: SFT -> reward model -> PPO against that
+Stages, each one recipe run in its own process, one at a time (recipes/stage_pool.py): SFT -> reward model -> PPO against that
 reward model, and dpo, ipo, kto, orpo, simpo from the same SFT model on the same
 oracle-labelled pairs. Then every policy is evaluated on the same held-out prompts (mean
 oracle score, win rate against SFT, sampled KL to SFT, mean length), and the report is
@@ -14,7 +14,6 @@ OUT/<stage>/log.txt. A finished stage (its summary file exists) is reused unless
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,26 +55,6 @@ def stage_command(name, recipe, config, extra, out: Path, seed: int) -> list[str
     return [sys.executable, str(RECIPES / recipe), "--config", str(RECIPES / config),
             "--output_dir", str(out / name), "--seed", str(seed), "--disable_tqdm", "true",
             *extra]
-
-
-def run_stage(name, recipe, config, summary_file, extra, out: Path, fresh: bool, seed: int):
-    """Run one recipe unless its summary exists; return (summary, seconds, reused)."""
-    stage_dir = out / name
-    summary = stage_dir / summary_file
-    if fresh:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-    if summary.exists():
-        return json.loads(summary.read_text()), 0.0, True
-    cmd = stage_command(name, recipe, config, extra, out, seed)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    log = stage_dir / "log.txt"
-    start = time.time()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        sys.stderr.write(log.read_text()[-8000:])
-        raise SystemExit(f"stage {name} failed ({code}); its log: {log}")
-    return json.loads(summary.read_text()), time.time() - start, False
 
 
 def evaluate_all(out: Path, world: Path, methods: list[str], n_prompts: int, seed: int) -> dict:
@@ -193,19 +172,27 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     total = time.time()
 
+    from stage_pool import Job, run_jobs
     from tqdm.auto import tqdm
 
     from rlhf_ext.tiny import WorldSpec, ensure_world
 
     world = ensure_world(out / "world", WorldSpec(seed=args.seed))
-    summaries, seconds = {}, {}
     plan = stages(out, world, args.quick)
-    bar = tqdm(plan, desc="demo stages", unit="stage")
-    for name, recipe, config, summary_file, extra in bar:
-        bar.set_postfix_str(f"{name} (log: {out / name / 'log.txt'})")
-        summaries[name], seconds[name], reused = run_stage(
-            name, recipe, config, summary_file, extra, out, args.fresh, args.seed)
-        bar.write(f"stage {name}: " + ("reused" if reused else f"{seconds[name]:.0f} s"))
+    if args.fresh:
+        for name, *_ in plan:
+            shutil.rmtree(out / name, ignore_errors=True)
+    # one at a time, in the plan's order, on this process's threads
+    after = {"sft": [], "ppo": ["reward"]}  # PPO against the reward model; the rest on SFT
+    jobs = [Job(name, stage_command(name, recipe, config, extra, out, args.seed),
+                out / name / summary_file, out / name / "log.txt", after.get(name, ["sft"]))
+            for name, recipe, config, summary_file, extra in plan]
+    print(f"stages: one at a time; logs in {out}/<stage>/log.txt")
+    with tqdm(total=len(jobs), desc="demo stages", unit="stage") as bar:
+        wall = run_jobs(jobs, workers=1, threads=None, bar=bar)
+    seconds = {name: wall[name] for name, *_ in plan}
+    summaries = {name: json.loads((out / name / summary_file).read_text())
+                 for name, _, _, summary_file, _ in plan}
     methods = ["ppo", *PREFERENCE_LOSSES]
     results = evaluate_all(out, world, methods, args.eval_prompts, args.seed)
     report = {

@@ -29,16 +29,19 @@ def threads_each(workers: int) -> int:
     return max(1, (cores or 1) // workers)
 
 
-def run_jobs(jobs: list[Job], workers: int, threads: int, bar=None) -> dict[str, float]:
+def run_jobs(jobs: list[Job], workers: int, threads: int | None, bar=None) -> dict[str, float]:
     """Run every job not yet done, at most ``workers`` at once, each with ``threads`` threads
-    (OMP_NUM_THREADS), in list order as their ``after`` jobs finish. Returns each job's wall
-    seconds (0.0 when reused). A failure stops new starts, lets the running jobs finish (their
-    output is kept for a rerun), then exits with the failed job's log tail."""
+    (OMP_NUM_THREADS; None: as this process's environment says), in list order as their
+    ``after`` jobs finish. Returns each job's wall seconds (0.0 when reused). A failure stops
+    new starts, lets the running jobs finish (their output is kept for a rerun), then exits
+    with the failed job's log tail."""
     names = [j.name for j in jobs]
     unknown = {a for j in jobs for a in j.after} - set(names)
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"jobs {names}: unknown 'after' {sorted(unknown)} or repeated names")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     seconds = {j.name: 0.0 for j in jobs if j.done.exists()}
     pending = [j for j in jobs if j.name not in seconds]
     for name in seconds:
