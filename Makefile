@@ -10,7 +10,7 @@ setup:
 demo: setup
 	$(PY) recipes/demo.py
 
-# the DPO paper's sentiment experiment on SmolLM2-135M-Instruct, judged by VADER (~31-34 min;
+# the DPO paper's sentiment experiment on SmolLM2-135M-Instruct, judged by VADER (~27 min;
 # DEMO_ARGS=--full for the frontier, reruns reuse finished stages)
 demo-real: setup
 	$(PY) recipes/demo_real.py $(DEMO_ARGS)

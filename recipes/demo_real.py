@@ -42,20 +42,22 @@ PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 LOSS_ARGS = {"orpo": ["--beta", "2.0"], "simpo": ["--learning_rate", "1e-4"]}
 # the frontier of --full: (family, knob, values); the first value is the default run's point
 FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0.2])}
-SIZES = {  # what --quick shrinks; the default: 34.1 minutes on a 2-core CPU (2026-12-03)
+SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (2026-12-03)
     "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=3, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
     # the tests' run: no reward model (nor best-of-N); dpo for 24 steps at the default's
     # learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
-    # prompts (2026-12-03, 2 threads: +0.27 over the reference's 0.294, s.e. of the
-    # difference 0.066; 16 steps +0.14, 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9);
+    # prompts (2026-12-03, with the sampler before its inverse-CDF draws, 2 threads: +0.27
+    # over the reference's 0.294, s.e. of the difference 0.066; 16 steps +0.14, 20 +0.18;
+    # 8 at 5e-4 -0.11 at a KL of 5.9; with the new sampler, one thread a stage: +0.17 over
+    # 0.200, s.e. 0.071);
     # ppo_vader (PPO against VADER, the value head on the policy) for 4 iterations of 16
     # rollouts at lr 5e-4 with 2 epochs and lam 1 (each token credited with the whole
     # final score: at 0.95 the first of 32 tokens, where a review's tone is set, gets a
     # fifth of it while the fresh value head knows nothing): +0.16, +0.25, +0.14, +0.12 at KL
-    # 2.3 to 5.7 with PPO seeds 0-3 (2026-12-03, 2 threads, 130-150 s of training; these
-    # quick numbers are all from the sampler before its inverse-CDF draws). At
+    # 2.3 to 5.7 with PPO seeds 0-3 (2026-12-03, 2 threads, 130-150 s of training, the
+    # sampler before; with the new one, one thread a stage: +0.28 at KL 3.8, s.e. 0.064). At
     # lam 0.95 it did not move reliably: two to four iterations, lr 2e-4 to 1e-3, 1 to 4
     # epochs gave -0.06 to +0.21 (+0.17 and -0.06 for one setting with two seeds)
     "quick": dict(pair_films=6, samples=2, eval_asks=1, eval_samples=4, reference_samples=4,

@@ -2,12 +2,13 @@
 SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, DPO trained 24
 steps on them, PPO against VADER for 4 iterations of 16 rollouts (LoRA, the value a head on
 the policy), both judged on 4 samples of each of 22 prompts about films no stage trained
-on: both beat the reference there. Measured with the sampler before its inverse-CDF draws
-(2026-12-03, 2 threads; recipes/demo_real.py; the new sampler's samples differ, and the
-test passed with them in CI, margins not recorded):
-DPO +0.27 over the reference's 0.294 (4 standard errors of the difference); PPO +0.16,
-+0.25, +0.14, +0.12 with PPO seeds 0-3 (2 to 4 standard errors), after over a dozen shorter
-or lam-0.95 settings had moved it by -0.06 to +0.21 only.
+on: both beat the reference there. With the inverse-CDF sampler and the stages on one
+thread each, two at a time (2026-12-03, recipes/demo_real.py --quick alone: 5.1 minutes):
+the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard errors of the difference, KL
+1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the sampler before and on two
+threads: DPO +0.27 over the reference's 0.294; PPO +0.16, +0.25, +0.14, +0.12 with PPO
+seeds 0-3 (2 to 4 standard errors), after over a dozen shorter or lam-0.95 settings had
+moved it by -0.06 to +0.21 only.
 
 What is asserted besides: the pairs and their labels, the held-out split, the report's
 schema and its exact parts (the reference's KL 0 and win rate 0.5, DPO's training margins,
