@@ -91,9 +91,12 @@ class StopAt(TrainerCallback):
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
+    """The tiny world, built once for both pytest-xdist workers (ensure_world's file lock)."""
     from rlhf_ext.tiny import ensure_world
 
-    return ensure_world(tmp_path_factory.mktemp("tiny") / "world")
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    return ensure_world(root / "shared" / "world")
 
 
 @pytest.fixture(scope="session")
@@ -115,24 +118,37 @@ def policy_dir(tok, tmp_path_factory):
     return path
 
 
+def run_once(tmp_path_factory, name: str, args: list[str], summary: str, **kwargs):
+    """A recipe run shared by both pytest-xdist workers: the first to ask runs it under a
+    file lock in the session's common temp folder, the other waits and reads its output
+    (the tests only read these). (output dir, summary)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = root / "shared" / name
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / summary).exists():
+            run_recipe(args + ["--output_dir", str(out)], **kwargs)
+    return out, json.loads((out / summary).read_text())
+
+
 @pytest.fixture(scope="session")
 def sft_run(world_dir, tmp_path_factory):
     """The tiny SFT recipe, run once with `accelerate launch`: (output dir, summary)."""
-    out = tmp_path_factory.mktemp("sft") / "sft"
-    run_recipe(["recipes/sft.py", "--config", "recipes/tiny/sft.yaml",
-                "--tiny_world_dir", str(world_dir),
-                "--model_name_or_path", str(world_dir / "base"),
-                "--dataset_name", str(world_dir / "data" / "sft"), "--output_dir", str(out)])
-    return out, json.loads((out / "sft_summary.json").read_text())
+    return run_once(tmp_path_factory, "sft", [
+        "recipes/sft.py", "--config", "recipes/tiny/sft.yaml", "--tiny_world_dir", str(world_dir),
+        "--model_name_or_path", str(world_dir / "base"),
+        "--dataset_name", str(world_dir / "data" / "sft")], "sft_summary.json")
 
 
 @pytest.fixture(scope="session")
 def reward_run(world_dir, sft_run, tmp_path_factory):
     """The tiny reward recipe on top of the SFT run: (output dir, summary)."""
-    out = tmp_path_factory.mktemp("reward") / "reward"
-    run_recipe(["recipes/reward.py", "--config", "recipes/tiny/reward.yaml",
-                "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_run[0]),
-                "--dataset_name", str(world_dir / "data" / "pairs"),
-                "--eval_dataset_name", str(world_dir / "data" / "pairs_eval"),
-                "--output_dir", str(out)], launcher="python")
-    return out, json.loads((out / "reward_summary.json").read_text())
+    return run_once(tmp_path_factory, "reward", [
+        "recipes/reward.py", "--config", "recipes/tiny/reward.yaml",
+        "--tiny_world_dir", str(world_dir), "--model_name_or_path", str(sft_run[0]),
+        "--dataset_name", str(world_dir / "data" / "pairs"),
+        "--eval_dataset_name", str(world_dir / "data" / "pairs_eval")],
+        "reward_summary.json", launcher="python")
