@@ -189,9 +189,9 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool) -> lis
                 "--samples", str(size["eval_samples"]), "--seed", str(seed),
                 "--reference_samples", str(size["reference_samples"]),
                 "--best_of", ",".join(map(str, size["best_of"]))]
-    evaluate += ["--reward_model"] if with_reward_model else []
     logs = out / "logs"  # OUT/logs/eval_samples<n>_<name>.txt
-    reference = Job("eval reference", evaluate + ["--name", "reference"],
+    ranked = ["--reward_model"] if with_reward_model else []  # only best-of-N reads it
+    reference = Job("eval reference", evaluate + ranked + ["--name", "reference"],
                     folder / "reference.json", logs / f"{folder.name}_reference.txt",
                     ["reward"] if with_reward_model else [])
     policies = [Job(f"eval {j.name}", evaluate + ["--name", j.name], folder / f"{j.name}.json",

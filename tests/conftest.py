@@ -89,14 +89,18 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A folder both pytest-xdist workers of this session see (their common temp parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"
+
+
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     """The tiny world, built once for both pytest-xdist workers (ensure_world's file lock)."""
     from rlhf_ext.tiny import ensure_world
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    return ensure_world(root / "shared" / "world")
+    return ensure_world(shared_root(tmp_path_factory) / "world")
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +128,7 @@ def run_once(tmp_path_factory, name: str, args: list[str], summary: str, **kwarg
     (the tests only read these). (output dir, summary)."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    out = root / "shared" / name
+    out = shared_root(tmp_path_factory) / name
     out.parent.mkdir(exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / summary).exists():
