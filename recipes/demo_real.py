@@ -69,12 +69,14 @@ SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (20
 }
 # critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each
 # group's prompt computed once; GRPO with its KL as a loss term (k3), RLOO with the KL in
-# the reward as PPO has it
+# the reward as PPO has it; no value, so not the recipe's value head on the policy
 CRITIC_FREE = {
     "grpo_vader": ["--advantage_estimator", "grpo", "--num_generations", "4",
-                   "--prefix_sharing", "true", "--kl_coef", "0", "--kl_loss_coef", "0.05"],
+                   "--prefix_sharing", "true", "--kl_coef", "0", "--kl_loss_coef", "0.05",
+                   "--value_head_on_policy", "false"],
     "rloo_vader": ["--advantage_estimator", "rloo", "--num_generations", "4",
-                   "--prefix_sharing", "true", "--kl_coef", "0.05"],
+                   "--prefix_sharing", "true", "--kl_coef", "0.05",
+                   "--value_head_on_policy", "false"],
 }
 
 # RLAIF (recipes/demo_real_rlaif.py): DPO at the dpo row's settings on the pairs as the model

@@ -123,3 +123,40 @@ def test_eval_samples_must_be_positive(tmp_path):
     assert proc.returncode == 2
     assert "--eval_samples must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_full_plan_parses(tmp_path, monkeypatch):
+    """Every stage of --full, as the command the demo runs, parses into its recipe's
+    arguments (the configs' own checks included), each with its knob: a stage that cannot
+    start is found here, not half an hour into a run (GRPO and RLOO once inherited the
+    recipe's value head on the policy, which a critic-free estimator refuses)."""
+    import importlib
+
+    from conftest import ROOT
+    from trl import TrlParser
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    demo_real = load_recipe("demo_real")
+    from demo import stage_command
+
+    plan = demo_real.stage_plan(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                demo_real.SIZES["default"], True, None)
+    configs = {}
+    for name, recipe, config, _, extra, _, _ in plan:
+        arguments = importlib.import_module(f"rlhf_ext.recipes.{recipe[:-3]}").ARGUMENTS
+        command = stage_command(name, recipe, config, extra, tmp_path, 0)
+        configs[name] = TrlParser(arguments).parse_args_and_config(args=command[2:])[1]
+        assert configs[name].output_dir == str(tmp_path / name)
+    assert sorted(configs) == sorted(
+        ["reward", "ppo", "ppo_kl_coef0.02", "ppo_kl_coef0.2", "ppo_vader", "grpo_vader",
+         "rloo_vader", "dpo", "ipo", "kto", "orpo", "simpo", "dpo_rlaif", "dpo_rlaif_hard",
+         "dpo_beta0.05", "dpo_beta0.5"])
+    assert [configs[n].kl_coef for n in ("ppo", "ppo_kl_coef0.02", "ppo_kl_coef0.2")] == [
+        0.05, 0.02, 0.2]
+    assert [configs[n].beta for n in ("dpo", "dpo_beta0.05", "dpo_beta0.5")] == [0.1, 0.05, 0.5]
+    assert configs["ppo"].value_head_on_policy and configs["ppo_vader"].value_head_on_policy
+    for name, estimator in (("grpo_vader", "grpo"), ("rloo_vader", "rloo")):
+        assert configs[name].advantage_estimator == estimator
+        assert not configs[name].value_head_on_policy
+    assert [configs[n].loss_type for n in ("dpo", "ipo", "kto", "orpo", "simpo")] == [
+        ["sigmoid"], ["ipo"], ["kto"], ["orpo"], ["simpo"]]  # TRL's list of losses
