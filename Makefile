@@ -8,12 +8,12 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) recipes/demo.py
+	$(PY) demos/demo.py
 
 # the DPO paper's sentiment experiment on SmolLM2-135M-Instruct, judged by VADER (~27 min;
 # DEMO_ARGS=--full for the frontier, reruns reuse finished stages)
 demo-real: setup
-	$(PY) recipes/demo_real.py $(DEMO_ARGS)
+	$(PY) demos/demo_real.py $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m ruff check .
@@ -21,3 +21,4 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check .
+

@@ -37,7 +37,7 @@ TRL_PPO_VERSION = "1.12.0"
 
 
 def trl_112_dir() -> Path:
-    from rlhf_ext.real import cache_root
+    from rlhf_ext.worlds.smollm2 import cache_root
 
     target = cache_root() / f"trl-{TRL_PPO_VERSION}"
     if not (target / "trl" / "experimental" / "ppo").exists():
@@ -54,7 +54,7 @@ def peak_mib() -> float:
 
 
 def prompts(n: int) -> list[list[dict]]:
-    from rlhf_ext.real_task import films, review_prompts
+    from rlhf_ext.worlds.smollm2.task import films, review_prompts
 
     train, _ = films()
     return review_prompts(train)[:n]
@@ -102,7 +102,7 @@ def ours(a) -> dict:
     import rlhf_ext.ppo.rollout as rollout_module
     from rlhf_ext.heads import RewardModel, ValueModel
     from rlhf_ext.ppo import PPOConfig, PPOTrainer
-    from rlhf_ext.real import smollm2_path, vader_reward
+    from rlhf_ext.worlds.smollm2 import smollm2_path, vader_reward
 
     torch.manual_seed(0)
     path = str(smollm2_path())
@@ -164,7 +164,7 @@ def trl_ppo(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from rlhf_ext.real import smollm2_path
+    from rlhf_ext.worlds.smollm2 import smollm2_path
 
     assert trl.__version__ == TRL_PPO_VERSION, trl.__version__
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def trl_grpo(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf_ext.real import smollm2_path, vader_scores
+    from rlhf_ext.worlds.smollm2 import smollm2_path, vader_scores
 
     torch.manual_seed(0)
     path = str(smollm2_path())

@@ -32,7 +32,7 @@ def prepare(root: Path, hidden: int, layers: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf_ext.reward import RewardConfig, RewardTrainer
-    from rlhf_ext.tiny import build_tokenizer, preference_pairs
+    from rlhf_ext.worlds.tiny import build_tokenizer, preference_pairs
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def run_mode(mode: str, root: Path, iterations: int) -> dict:
     from rlhf_ext.heads import RewardModel, ValueModel
     from rlhf_ext.ppo import PPOConfig, PPOTrainer
     from rlhf_ext.ppo.single_base import build_single_base
-    from rlhf_ext.tiny import prompt_dataset
+    from rlhf_ext.worlds.tiny import prompt_dataset
 
     torch.set_num_threads(1)
     start = rss_mb()

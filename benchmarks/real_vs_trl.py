@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/real_vs_trl.py [--methods dpo] [--json out.json]
 
-The real-model table of the README. The model is SmolLM2-135M-Instruct (30 layers,
-hidden 576, vocabulary 49,152; ``python -m rlhf_ext.real``); the text is English prose
+The real-model table of docs/benchmarks.md. The model is SmolLM2-135M-Instruct (30 layers,
+hidden 576, vocabulary 49,152; ``python -m rlhf_ext.worlds.smollm2``); the text is English prose
 (the docstrings of Python's standard library read from its source, tokenized by SmolLM2's tokenizer) cut into
 prompts of about 160 tokens and completions of about 220, log-normal, batch 4 pairs.
 Every (method, setting) runs in its own one-thread process through
@@ -75,7 +75,7 @@ def build(root: Path, args) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from rlhf_ext.real import smollm2_path
+    from rlhf_ext.worlds.smollm2 import smollm2_path
 
     (root / "model").symlink_to(smollm2_path())
     tok = AutoTokenizer.from_pretrained(root / "model")
@@ -108,7 +108,7 @@ def build(root: Path, args) -> dict:
 def model_shapes() -> dict:
     from transformers import AutoConfig
 
-    from rlhf_ext.real import smollm2_path
+    from rlhf_ext.worlds.smollm2 import smollm2_path
 
     c = AutoConfig.from_pretrained(smollm2_path())
     kv = c.hidden_size // c.num_attention_heads * c.num_key_value_heads

@@ -29,9 +29,9 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from rlhf_ext.models import load_causal_lm
-    from rlhf_ext.real import smollm2_path
-    from rlhf_ext.real_task import films, review_prompts
     from rlhf_ext.sampling import generate_completions
+    from rlhf_ext.worlds.smollm2 import smollm2_path
+    from rlhf_ext.worlds.smollm2.task import films, review_prompts
 
     torch.set_num_threads(args.threads)
     path = str(smollm2_path())

@@ -93,7 +93,7 @@ class RecipeArguments(DatasetMixtureConfig):
         """Build the world if asked; return its path or None."""
         if self.tiny_world_dir is None:
             return None
-        from .tiny import WorldSpec, ensure_world
+        from .worlds.tiny import WorldSpec, ensure_world
 
         return ensure_world(self.tiny_world_dir,
                             WorldSpec(seed=self.tiny_world_seed, size=self.tiny_model_size))
@@ -147,8 +147,8 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
         summary["first_logged_loss"], summary["last_logged_loss"] = losses[0], losses[-1]
     summary["log_history"] = trainer.state.log_history
     if world is not None and recipe_args.tiny_eval_prompts and trainer.is_world_process_zero():
-        from .tiny.evaluate import evaluate_policy
-        from .tiny.world import load_split
+        from .worlds.tiny.evaluate import evaluate_policy
+        from .worlds.tiny.world import load_split
 
         prompts = load_split(world, "prompts_eval")["prompt"][: recipe_args.tiny_eval_prompts]
         ref = None

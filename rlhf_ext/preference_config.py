@@ -15,8 +15,9 @@ from .trainer_utils import check_finite_fields
 @dataclass
 class PreferenceConfig(DataFields, TrainingArguments):
     """TrainingArguments plus the preference-loss fields, under TRL DPOConfig's names and
-    defaults (learning rate 1e-6, a log every 10 steps). Two defaults differ on purpose:
-    gradient checkpointing and bf16 stay off (TRL turns both on) — see the README."""
+    defaults (learning rate 1e-6, a log every 10 steps). The defaults that differ on purpose
+    (bf16 off, beta the loss's own, padding-free on under sdpa, ...) are listed in
+    docs/trl.md, "What differs from TRL"."""
 
     # not a field: True where the completions are the policy's own samples (online DPO),
     # so an empty one is the policy stopping at once, a sample to learn from; in a given

@@ -65,7 +65,7 @@ from .trainer_utils import (
 @dataclass
 class RewardConfig(DataFields, TrainingArguments):
     """TrainingArguments plus TRL RewardConfig's fields, with its defaults (learning rate
-    1e-4, a log every 10 steps, gradient checkpointing; bf16 off, see the README)."""
+    1e-4, a log every 10 steps, gradient checkpointing; bf16 off, see docs/trl.md)."""
 
     learning_rate: float = field(default=1e-4, metadata={
         "help": "Initial AdamW learning rate (TRL RewardConfig's default, 1e-4)."})

@@ -4,7 +4,8 @@ A TRL script keeps working with its import changed: ``DPOConfig``/``DPOTrainer``
 ``PreferenceConfig``/``PreferenceTrainer`` under TRL's name; ``KTOConfig``, ``CPOConfig``
 and ``ORPOConfig`` preset the loss and read ``loss_type`` with the meaning it has in
 TRL's trainer of that name. Defaults are TRL 1.16's (learning rate 1e-6, logging every 10
-steps), except gradient checkpointing and bf16, off here (README, "What differs from TRL").
+steps), except those docs/trl.md lists under "What differs from TRL" (bf16 off, beta the
+loss's own, ...).
 """
 
 from __future__ import annotations

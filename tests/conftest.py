@@ -68,14 +68,19 @@ def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None =
     return proc
 
 
-def load_recipe(name: str):
-    """``recipes/<name>.py`` imported as a module (its ``ARGUMENTS`` and ``main``)."""
+def load_recipe(name: str, folder: str = "recipes"):
+    """``<folder>/<name>.py`` imported as a module (a recipe's ``ARGUMENTS`` and ``main``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_demo(name: str):
+    """``demos/<name>.py`` imported as a module."""
+    return load_recipe(name, "demos")
 
 
 class StopAt(TrainerCallback):
@@ -98,7 +103,7 @@ def shared_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     """The tiny world, built once for both pytest-xdist workers (ensure_world's file lock)."""
-    from rlhf_ext.tiny import ensure_world
+    from rlhf_ext.worlds.tiny import ensure_world
 
     return ensure_world(shared_root(tmp_path_factory) / "world")
 
@@ -114,7 +119,7 @@ def tok(world_dir):
 @pytest.fixture(scope="session")
 def policy_dir(tok, tmp_path_factory):
     """A freshly initialised tiny model (seed 0) saved with its tokenizer."""
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     path = tmp_path_factory.mktemp("policy") / "tiny"
     build_model("tiny", tok, seed=0).save_pretrained(path)

@@ -18,7 +18,7 @@ def test_reduced_demo(tmp_path, world_dir, sft_run, reward_run):
     shutil.copytree(world_dir, out / "world")
     shutil.copytree(sft_run[0], out / "sft")
     shutil.copytree(reward_run[0], out / "reward")
-    args = ["recipes/demo.py", "--out", str(out), "--quick", "--eval_prompts", "128"]
+    args = ["demos/demo.py", "--out", str(out), "--quick", "--eval_prompts", "128"]
     run_recipe(args, launcher="python", timeout=900)
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["quick"] is True

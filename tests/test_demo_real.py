@@ -1,9 +1,9 @@
-"""make demo-real, reduced (recipes/demo_real.py --quick --methods dpo,ppo_vader):
+"""make demo-real, reduced (demos/demo_real.py --quick --methods dpo,ppo_vader):
 SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, DPO trained 24
 steps on them, PPO against VADER for 4 iterations of 16 rollouts (LoRA, the value a head on
 the policy), both judged on 4 samples of each of 22 prompts about films no stage trained
 on: both beat the reference there. With the inverse-CDF sampler and the stages on one
-thread each, two at a time (2026-12-03, recipes/demo_real.py --quick alone: 5.1 minutes):
+thread each, two at a time (2026-12-03, demos/demo_real.py --quick alone: 5.1 minutes):
 the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard errors of the difference, KL
 1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the sampler before and on two
 threads: DPO +0.27 over the reference's 0.294; PPO +0.16, +0.25, +0.14, +0.12 with PPO
@@ -19,10 +19,10 @@ reuses every stage and evaluation.
 import json
 import math
 
-from conftest import load_recipe, run_recipe
+from conftest import load_demo, run_recipe
 from datasets import load_from_disk
 
-from rlhf_ext.real_task import bradley_terry_prob, films
+from rlhf_ext.worlds.smollm2.task import bradley_terry_prob, films
 
 METRICS = {"vader", "vader_se", "win_rate_vs_reference", "kl_to_reference", "mean_length",
            "distinct_2", "repeated_word_rate", "scores", "completions"}
@@ -30,7 +30,7 @@ METRICS = {"vader", "vader_se", "win_rate_vs_reference", "kl_to_reference", "mea
 
 def test_reduced_real_demo(tmp_path):
     out = tmp_path / "demo_real"
-    args = ["recipes/demo_real.py", "--out", str(out), "--quick", "--methods", "dpo,ppo_vader"]
+    args = ["demos/demo_real.py", "--out", str(out), "--quick", "--methods", "dpo,ppo_vader"]
     run_recipe(args, launcher="python", timeout=900)
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["quick"] is True
@@ -38,7 +38,7 @@ def test_reduced_real_demo(tmp_path):
     assert report["reward_model"] is None  # neither PPO against it nor best-of-N asked
     assert set(report["stage_seconds"]) == {"ppo_vader", "dpo"}
     # two stages at a time, the cores split between them; every evaluation logged apart
-    assert report["parallel"] == {"jobs": 2, "threads_each": load_recipe("stage_pool")
+    assert report["parallel"] == {"jobs": 2, "threads_each": load_demo("stage_pool")
                                   .threads_each(2)}
     assert sorted(p.name for p in (out / "logs").iterdir()) == [
         "eval_samples4_dpo.txt", "eval_samples4_ppo_vader.txt", "eval_samples4_reference.txt"]
@@ -117,7 +117,7 @@ def test_eval_samples_must_be_positive(tmp_path):
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo_real.py"), "--out",
+    proc = subprocess.run([sys.executable, str(ROOT / "demos" / "demo_real.py"), "--out",
                            str(tmp_path / "d"), "--eval_samples", "0"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2
@@ -135,8 +135,8 @@ def test_full_plan_parses(tmp_path, monkeypatch):
     from conftest import ROOT
     from trl import TrlParser
 
-    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
-    demo_real = load_recipe("demo_real")
+    monkeypatch.syspath_prepend(str(ROOT / "demos"))
+    demo_real = load_demo("demo_real")
     from demo import stage_command
 
     plan = demo_real.stage_plan(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -12,8 +12,8 @@ from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model
-from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset, unpaired_dataset
 from rlhf_ext.trainer_utils import NonFiniteError
+from rlhf_ext.worlds.tiny import build_model, preference_pairs, prompt_dataset, unpaired_dataset
 
 BASE = dict(report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
 
@@ -355,7 +355,7 @@ def test_sft_stops_on_a_nan_loss(policy_dir, tok, tmp_path):
     from trl import SFTConfig
 
     from rlhf_ext.sft import SFTTrainer
-    from rlhf_ext.tiny import sft_dataset
+    from rlhf_ext.worlds.tiny import sft_dataset
     args = SFTConfig(output_dir=str(tmp_path), max_steps=2, save_steps=1, max_length=64,
                      per_device_train_batch_size=4, **BASE)
     trainer = SFTTrainer(str(policy_dir), args=args, train_dataset=sft_dataset(16),

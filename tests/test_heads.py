@@ -23,7 +23,7 @@ from rlhf_ext.heads import (
     pooled_index,
     scalar_rewards,
 )
-from rlhf_ext.tiny import build_model
+from rlhf_ext.worlds.tiny import build_model
 
 
 @pytest.fixture(scope="module")

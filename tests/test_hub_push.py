@@ -116,7 +116,7 @@ def test_reward_model_push_and_plain_transformers_load(world_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from rlhf_ext.heads import RewardModel
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "lm")
@@ -164,7 +164,7 @@ ONLINE_DPO = """
 import sys
 from peft import LoraConfig
 from rlhf_ext import FunctionJudge, OnlineDPOConfig, OnlineDPOTrainer
-from rlhf_ext.tiny import oracle_score, prompt_dataset
+from rlhf_ext.worlds.tiny import oracle_score, prompt_dataset
 model, out = sys.argv[1:3]
 args = OnlineDPOConfig(output_dir=out, num_rounds=2, num_generations=2, max_new_tokens=8,
                        max_steps=1, per_device_train_batch_size=4, report_to="none",

@@ -18,7 +18,7 @@ from rlhf_ext.judges import (
     option_probability,
     position_bias,
 )
-from rlhf_ext.tiny import build_model
+from rlhf_ext.worlds.tiny import build_model
 
 OPTIONS = ("A", "B")  # one token each in the tiny tokenizer
 PROMPTS = ["the film was", "i think the plot", "the actors"]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf_ext.judges import FunctionJudge
 from rlhf_ext.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
-from rlhf_ext.tiny import oracle_score, prompt_dataset
+from rlhf_ext.worlds.tiny import oracle_score, prompt_dataset
 
 PROMPTS = prompt_dataset(8, seed=3, split="online")
 

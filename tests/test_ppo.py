@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
-from rlhf_ext.tiny import build_model, oracle_score, prompt_dataset
+from rlhf_ext.worlds.tiny import build_model, oracle_score, prompt_dataset
 
 METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward",
            "objective/rlhf_reward", "objective/scores", "policy/approxkl_avg",
@@ -103,8 +103,8 @@ def test_critic_free_estimators_lift_the_oracle_score(sft_run, world_dir, tmp_pa
     process: the oracle score on the 256 held-out prompts the SFT model was judged on."""
     import yaml
 
-    from rlhf_ext.tiny.evaluate import evaluate_policy
-    from rlhf_ext.tiny.world import load_split
+    from rlhf_ext.worlds.tiny.evaluate import evaluate_policy
+    from rlhf_ext.worlds.tiny.world import load_split
 
     sft_dir, sft = sft_run
     recipe = yaml.safe_load((ROOT / "recipes/tiny/grpo_oracle.yaml").read_text())

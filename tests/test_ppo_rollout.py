@@ -110,7 +110,7 @@ def test_prefix_shared_groups_equal_the_padded_rows(world_dir, attention):
     from transformers import AutoTokenizer
 
     from rlhf_ext.ppo.rollout import build_batch, pack_groups
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     model = build_model("tiny", tok, seed=0)
@@ -145,7 +145,7 @@ def test_value_head_on_policy_shares_the_policys_forward(world_dir):
 
     from rlhf_ext.ppo.policy_value import PolicyValueHead
     from rlhf_ext.ppo.rollout import build_batch, response_values
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     model = build_model("tiny", tok, seed=0).eval()

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.ppo.single_base import build_single_base
 from rlhf_ext.reward import RewardConfig, RewardTrainer, score
-from rlhf_ext.tiny import build_model, preference_pairs, prompt_dataset
+from rlhf_ext.worlds.tiny import build_model, preference_pairs, prompt_dataset
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ext.losses import LOSSES
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
-from rlhf_ext.tiny import build_model, preference_pairs, unpaired_dataset
+from rlhf_ext.worlds.tiny import build_model, preference_pairs, unpaired_dataset
 
 BETA = 0.3
 COMMON = dict(learning_rate=0.0, max_steps=1, per_device_train_batch_size=8, logging_steps=1,

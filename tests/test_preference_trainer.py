@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from rlhf_ext.data import DataError
 from rlhf_ext.logps import batch_logps
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
-from rlhf_ext.tiny import preference_pairs, to_conversational
+from rlhf_ext.worlds.tiny import preference_pairs, to_conversational
 
 BASE = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, report_to="none",
             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_length=64)

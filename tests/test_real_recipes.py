@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import run_recipe
 
-from rlhf_ext.real import conversational_datasets, smollm2_path
+from rlhf_ext.worlds.smollm2 import conversational_datasets, smollm2_path
 
 # SmolLM2: 30 layers; LoRA r=16 on all-linear adds r * (in + out) per projection:
 # q 576+576, k 576+192, v 576+192, o 576+576, gate 576+1536, up 576+1536, down 1536+576
@@ -161,7 +161,7 @@ def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
 
 def test_ppo_lora_with_a_reward_function(real, tmp_path):
     summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo_lora.yaml", "prompts",
-                     "--reward", "rlhf_ext.real:vader_reward", "--response_length", "8",
+                     "--reward", "rlhf_ext.worlds.smollm2:vader_reward", "--response_length", "8",
                      "--rollout_batch_size", "4")
     # LoRA policy; a full value model (SmolLM2 backbone + head)
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + VALUE_HEAD

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, LlamaForSequenceClassification
 from rlhf_ext.data import DataError
 from rlhf_ext.heads import RewardModel
 from rlhf_ext.reward import RewardConfig, RewardTrainer, reward_loss, score
-from rlhf_ext.tiny import build_model, preference_pairs
+from rlhf_ext.worlds.tiny import build_model, preference_pairs
 
 COMMON = dict(learning_rate=0.0, max_steps=1, per_device_train_batch_size=8, logging_steps=1,
               report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,

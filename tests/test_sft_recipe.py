@@ -4,9 +4,9 @@ from statistics import mean
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ext.tiny import oracle_score
-from rlhf_ext.tiny.evaluate import evaluate_policy
-from rlhf_ext.tiny.world import load_split
+from rlhf_ext.worlds.tiny import oracle_score
+from rlhf_ext.worlds.tiny.evaluate import evaluate_policy
+from rlhf_ext.worlds.tiny.world import load_split
 
 
 def test_sft_learns_the_task(sft_run, world_dir):
@@ -34,7 +34,7 @@ def test_sft_turns_dropout_off_after_adding_adapters(policy_dir, tok, tmp_path):
     from peft import LoraConfig
 
     from rlhf_ext.sft import SFTConfig, SFTTrainer
-    from rlhf_ext.tiny import sft_dataset
+    from rlhf_ext.worlds.tiny import sft_dataset
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir, attention_dropout=0.3)
     args = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to="none", use_cpu=True)

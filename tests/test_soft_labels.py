@@ -11,7 +11,7 @@ from rlhf_ext import losses as L
 from rlhf_ext.data import DataError
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.reward import RewardConfig, RewardTrainer, reward_loss, score
-from rlhf_ext.tiny import preference_pairs
+from rlhf_ext.worlds.tiny import preference_pairs
 
 P = torch.tensor([0.9, 0.5, 0.2])
 BATCH = L.PairedLogps(chosen=torch.tensor([-5.0, -7.0, -3.0]),
@@ -107,7 +107,7 @@ def test_preference_trainer_reads_soft_labels(policy_dir, tok, tmp_path, loss, p
     """Through the collator and the trainer: p = 1 gives the hard loss, p = 0 the swapped
     pairs' loss, p = 0.3 their mixture (the loss is linear in p). DPO's reference is another
     model, so that its margins are not zero at the first step."""
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     ref = build_model("tiny", tok, seed=5) if loss == "sigmoid" else None
 

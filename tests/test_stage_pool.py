@@ -1,13 +1,13 @@
-"""recipes/stage_pool.py, the runner of make demo-real's stages: order, concurrency, the
+"""demos/stage_pool.py, the runner of make demo-real's stages: order, concurrency, the
 thread count each stage gets, reuse of finished stages, and what a failure leaves behind."""
 
 import json
 import sys
 
 import pytest
-from conftest import load_recipe
+from conftest import load_demo
 
-pool = load_recipe("stage_pool")
+pool = load_demo("stage_pool")
 
 # a stage: records when it ran and with how many threads, sleeps, then writes its done file
 STAGE = ("import json, os, sys, time; start = time.time(); time.sleep(float(sys.argv[2])); "

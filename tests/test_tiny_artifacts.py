@@ -5,8 +5,8 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_ext.tiny import build_model, build_tokenizer
-from rlhf_ext.tiny.task import ASPECTS, LEXICON
+from rlhf_ext.worlds.tiny import build_model, build_tokenizer
+from rlhf_ext.worlds.tiny.task import ASPECTS, LEXICON
 
 
 def test_offline_mode_is_on():

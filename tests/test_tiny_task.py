@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from rlhf_ext.tiny import (
+from rlhf_ext.worlds.tiny import (
     is_well_formed,
     label_pairs,
     oracle_score,
@@ -14,7 +14,7 @@ from rlhf_ext.tiny import (
     to_conversational,
     unpaired_dataset,
 )
-from rlhf_ext.tiny.corpus import BT_SCALE, bradley_terry_prefers_first
+from rlhf_ext.worlds.tiny.corpus import BT_SCALE, bradley_terry_prefers_first
 
 
 @pytest.mark.parametrize("text, expected", [

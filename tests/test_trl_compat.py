@@ -12,9 +12,9 @@ import rlhf_ext
 from rlhf_ext.config_fields import apply_tokenizer_fields
 from rlhf_ext.data import PreferenceCollator, prepare_preference_dataset, tokenize_preference_row
 from rlhf_ext.losses import params_for
-from rlhf_ext.tiny import preference_pairs
+from rlhf_ext.worlds.tiny import preference_pairs
 
-# Defaults that differ from TRL's on purpose (README, "What differs from TRL")
+# Defaults that differ from TRL's on purpose (docs/trl.md, "What differs from TRL")
 OUR_DEFAULTS = {"activation_checkpointing", "bf16",
                 "train_sampling_strategy", "beta", "loss_type",
                 "padding_free"}  # None: on where prefix sharing is, under sdpa
@@ -48,7 +48,7 @@ def test_every_trl_field_exists_with_trls_default(index):
         trl_loss = getattr(theirs, "loss_type", "orpo")  # TRL's ORPO has no loss_type
         assert ours.loss_type == (trl_loss if isinstance(trl_loss, list) else [trl_loss])
     assert ours.gradient_checkpointing and theirs.gradient_checkpointing  # both recompute
-    assert not ours.bf16  # ours: README says why
+    assert not ours.bf16  # ours: docs/trl.md says why
 
 
 def test_truncation_lengths_keep_the_prompts_end_and_the_completions_start(tok):
@@ -298,7 +298,7 @@ def test_compute_metrics_gets_kto_rewards_and_labels(policy_dir, tok, tmp_path):
     mean reward gap computed there equals the trainer's rewards/margins (one eval batch)."""
     import numpy as np
 
-    from rlhf_ext.tiny import unpaired_dataset
+    from rlhf_ext.worlds.tiny import unpaired_dataset
 
     def gap(prediction):
         rewards, labels = prediction.predictions, prediction.label_ids
@@ -324,7 +324,7 @@ def test_ppo_samples_reach_weights_and_biases_as_a_table(policy_dir, tok, tmp_pa
 
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ext.tiny import oracle_score, prompt_dataset
+    from rlhf_ext.worlds.tiny import oracle_score, prompt_dataset
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

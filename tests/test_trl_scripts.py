@@ -65,13 +65,13 @@ trainer = CPOTrainer(model=POLICY, args=args, train_dataset=preference_pairs(8, 
 args = ORPOConfig(beta=0.1, {SETTINGS})
 trainer = ORPOTrainer(model=POLICY, args=args, train_dataset=preference_pairs(8, seed=5),
                       processing_class=TOK)
-""", "log_odds_ratio"),  # the NLL term differs on purpose (README): the odds term must not
+""", "log_odds_ratio"),  # the NLL term differs on purpose (docs/trl.md): the odds term must not
 }
 
 
 @pytest.fixture(scope="module")
 def paths(tok, tmp_path_factory):
-    from rlhf_ext.tiny import build_model
+    from rlhf_ext.worlds.tiny import build_model
 
     root = tmp_path_factory.mktemp("scripts")
     for name, seed in (("policy", 0), ("ref", 1)):
@@ -83,7 +83,7 @@ def paths(tok, tmp_path_factory):
 def run(imports: str, script: str, paths, out) -> dict:
     from transformers import AutoTokenizer
 
-    from rlhf_ext.tiny import preference_pairs, to_conversational, unpaired_dataset
+    from rlhf_ext.worlds.tiny import preference_pairs, to_conversational, unpaired_dataset
 
     scope = {"POLICY": str(paths / "policy"), "REF": str(paths / "ref"), "OUT": str(out),
              "TOK": AutoTokenizer.from_pretrained(paths / "policy"),

@@ -8,12 +8,13 @@ A DataLoader over a batch sampler, so that the Trainer's own resume (accelerate'
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from .trainer import PPOTrainer
+from .config import PPOConfig
+
+MakeExperience = Callable[[int], dict[str, torch.Tensor]]
 
 
 class Experience(torch.utils.data.Dataset):
@@ -35,20 +36,20 @@ class IterationSampler(torch.utils.data.Sampler):
     """One PPO iteration per epoch: iterating runs the rollout (into ``experience``), then
     yields its rows' indices in shuffled minibatches, num_ppo_epochs times."""
 
-    def __init__(self, trainer: PPOTrainer, experience: Experience):
-        self.trainer, self.experience, self.epoch = trainer, experience, 0
-        args = trainer.args
+    def __init__(self, args: PPOConfig, make_experience: MakeExperience, experience: Experience):
+        self.args, self.make_experience, self.experience, self.epoch = (
+            args, make_experience, experience, 0)
         self.per_rollout = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
 
     def __len__(self) -> int:
-        return self.per_rollout * self.trainer.args.num_ppo_epochs
+        return self.per_rollout * self.args.num_ppo_epochs
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        args = self.trainer.args
-        self.experience.tensors = self.trainer.make_experience(self.epoch)
+        args = self.args
+        self.experience.tensors = self.make_experience(self.epoch)
         n = self.experience.tensors["input_ids"].shape[0]
         generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
         unit = args.shared_prompt_group  # prefix sharing: shuffle whole groups
@@ -64,11 +65,13 @@ def _as_batch(batch):
 
 
 class ExperienceLoader(torch.utils.data.DataLoader):
-    """The Trainer's train dataloader: one rollout per epoch, then its minibatches."""
+    """The Trainer's train dataloader: one rollout per epoch (``make_experience(epoch)``,
+    the trainer's), then its minibatches."""
 
-    def __init__(self, trainer: PPOTrainer):
-        experience = Experience(trainer.args.rollout_batch_size)
-        super().__init__(experience, batch_sampler=IterationSampler(trainer, experience),
+    def __init__(self, args: PPOConfig, make_experience: MakeExperience):
+        experience = Experience(args.rollout_batch_size)
+        super().__init__(experience, batch_sampler=IterationSampler(args, make_experience,
+                                                                    experience),
                          collate_fn=_as_batch)
 
     def set_epoch(self, epoch: int) -> None:

@@ -190,7 +190,7 @@ class PPOTrainer(CheckedTraining, Trainer):
     # -----------------------------------------------------------------------------------
 
     def get_train_dataloader(self):
-        return ExperienceLoader(self)
+        return ExperienceLoader(self.args, self.make_experience)
 
     def _iteration_prompts(self, epoch: int) -> list:
         """The prompts of iteration ``epoch``: a seeded pass over the data, this process's

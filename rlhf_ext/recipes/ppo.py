@@ -27,7 +27,7 @@ class PPOModelArguments:
     reward: str = field(default="model", metadata={
         "help": "'model' (reward_model_path), 'oracle' (the tiny world's scorer) or a reward "
                 "function 'module:function' taking (prompts, completions) -> list of floats, "
-                "e.g. rlhf_ext.real:vader_reward."})
+                "e.g. rlhf_ext.worlds.smollm2:vader_reward."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "A RewardModel saved by recipes/reward.py."})
     value_model_path: str | None = field(default=None, metadata={
@@ -62,7 +62,7 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
             policy, peft_config, ppo_args.reward_model_path)
         reward_tokenizer, peft_config = None, None
     elif ppo_args.reward == "oracle":
-        from rlhf_ext.tiny import oracle_score
+        from rlhf_ext.worlds.tiny import oracle_score
 
         reward, reward_tokenizer = (lambda p, c: [oracle_score(x) for x in c]), None
     elif ppo_args.reward == "model":

@@ -21,7 +21,7 @@ def oracle_agreement(model, tokenizer, evaluation) -> dict:
     """Spearman correlation of rewards with the oracle over held-out completions."""
     from scipy.stats import spearmanr
 
-    from rlhf_ext.tiny import oracle_score
+    from rlhf_ext.worlds.tiny import oracle_score
 
     completions = list(evaluation["chosen"]) + list(evaluation["rejected"])
     prompts = list(evaluation["prompt"]) * 2

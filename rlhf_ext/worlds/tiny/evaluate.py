@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from statistics import mean
 
-from ..sampling import generate_completions, sequence_kl
+from ...evaluation import sequence_kl
+from ...sampling import generate_completions
 from .task import is_well_formed, oracle_score
 
 

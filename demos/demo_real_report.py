@@ -1,4 +1,4 @@
-"""The report of recipes/demo_real.py: the reward-against-KL frontier, its plots, the
+"""The report of demos/demo_real.py: the reward-against-KL frontier, its plots, the
 verdict on DPO against PPO, and report.md."""
 
 from pathlib import Path

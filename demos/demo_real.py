@@ -1,26 +1,26 @@
 """The DPO paper's controlled-sentiment experiment on SmolLM2-135M-Instruct, judged by VADER.
 
-    python recipes/demo_real.py [--out outputs/demo_real] [--full] [--quick] [--fresh]
+    python demos/demo_real.py [--out outputs/demo_real] [--full] [--quick] [--fresh]
                                 [--methods dpo,ppo] [--eval_samples 3] [--seed 0] [--jobs 2]
 
 The instruct model is the reference (and the SFT stage). Its own reviews of made-up films,
 asked to be glowing or scathing, are paired and labelled by a Bradley-Terry model on VADER
-(rlhf_ext.real_task). Stages, each one recipe run in its own process (LoRA policies):
+(rlhf_ext.worlds.smollm2.task). Stages, each one recipe run in its own process (LoRA policies):
 a reward model on the pairs; PPO against that reward model; PPO against VADER itself;
 dpo, ipo, kto, orpo and simpo on the pairs; with --full (or --methods rlaif) DPO on the
-pairs as the model itself judges them (recipes/demo_real_rlaif.py). Best-of-N sampling of the reference (N = 4, 16,
+pairs as the model itself judges them (demos/demo_real_rlaif.py). Best-of-N sampling of the reference (N = 4, 16,
 ranked by the reward model) is the baseline that trains nothing. Every policy is then
-sampled on prompts about held-out films (recipes/demo_real_eval.py, one process each): mean VADER score, win rate against the
+sampled on prompts about held-out films (demos/demo_real_eval.py, one process each): mean VADER score, win rate against the
 reference, sampled KL to it, length, distinct-2 and the repeated-word rate (VADER is
 gameable by "great great great"). --full adds DPO betas and PPO KL coefficients for the
 reward-against-KL frontier (the paper's figure 2).
 
 Writes OUT/report.md, OUT/report.json, OUT/frontier.png and OUT/training_curves.png. After
-the pairs, training stages and evaluations run --jobs at a time (recipes/stage_pool.py),
+the pairs, training stages and evaluations run --jobs at a time (demos/stage_pool.py),
 each as soon as what it reads is done. A finished stage (its summary file, or for
 evaluations its JSON) is reused unless --fresh; each stage's output goes to
 OUT/<stage>/log.txt, each evaluation's to OUT/logs/. --quick is the reduced run of the
-tests. The report is written by recipes/demo_real_report.py.
+tests. The report is written by demos/demo_real_report.py.
 """
 
 import argparse
@@ -29,9 +29,10 @@ import shutil
 import time
 from pathlib import Path
 
-from demo_real_eval import MAX_NEW_TOKENS, eval_folder  # recipes/ is on the path
+from demo_real_eval import MAX_NEW_TOKENS, eval_folder  # demos/ is on the path
 
-RECIPES = Path(__file__).resolve().parent
+DEMOS = Path(__file__).resolve().parent
+RECIPES = DEMOS.parent / "recipes"
 SCHEMA_VERSION = 1
 PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 # the reference-free losses off their papers' defaults, chosen on prompts about train films
@@ -79,7 +80,7 @@ CRITIC_FREE = {
                    "--value_head_on_policy", "false"],
 }
 
-# RLAIF (recipes/demo_real_rlaif.py): DPO at the dpo row's settings on the pairs as the model
+# RLAIF (demos/demo_real_rlaif.py): DPO at the dpo row's settings on the pairs as the model
 # itself judged them, with its soft labels and without
 RLAIF = {"dpo_rlaif": "pairs_rlaif", "dpo_rlaif_hard": "pairs_rlaif_hard"}
 
@@ -98,11 +99,11 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
                      ppo + ["--reward_model_path", str(out / "reward"), f"--{knob}", str(value)],
                      "ppo", value))
     plan.append(("ppo_vader", "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
-                 ppo + ["--reward", "rlhf_ext.real:vader_reward"], "ppo_vader", None))
+                 ppo + ["--reward", "rlhf_ext.worlds.smollm2:vader_reward"], "ppo_vader", None))
     for name, extra in CRITIC_FREE.items():  # --full or by name: the default keeps 30 min
         if full or (methods is not None and name in methods):
             plan.append((name, "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
-                         ppo + ["--reward", "rlhf_ext.real:vader_reward", *extra], name, None))
+                         ppo + ["--reward", "rlhf_ext.worlds.smollm2:vader_reward", *extra], name, None))
     pref = ["--dataset_name", str(data / "pairs"), *size["preference"]]
     knob, values = FRONTIER["dpo"]
     for loss in PREFERENCE_LOSSES:
@@ -141,7 +142,7 @@ def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
     from datasets import Dataset, DatasetDict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_ext.real_task import films, review_prompts, self_sampled_pairs
+    from rlhf_ext.worlds.smollm2.task import films, review_prompts, self_sampled_pairs
 
     start = time.time()
     torch.manual_seed(seed)
@@ -187,7 +188,7 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool) -> lis
                     ["reward"] if "--reward_model_path" in extra else [])
                 for name, recipe, config, summary, extra, _, _ in plan]
     folder = eval_folder(out, size["eval_samples"])
-    evaluate = [sys.executable, str(RECIPES / "demo_real_eval.py"), "--out", str(out),
+    evaluate = [sys.executable, str(DEMOS / "demo_real_eval.py"), "--out", str(out),
                 "--samples", str(size["eval_samples"]), "--seed", str(seed),
                 "--reference_samples", str(size["reference_samples"]),
                 "--best_of", ",".join(map(str, size["best_of"]))]
@@ -238,7 +239,7 @@ def main(argv=None):
     from stage_pool import run_jobs, threads_each
     from tqdm.auto import tqdm
 
-    from rlhf_ext.real import smollm2_path
+    from rlhf_ext.worlds.smollm2 import smollm2_path
 
     model = str(smollm2_path())
     size = dict(SIZES["quick" if args.quick else "default"])

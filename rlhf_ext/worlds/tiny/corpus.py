@@ -92,7 +92,7 @@ def preference_pairs(n: int, seed: int = 0, scale: float = BT_SCALE) -> Dataset:
 def policy_preference_pairs(model, tokenizer, prompts: Sequence[str], seed: int = 0,
                             scale: float = BT_SCALE, **sampling) -> Dataset:
     """Two samples of ``model`` per prompt, BT-labelled (the on-policy pairs of the DPO paper)."""
-    from ..sampling import generate_completions
+    from ...sampling import generate_completions
 
     prompts = list(prompts)
     first = generate_completions(model, tokenizer, prompts, seed=seed, **sampling)

@@ -1,4 +1,4 @@
-"""RLAIF rows of recipes/demo_real.py: SmolLM2-135M-Instruct judges its own review pairs.
+"""RLAIF rows of demos/demo_real.py: SmolLM2-135M-Instruct judges its own review pairs.
 
 The training pairs of the demo (the reference's own reviews, labelled for DPO by a
 Bradley-Terry model on VADER) are judged again by the same small model asked "which review

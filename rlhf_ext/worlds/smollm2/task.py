@@ -110,8 +110,8 @@ def self_sampled_pairs(model, tokenizer, film_names: list[str], samples: int = 2
     """
     from datasets import Dataset
 
-    from .real import vader_scores
-    from .sampling import generate_completions
+    from ...sampling import generate_completions
+    from .vader import vader_scores
 
     requests = steered_requests(film_names, samples)
     rendered = [tokenizer.apply_chat_template(conversation(r), tokenize=False,

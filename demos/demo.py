@@ -1,8 +1,8 @@
 """The main job: the whole RLHF pipeline on the tiny world, judged by its oracle.
 
-    python recipes/demo.py [--out outputs/demo] [--fresh] [--quick] [--seed 0]
+    python demos/demo.py [--out outputs/demo] [--fresh] [--quick] [--seed 0]
 
-Stages, each one recipe run in its own process, one at a time (recipes/stage_pool.py): SFT -> reward model -> PPO against that
+Stages, each one recipe run in its own process, one at a time (demos/stage_pool.py): SFT -> reward model -> PPO against that
 reward model, and dpo, ipo, kto, orpo, simpo from the same SFT model on the same
 oracle-labelled pairs. Then every policy is evaluated on the same held-out prompts (mean
 oracle score, win rate against SFT, sampled KL to SFT, mean length), and the report is
@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent
+DEMOS = Path(__file__).resolve().parent
+RECIPES = DEMOS.parent / "recipes"
 PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 SCHEMA_VERSION = 1
 
@@ -63,8 +64,8 @@ def evaluate_all(out: Path, world: Path, methods: list[str], n_prompts: int, see
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_ext.tiny.evaluate import evaluate_policy
-    from rlhf_ext.tiny.world import load_split
+    from rlhf_ext.worlds.tiny.evaluate import evaluate_policy
+    from rlhf_ext.worlds.tiny.world import load_split
 
     torch.manual_seed(seed)
     prompts = list(load_split(world, "prompts_eval")["prompt"][:n_prompts])
@@ -175,7 +176,7 @@ def main(argv=None):
     from stage_pool import Job, run_jobs
     from tqdm.auto import tqdm
 
-    from rlhf_ext.tiny import WorldSpec, ensure_world
+    from rlhf_ext.worlds.tiny import WorldSpec, ensure_world
 
     world = ensure_world(out / "world", WorldSpec(seed=args.seed))
     plan = stages(out, world, args.quick)

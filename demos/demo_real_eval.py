@@ -1,7 +1,7 @@
-"""One evaluation of make demo-real, in its own process (recipes/demo_real.py runs them as
+"""One evaluation of make demo-real, in its own process (demos/demo_real.py runs them as
 stages): the reference with best-of-N, or one trained policy, sampled on the held-out prompts.
 
-    python recipes/demo_real_eval.py --out OUT --name reference|<stage> --samples 3
+    python demos/demo_real_eval.py --out OUT --name reference|<stage> --samples 3
                                      [--reference_samples 16] [--best_of 4,16] [--reward_model]
 
 Writes OUT/eval_samples<n>/<name>.json (OUT/eval/ with one sample a prompt) with its seconds;
@@ -69,8 +69,8 @@ class Judge:
               reference: list[list[float]]) -> dict:
         from statistics import mean, stdev
 
-        from rlhf_ext.real import vader_scores
-        from rlhf_ext.real_task import distinct_n, repeated_word_rate, win_rate
+        from rlhf_ext.worlds.smollm2 import vader_scores
+        from rlhf_ext.worlds.smollm2.task import distinct_n, repeated_word_rate, win_rate
 
         scores, k = vader_scores(texts), len(self.prompts)
         wins = mean(win_rate([scores[i]] * len(reference[i % k]), reference[i % k])
@@ -89,8 +89,8 @@ class Judge:
         from scipy.stats import spearmanr
 
         from rlhf_ext.data import as_replies
-        from rlhf_ext.real import vader_scores
-        from rlhf_ext.real_task import best_of_n_kl
+        from rlhf_ext.worlds.smollm2 import vader_scores
+        from rlhf_ext.worlds.smollm2.task import best_of_n_kl
 
         n, k = max([self.reference_samples, self.samples, *best_of]), len(self.prompts)
         out = self.sample(self.reference, n, seed_offset=1)
@@ -121,7 +121,7 @@ class Judge:
     def policy(self, path: Path, reference: list[list[float]]) -> dict:
         from statistics import mean
 
-        from rlhf_ext.sampling import sequence_kl
+        from rlhf_ext.evaluation import sequence_kl
 
         model = load_policy(path)
         out = self.sample(model, self.samples, seed_offset=2, return_logps=True)
@@ -148,7 +148,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    from rlhf_ext.real import smollm2_path
+    from rlhf_ext.worlds.smollm2 import smollm2_path
 
     prompts = json.loads((out / "data" / "data.json").read_text())["held_out_prompts"]
     judge = Judge(out, str(smollm2_path()), prompts, args.seed, args.samples,
