@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-real test lint
+.PHONY: setup demo demo-real test lint docs
 setup:
 	@bash scripts/setup.sh
 
@@ -22,3 +22,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# the documentation site: a strict build, then served on 127.0.0.1 (DOCS_PORT, default 8000)
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:$(or $(DOCS_PORT),8000)

