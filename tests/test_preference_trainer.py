@@ -50,6 +50,24 @@ def test_bad_data_fails_before_training(policy_dir, tok, tmp_path, rows, loss, m
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
+def test_keep_end_keeps_rows_whose_prompt_is_longer_than_max_length(policy_dir, tok, tmp_path):
+    """keep_end keeps a sequence's last max_length tokens, so a 70-token prompt under
+    max_length 64 still has its completion (TRL keeps these rows); keep_start refuses it
+    (above)."""
+    rows = Dataset.from_dict({"prompt": [" the" * 70, " the film was"],
+                              "chosen": [" warm and fun .", " good ."],
+                              "rejected": [" dull .", " bad ."]})
+    trainer = make(policy_dir, tok, tmp_path, rows, truncation_mode="keep_end",
+                   padding_free=False, prefix_sharing=False, per_device_train_batch_size=2,
+                   max_steps=1)
+    row = trainer.train_dataset[0]
+    batch = trainer.data_collator([row])
+    kept = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert kept == (row["prompt_ids"] + row["chosen_ids"])[-64:]
+    trainer.train()
+    assert 0 < trainer.state.log_history[0]["loss"] < 10
+
+
 def test_unknown_loss_fails_at_config(tmp_path):
     with pytest.raises(ValueError, match="unknown loss_type 'simpoo'; valid names: .*simpo"):
         config(tmp_path, loss_type="simpoo")

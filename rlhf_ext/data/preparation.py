@@ -149,9 +149,10 @@ def prepare_preference_dataset(dataset, tokenizer, *, kind: str, unpair: bool,
                               remove_columns=[c for c in column_names(dataset) if c not in kept])
     if stream:
         return dataset if max_length is None else dataset.map(
-            _check_room, with_indices=True, fn_kwargs={"max_length": max_length, "name": name})
+            _check_room, with_indices=True, fn_kwargs={"max_length": max_length, "name": name,
+                                                      "truncation_mode": truncation_mode})
     for row, ids in enumerate(dataset["prompt_ids"]):
-        _check_room({"prompt_ids": ids}, row, max_length, name)
+        _check_room({"prompt_ids": ids}, row, max_length, name, truncation_mode)
     warn_degenerate(dataset, max_length, truncation_mode, name)
     if kind == "unpaired":
         ids = list(dataset["completion_ids"])

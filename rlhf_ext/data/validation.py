@@ -192,14 +192,18 @@ def validate_prompt_dataset(dataset, name: str = "train") -> None:
                             "answers. Drop that last message.")
 
 
-def _check_room(example: dict, row: int, max_length: int | None, name: str) -> dict:
-    """A prompt must leave room for the completion within max_length."""
+def _check_room(example: dict, row: int, max_length: int | None, name: str,
+                truncation_mode: str = "keep_start") -> dict:
+    """Under keep_start a prompt must leave room for the completion within max_length;
+    keep_end keeps the sequence's last max_length tokens, the completion's end always, so
+    a long prompt only loses its beginning (TRL keeps these rows too)."""
     n = len(example["prompt_ids"])
-    if max_length is not None and n >= max_length:
+    if max_length is not None and n >= max_length and truncation_mode == "keep_start":
         raise DataError(
             f"{name} dataset, row {row}, column 'prompt': {n} tokens, which leaves no room "
             f"for the completion within max_length={max_length}. Raise max_length, "
-            "shorten or drop the prompt.")
+            "shorten or drop the prompt, or set truncation_mode='keep_end' to keep the "
+            "sequence's end.")
     return {}
 
 
