@@ -60,6 +60,7 @@ def data_fingerprint(dataset) -> str:
 class ReferenceLogps:
     def __init__(self, mode: str, model=None, ld_alpha: float | None = None):
         self.mode, self.model, self.ld_alpha = mode, model, ld_alpha
+        self.initial_fingerprint: str | None = None  # initial_policy: the weights before training
 
     @classmethod
     def choose(cls, policy, ref_model, args) -> ReferenceLogps:
@@ -111,8 +112,14 @@ class ReferenceLogps:
         """``dataset`` plus ref_chosen_logps/ref_rejected_logps (paired) or ref_logps/
         ref_kl_logps (unpaired), computed once (sharded over processes) or read from cache."""
         args = trainer.args
-        with _gathered_if_zero3(self.model or trainer.model):  # hash the real weights
-            fingerprint = model_fingerprint(self.model or trainer.model)
+        trained = self.mode == "initial_policy" and trainer.state.global_step > 0
+        if trained:  # the reference is the policy as it was: only its cache can answer
+            fingerprint = self.initial_fingerprint
+        else:
+            with _gathered_if_zero3(self.model or trainer.model):  # hash the real weights
+                fingerprint = model_fingerprint(self.model or trainer.model)
+            if self.mode == "initial_policy":
+                self.initial_fingerprint = fingerprint
         key = hashlib.sha256(json.dumps({
             "model": fingerprint,
             "data": data_fingerprint(dataset), "max_length": args.max_length,
@@ -123,6 +130,14 @@ class ReferenceLogps:
         if path.exists():
             columns = torch.load(path, weights_only=True)  # tensors only: never unpickle code
             self.cache_hit = True
+        elif trained:
+            raise ValueError(
+                f"{name} dataset: precompute_ref_log_probs without a ref_model takes the "
+                "reference from the policy before training, and the policy has trained since "
+                f"(step {trainer.state.global_step}), so this dataset's reference log-probs "
+                "can no longer be computed (it was not given at construction). Pass it as "
+                "eval_dataset when making the trainer, or pass ref_model=, or train with LoRA "
+                "(the reference is then the base with adapters off).")
         else:
             self.cache_hit = False
             columns = self._compute(trainer, dataset, name)

@@ -191,6 +191,26 @@ def test_precomputed_reference_matches_and_is_cached(policy_dir, tok, tmp_path):
     assert len(calls) == BASE["max_steps"]
 
 
+def test_evaluate_after_training_keeps_the_initial_reference(policy_dir, tok, tmp_path):
+    """precompute_ref_log_probs without a ref_model: the reference is the policy before
+    training. evaluate(eval_dataset=...) after training must not score the trained policy
+    against itself (margins 0, loss exactly log 2): the set given at construction reads the
+    initial policy's cached values, and a set never seen is refused with the way out."""
+    train, held_out = PAIRS.select(range(8)), PAIRS.select(range(8, 12))
+    args = config(tmp_path, precompute_ref_log_probs=True, learning_rate=5e-3, max_steps=3,
+                  ref_logps_cache_dir=str(tmp_path / "cache"))
+    trainer = PreferenceTrainer(str(policy_dir), args=args, train_dataset=train,
+                                eval_dataset=held_out, processing_class=tok)
+    trainer.train()
+    own = trainer.evaluate()
+    again = trainer.evaluate(eval_dataset=held_out)
+    assert abs(own["eval_rewards/margins"]) > 1e-3  # the policy moved away from its reference
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/chosen"):
+        assert again[key] == pytest.approx(own[key], rel=1e-5, abs=1e-7), key
+    with pytest.raises(ValueError, match=r"the policy has trained since \(step 3\).*ref_model="):
+        trainer.evaluate(eval_dataset=PAIRS.select(range(12, 16)))
+
+
 @pytest.mark.parametrize("extra", [{}, dict(sync_ref_model=True, ref_model_sync_steps=2,
                                            ref_model_mixup_alpha=0.5)], ids=["dpo", "tr-dpo"])
 def test_resume_matches_uninterrupted(policy_dir, tok, tmp_path, extra):
