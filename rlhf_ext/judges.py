@@ -280,7 +280,7 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
     rows: list[dict] = []
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _read_labels(path)
         if len(rows) > len(todo):
             raise ValueError(f"{path} holds {len(rows)} labels for {len(todo)} comparisons: "
                              "it belongs to other samples; delete it")
@@ -314,3 +314,26 @@ def label_samples(judge: PairwiseJudge, prompts: Sequence, samples: Sequence[Seq
             with path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
     return Dataset.from_list(rows)
+
+
+def _read_labels(path: Path) -> list[dict]:
+    """The labels a run appended to ``path``, one JSON object a line. A kill during an
+    append can leave the last line cut short: it is dropped (with a warning) and the file
+    rewritten without it, so that comparison is judged again. A bad line anywhere else
+    means the file was edited or belongs to something else: refused, naming the line."""
+    import warnings
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise ValueError(f"{path}, line {n + 1}: not a JSON label ({line[:60]!r}); "
+                                 "the file was edited or damaged: delete it to judge again"
+                                 ) from None
+            warnings.warn(f"{path}: its last line was cut short (a run stopped while writing "
+                          "it); dropping it and judging that comparison again", stacklevel=3)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows

@@ -18,7 +18,9 @@ do not shard across processes yet.
 from __future__ import annotations
 
 import json
+import os
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
@@ -125,7 +127,11 @@ class OnlineDPOTrainer:
 
         path = folder / "samples.json"
         if path.exists():
-            return json.loads(path.read_text())
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); it was cut short or "
+                                 f"edited: delete it to sample round {r} again") from None
         tok, args, k = self.processing_class, self.args, self.args.num_generations
         rendered = [render_prompt(tok, p) for p in prompts]
         texts = generate_completions(self.model, tok, [p for p in rendered for _ in range(k)],
@@ -134,7 +140,9 @@ class OnlineDPOTrainer:
                                      seed=args.seed + 1000 * r, progress=True).texts
         samples = [texts[i:i + k] for i in range(0, len(texts), k)]
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(samples))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a kill leaves no half file
+        tmp.write_text(json.dumps(samples))
+        tmp.replace(path)
         return samples
 
     def _load_round(self, folder: Path) -> None:
@@ -181,6 +189,8 @@ class OnlineDPOTrainer:
 
     def _round(self, r: int, folder: Path, resume: bool) -> dict:
         args = self.args
+        if not resume:
+            _discard_stale(folder)
         prompts = self.round_prompts(r)
         samples = self.sample(prompts, r, folder)
         data = label_samples(self.judge, prompts, samples, args.pairing, args.judge_batch_size,
@@ -215,3 +225,17 @@ class OnlineDPOTrainer:
         if self.trainer is None:
             raise RuntimeError("no round has been trained yet: call train() first")
         return self.trainer
+
+
+def _discard_stale(folder: Path) -> None:
+    """A fresh start (no resume) in a folder an earlier run wrote: its samples, labels and
+    done marker belong to that run (another policy, maybe another judge), so they are
+    removed, with a warning naming them, and made anew; only a resume reuses them."""
+    stale = [folder / name for name in ("samples.json", "labels.jsonl", DONE)
+             if (folder / name).exists()]
+    if stale:
+        warnings.warn(f"not resuming: removing {', '.join(map(str, stale))} from an earlier "
+                      "run; they are sampled and judged again (pass resume_from_checkpoint="
+                      "True to continue that run instead)", stacklevel=3)
+        for path in stale:
+            path.unlink()

@@ -125,3 +125,51 @@ def test_an_empty_sample_is_trained_on_where_a_given_one_is_refused(policy_dir, 
     assert trainer.train_dataset[0]["rejected_ids"] == [tok.eos_token_id]
     # one step from policy == reference: the DPO loss is exactly log 2
     assert math.isclose(trainer.train().training_loss, math.log(2), rel_tol=1e-5)
+
+
+def one_round(model_dir, tok, out, judge, resume=False):
+    args = OnlineDPOConfig(
+        output_dir=str(out), num_rounds=1, num_generations=3, max_new_tokens=12,
+        per_device_train_batch_size=6, max_steps=1, beta=0.1, max_length=64, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = OnlineDPOTrainer(AutoModelForCausalLM.from_pretrained(model_dir), judge, args,
+                               train_dataset=PROMPTS.select(range(4)), processing_class=tok)
+    trainer.train(resume_from_checkpoint=resume)
+    return [json.loads(line) for line in
+            (out / "round-0" / "labels.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_start_in_a_used_folder_judges_anew(policy_dir, tok, tmp_path):
+    """Started afresh (no resume) where an earlier run wrote its samples and labels, with
+    another judge: the new judge's labels are made, not the old ones reused."""
+    first = one_round(policy_dir, tok, tmp_path, OracleJudge())
+    reversed_oracle = FunctionJudge(lambda p, texts: [-oracle_score(t) for t in texts], 4.0)
+    with pytest.warns(UserWarning, match=r"not resuming: removing .*samples.json.*labels.jsonl"):
+        second = one_round(policy_dir, tok, tmp_path, reversed_oracle)
+    assert len(first) == len(second) == 4 * 3
+    decided = [(old, new) for old, new in zip(first, second) if old["chosen_probability"] > 0.5]
+    assert decided  # the oracle preferred one response in some pairs (ties stay as they are)
+    for old, new in decided:  # there the reversed judge picks the other one
+        assert (new["chosen"], new["rejected"]) == (old["rejected"], old["chosen"])
+
+
+def test_files_cut_short_by_a_kill_are_handled_on_resume(policy_dir, tok, tmp_path):
+    """A kill while appending labels leaves a cut last line: resume drops it and judges
+    that comparison again. samples.json is written whole or not at all; one damaged by
+    hand is refused naming the file."""
+    judge = OracleJudge()
+    full = one_round(policy_dir, tok, tmp_path, judge)
+    labels = tmp_path / "round-0" / "labels.jsonl"
+    (tmp_path / "round-0" / "round.json").unlink()  # the round did not finish
+    text = labels.read_text()
+    labels.write_text(text[:len(text) - 40])  # the last line cut mid-way
+    judge.judged = 0
+    with pytest.warns(UserWarning, match="its last line was cut short"):
+        again = one_round(policy_dir, tok, tmp_path, judge, resume=True)
+    assert judge.judged == 1 and again == full
+    assert not list((tmp_path / "round-0").glob("*.tmp"))
+    (tmp_path / "round-0" / "round.json").unlink()
+    samples = tmp_path / "round-0" / "samples.json"
+    samples.write_text(samples.read_text()[:-10])
+    with pytest.raises(ValueError, match=r"samples.json is not valid JSON.*delete it"):
+        one_round(policy_dir, tok, tmp_path, judge, resume=True)
