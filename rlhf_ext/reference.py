@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .logps import batch_logps
 from .models import adapters_disabled, is_peft_model
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the file holds a checksum beside the columns
 REFERENCE_FILE = "reference_model.safetensors"  # TR-DPO's moving reference, per checkpoint
 
 
@@ -127,10 +127,9 @@ class ReferenceLogps:
             **({"ld_alpha": self.ld_alpha} if self.ld_alpha is not None else {}),
         }).encode()).hexdigest()[:24]
         path = Path(args.ref_logps_cache_dir or default_cache_dir()) / f"{key}.pt"
-        if path.exists():
-            columns = torch.load(path, weights_only=True)  # tensors only: never unpickle code
-            self.cache_hit = True
-        elif trained:
+        columns = read_cache(path, len(dataset)) if path.exists() else None
+        self.cache_hit = columns is not None
+        if columns is None and trained:
             raise ValueError(
                 f"{name} dataset: precompute_ref_log_probs without a ref_model takes the "
                 "reference from the policy before training, and the policy has trained since "
@@ -138,14 +137,12 @@ class ReferenceLogps:
                 "can no longer be computed (it was not given at construction). Pass it as "
                 "eval_dataset when making the trainer, or pass ref_model=, or train with LoRA "
                 "(the reference is then the base with adapters off).")
-        else:
-            self.cache_hit = False
+        if columns is None:
+            writable = cache_writable(path.parent) if trainer.accelerator.is_main_process \
+                else True
             columns = self._compute(trainer, dataset, name)
-            if trainer.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(columns, tmp)
-                tmp.replace(path)
+            if trainer.accelerator.is_main_process and writable:
+                write_cache(path, columns)
             trainer.accelerator.wait_for_everyone()
         self.cache_path = path
         for column, values in columns.items():
@@ -220,6 +217,79 @@ class ReferenceLogps:
                                     "sync_ref_model, so the reference it trained against is lost")
         load_model(self._reference_module(), path, device=str(
             next(self._reference_module().parameters()).device))
+
+
+# The shared cache of reference log-probs ----------------------------------------------------
+
+def write_cache(path: Path, columns: dict[str, torch.Tensor]) -> None:
+    """Write ``columns`` with a checksum of their values, under a temporary name unique to
+    this process, then rename it into place: a reader sees the whole file or none, and two
+    runs computing the same key never touch each other's temporary file."""
+    import uuid
+
+    payload = {"version": CACHE_VERSION, "sha256": _checksum(columns), "columns": columns}
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_cache(path: Path, rows: int) -> dict[str, torch.Tensor] | None:
+    """The columns cached in ``path`` for a dataset of ``rows`` rows, or None (with a
+    warning naming the file) when the file is unreadable, not ours, of another shape or
+    its values do not match their checksum: the caller then computes them again."""
+    import warnings
+
+    problem = None
+    try:
+        payload = torch.load(path, weights_only=True)  # tensors only: never unpickle code
+    except Exception as error:  # noqa: BLE001 - truncated, empty or garbage: all unreadable
+        payload, problem = None, f"unreadable ({type(error).__name__})"
+    if problem is None:
+        columns = payload.get("columns") if isinstance(payload, dict) else None
+        if payload is None or not isinstance(columns, dict) or not columns or any(
+                not isinstance(v, torch.Tensor) for v in columns.values()):
+            problem = "not a reference log-prob cache of this version"
+        elif any(v.shape != (rows,) for v in columns.values()):
+            shapes = sorted({tuple(v.shape) for v in columns.values()})
+            problem = f"holds values of shape {shapes} for a dataset of {rows} rows"
+        elif payload.get("sha256") != _checksum(columns):
+            problem = "its values do not match their checksum (changed or damaged)"
+    if problem is not None:
+        warnings.warn(f"reference log-prob cache {path} is {problem}: computing the values "
+                      "again and replacing it", stacklevel=3)
+        return None
+    return columns
+
+
+def cache_writable(folder: Path) -> bool:
+    """Whether the cache folder can be created and written, checked before the reference
+    pass: if not, the values stay in memory for this run (a warning says so) instead of the
+    run failing after the whole pass."""
+    import tempfile
+    import warnings
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
+            pass
+        return True
+    except OSError as error:
+        warnings.warn(f"reference log-prob cache folder {folder} is not writable ({error}); "
+                      "keeping this run's reference log-probs in memory only (set "
+                      "ref_logps_cache_dir or $RLHF_EXT_CACHE to a writable folder to share "
+                      "them between runs)", stacklevel=3)
+        return False
+
+
+def _checksum(columns: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(columns):
+        h.update(name.encode())
+        h.update(columns[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _frozen_copy(policy):

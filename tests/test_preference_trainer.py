@@ -314,7 +314,8 @@ def test_precompute_under_deepspeed_zero3_matches(sft_run, world_dir, tmp_path):
                 "--ref_logps_cache_dir", str(tmp_path / "c2")], launcher="accelerate_config")
     (ds_file,) = (tmp_path / "c2").glob("*.pt")
     assert ds_file.name == plain.reference.cache_path.name
-    ds, ref = torch.load(ds_file), torch.load(plain.reference.cache_path)
+    ds, ref = (torch.load(f, weights_only=True)["columns"]
+               for f in (ds_file, plain.reference.cache_path))
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(ds[key], ref[key], rtol=1e-5, atol=1e-4)
     assert (tmp_path / "ds" / "model.safetensors").exists()  # ZeRO-3 saved a loadable model

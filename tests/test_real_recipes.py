@@ -126,7 +126,8 @@ def test_dpo_qlora_with_precomputed_reference(real, tmp_path):
                      str(tmp_path / "ref_cache"))
     assert summary["quantized_linear_layers"] == LINEAR_LAYERS
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR
-    cached = [torch.load(f, weights_only=True) for f in (tmp_path / "ref_cache").glob("*.pt")]
+    cached = [torch.load(f, weights_only=True)["columns"]
+              for f in (tmp_path / "ref_cache").glob("*.pt")]
     assert all(sorted(c) == ["ref_chosen_logps", "ref_rejected_logps"] for c in cached)
     assert sorted(len(c["ref_chosen_logps"]) for c in cached) == [4, 12]  # eval, train pairs
     assert first(summary, "train_loss") == pytest.approx(math.log(2), abs=1e-5)
