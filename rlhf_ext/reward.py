@@ -347,6 +347,28 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
 
 
 @torch.no_grad()
+def tokenizer_mismatch(reward_model, tokenizer) -> str | None:
+    """Why ``tokenizer`` cannot feed ``reward_model``, or None: ids beyond its embeddings,
+    or a tokenizer saved beside the reward model (or its base) whose vocabulary differs
+    (same size, other tokens: every text would be scored as the wrong ids)."""
+    from transformers import AutoTokenizer
+
+    if not hasattr(reward_model, "get_input_embeddings"):
+        return None  # single-base: a head over the policy's own decoder, its own tokens
+    rows = reward_model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        return (f"the tokenizer has {len(tokenizer)} tokens and the reward model's embeddings "
+                f"{rows} rows")
+    folder = (getattr(reward_model, "name_or_path", "")
+              or getattr(getattr(reward_model, "config", None), "_name_or_path", "") or "")
+    if os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, name)) for name in
+                                     ("tokenizer.json", "tokenizer_config.json")):
+        own = AutoTokenizer.from_pretrained(folder)
+        if own.get_vocab() != tokenizer.get_vocab():
+            return f"the reward model was saved with another tokenizer ({folder})"
+    return None
+
+
 def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64,
           max_length: int | None = None) -> list[float]:
     """Rewards of (prompt, completion) pairs, batched; tokenized exactly as in training

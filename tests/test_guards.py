@@ -397,3 +397,32 @@ def test_ppo_prompts_must_fit_the_policy(tok, tmp_path, policy_kwargs, response_
     with pytest.raises(DataError, match=match):
         PPOTrainer(policy, args, tok, prompt_dataset(8), reward=lambda p, c: [0.0] * len(c),
                    value_model=None)
+
+
+@pytest.mark.parametrize("vocab_size, seed, match", [
+    (320, 0, r"the tokenizer has 512 tokens and the reward model's embeddings 320 rows"),
+    (512, 1, r"the reward model was saved with another tokenizer \(.*other\)"),
+])
+def test_a_reward_model_on_another_tokenizer_needs_its_own(tok, tmp_path, vocab_size, seed,
+                                                           match):
+    """A smaller vocabulary died in torch's embedding (IndexError); one of the same size
+    with other tokens scored every completion as the wrong ids, silently."""
+    from rlhf_ext.heads import RewardModel
+    from rlhf_ext.worlds.tiny import build_tokenizer
+
+    other = build_tokenizer(vocab_size=vocab_size, seed=seed)
+    assert len(tok) == 512 and len(other) == vocab_size
+    build_model("tiny", other, seed=1).save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    reward = RewardModel.from_backbone(str(tmp_path / "other"))
+    args = PPOConfig(output_dir=str(tmp_path / "out"), rollout_batch_size=4, num_generations=2,
+                     advantage_estimator="rloo", per_device_train_batch_size=2,
+                     response_length=4, max_steps=2, **BASE)
+    policy = build_model("tiny", tok, seed=0)
+    with pytest.raises(ValueError, match=rf"cannot read the policy's tokens: {match}.*"
+                                         r"reward_tokenizer="):
+        PPOTrainer(policy, args, tok, prompt_dataset(8), reward=reward)
+    trainer = PPOTrainer(policy, args, tok, prompt_dataset(8), reward=reward,
+                         reward_tokenizer=other)
+    trainer.train()  # completions re-tokenized with the reward model's own tokenizer
+    assert trainer.state.global_step == 2

@@ -36,6 +36,7 @@ from ..models import (
     load_tokenizer,
 )
 from ..reward import score as reward_model_score
+from ..reward import tokenizer_mismatch
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -158,6 +159,12 @@ class PPOTrainer(CheckedTraining, Trainer):
         if isinstance(reward, nn.Module):
             check_scalar_head(reward)
             reward.eval().requires_grad_(False)
+            problem = None if reward_tokenizer else tokenizer_mismatch(reward, processing_class)
+            if problem:
+                raise ValueError(f"the reward model cannot read the policy's tokens: {problem}. "
+                                 "Pass its own tokenizer as reward_tokenizer= (the PPO recipe "
+                                 "loads it from --reward_model_path); completions are "
+                                 "re-tokenized with it before scoring.")
             tok = reward_tokenizer or processing_class
             config = getattr(reward, "config", None)
             if config is not None and getattr(config, "pad_token_id", None) is None:
