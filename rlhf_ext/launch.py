@@ -31,10 +31,20 @@ def run_main(main, arguments: tuple) -> None:
     0: interpreter teardown, where native threads of gloo and DeepSpeed are torn down in
     no set order, sometimes aborted a finished run (SIGABRT, "terminate called without
     an active exception") and the launch reported a failure. An exception in ``main``
-    still exits non-zero as usual."""
+    still exits non-zero as usual; a run stopped by SIGTERM exits with status 143 after
+    its checkpoint (``rlhf_ext.preemption``)."""
     from trl import TrlParser
 
-    main(*TrlParser(arguments).parse_args_and_config(args=with_machine_args()))
+    from .preemption import EXIT_CODE, Preempted
+
+    try:
+        main(*TrlParser(arguments).parse_args_and_config(args=with_machine_args()))
+    except Preempted:  # checkpoint saved and reported: leave with SIGTERM's status, at once
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CODE)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging
 

@@ -163,12 +163,23 @@ def resolve_checkpoint(value, output_dir: str) -> str | None:
 
 class CheckedTraining:
     """Mixed into every trainer of the package: ``train(resume_from_checkpoint=True)``
-    resumes from the newest complete checkpoint; a non-finite gradient norm stops
-    training before the optimizer step; a non-finite model is never saved."""
+    resumes from the newest complete checkpoint; SIGTERM saves a checkpoint at the end of
+    the step and exits with status 143 (``rlhf_ext.preemption``); a non-finite gradient
+    norm stops training before the optimizer step; a non-finite model is never saved."""
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        from .preemption import StopOnSigterm, raise_if_preempted, sigterm_stops
+
         folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=folder, trial=trial, **kwargs)
+        stop = StopOnSigterm(self)
+        self.add_callback(stop)
+        try:
+            with sigterm_stops(stop):
+                result = super().train(resume_from_checkpoint=folder, trial=trial, **kwargs)
+        finally:
+            self.remove_callback(stop)
+        raise_if_preempted(stop, self.args.output_dir)
+        return result
 
     def _get_grad_norm(self, model, grad_norm=None):
         import math

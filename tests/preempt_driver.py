@@ -1,0 +1,61 @@
+"""A training run that tests/test_preemption.py stops with a real SIGTERM.
+
+    python tests/preempt_driver.py KIND POLICY_DIR OUT MAX_STEPS [resume]
+
+KIND is dpo (PreferenceTrainer) or ppo (PPOTrainer, GAE with a value model, 4 optimizer
+steps per iteration). Each process writes its pid to OUT/pid-<rank> at start and each
+finished step to OUT/step-<rank>, then pauses, so the test can signal it mid-run; the final
+weights go to OUT/final. Launched by accelerate for two processes (gloo on CPU).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from rlhf_ext.heads import ValueModel
+from rlhf_ext.ppo import PPOConfig, PPOTrainer
+from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.worlds.tiny import oracle_score, preference_pairs, prompt_dataset
+
+PAUSE = 0.4  # seconds after each step: time for the test's signal to land mid-run
+
+
+class Pace(TrainerCallback):
+    def __init__(self, out: Path, rank: int):
+        self.file = out / f"step-{rank}"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.file.write_text(str(state.global_step))
+        time.sleep(PAUSE)
+
+
+def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool) -> None:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pid-{rank}").write_text(str(os.getpid()))
+    common = dict(output_dir=str(out), max_steps=max_steps, save_strategy="no", logging_steps=1,
+                  report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                  **({"ddp_backend": "gloo"} if world > 1 else {}))
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    if kind == "dpo":
+        args = PreferenceConfig(per_device_train_batch_size=8 // world, learning_rate=5e-3,
+                                max_length=64, **common)
+        trainer = PreferenceTrainer(policy_dir, args=args, train_dataset=preference_pairs(64),
+                                    processing_class=tok)
+    else:
+        args = PPOConfig(rollout_batch_size=8 // world, per_device_train_batch_size=2 // world,
+                         num_ppo_epochs=1, response_length=8, learning_rate=1e-3, **common)
+        trainer = PPOTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), args, tok,
+                             prompt_dataset(32), reward=lambda p, c: [oracle_score(x) for x in c],
+                             value_model=ValueModel.from_backbone(policy_dir, seed=1))
+    trainer.add_callback(Pace(out, rank))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out / "final"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]),
+         len(sys.argv) > 5 and sys.argv[5] == "resume")

@@ -1,0 +1,96 @@
+"""Preemption with real signals on real processes: SIGTERM mid-run makes the trainer save a
+complete checkpoint at the end of the step, exit with status 143 (non-zero for the launcher)
+and say how to resume; resuming gives the uninterrupted run's weights. One process (DPO, and
+PPO stopped mid-iteration) and two (DDP)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import MULTIPROCESS, ROOT
+from safetensors.torch import load_file
+
+from rlhf_ext.trainer_utils import checkpoint_problem
+
+DRIVER = str(ROOT / "tests" / "preempt_driver.py")
+
+
+def command(kind, policy_dir, out, steps, processes, resume=False):
+    launch = [sys.executable]
+    if processes == 2:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  "accelerate_configs/ddp.yaml", "--num_processes", "2"]
+    return launch + [DRIVER, kind, str(policy_dir), str(out), str(steps),
+                     *(["resume"] if resume else [])]
+
+
+def run(*args, **kwargs):
+    proc = subprocess.run(command(*args, **kwargs), cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def stopped_run(kind, policy_dir, out, steps, processes, after_step):
+    """Start the run, send SIGTERM to every training process once step ``after_step`` is
+    done (as Slurm signals every task of a job), and wait for it to end."""
+    proc = subprocess.Popen(command(kind, policy_dir, out, steps, processes), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    steps_file = out / "step-0"
+    while not (steps_file.exists() and steps_file.read_text() and
+               int(steps_file.read_text()) >= after_step):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.time() < deadline, "the run never reached the step"
+        time.sleep(0.05)
+    for rank in range(processes):
+        os.kill(int((out / f"pid-{rank}").read_text()), signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    return proc.returncode, stderr
+
+
+def weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+def checkpoints(out):
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
+        kind, policy_dir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(kind, policy_dir, full, 6, 1)
+    code, stderr = stopped_run(kind, policy_dir, cut, 6, 1, after_step=1)
+    assert code == 143, stderr[-3000:]
+    (step,) = checkpoints(cut)
+    assert 1 <= step < 6 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
+    assert f"SIGTERM received: stopped after step {step} and saved" in stderr
+    assert "resume_from_checkpoint=True" in stderr
+    if kind == "ppo":  # 4 optimizer steps an iteration: stopped inside one, its rollout kept
+        assert step % 4 != 0 and (cut / f"checkpoint-{step}" / "ppo_experience_0.pt").exists()
+    assert not (cut / "final").exists()
+    run(kind, policy_dir, cut, 6, 1, resume=True)
+    expected, got = weights(full), weights(cut)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+@MULTIPROCESS
+def test_sigterm_stops_two_processes_together(policy_dir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run("dpo", policy_dir, full, 5, 2)
+    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=1)
+    assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
+    (step,) = checkpoints(cut)  # both processes stopped after the same step and saved it
+    assert 1 <= step < 5 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
+    assert stderr.count(f"SIGTERM received: stopped after step {step}") == 2
+    run("dpo", policy_dir, cut, 5, 2, resume=True)
+    expected, got = weights(full), weights(cut)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
