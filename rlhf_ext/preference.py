@@ -94,6 +94,12 @@ class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
     """Offline preference optimisation; the constructor takes trl.DPOTrainer's arguments."""
 
     _tag_names = ["rlhf-ext", "preference"]
+    # what a checkpoint must be resumed with (rlhf_ext.run_record)
+    RESUME_FIELDS = ("loss_type", "loss_weights", "beta", "label_smoothing", "simpo_gamma",
+                     "cpo_alpha", "discopop_tau", "desirable_weight", "undesirable_weight",
+                     "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha",
+                     "use_weighting", "rpo_alpha", "sync_ref_model", "max_length",
+                     "truncation_mode", "max_prompt_length", "max_completion_length")
 
     def __init__(self, model, ref_model=None, args: PreferenceConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None,

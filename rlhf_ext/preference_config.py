@@ -9,11 +9,12 @@ from transformers import TrainingArguments
 
 from . import losses as L
 from .config_fields import DataFields, pad_multiple
+from .run_record import ResumeFields
 from .trainer_utils import check_finite_fields
 
 
 @dataclass
-class PreferenceConfig(DataFields, TrainingArguments):
+class PreferenceConfig(ResumeFields, DataFields, TrainingArguments):
     """TrainingArguments plus the preference-loss fields, under TRL DPOConfig's names and
     defaults (learning rate 1e-6, a log every 10 steps). The defaults that differ on purpose
     (bf16 off, beta the loss's own, padding-free on under sdpa, ...) are listed in

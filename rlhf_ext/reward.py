@@ -53,6 +53,7 @@ from .models import (
     load_tokenizer,
     quiet_transformers,
 )
+from .run_record import ResumeFields
 from .trainer_utils import (
     CheckedTraining,
     add_averaged_metrics,
@@ -63,7 +64,7 @@ from .trainer_utils import (
 
 
 @dataclass
-class RewardConfig(DataFields, TrainingArguments):
+class RewardConfig(ResumeFields, DataFields, TrainingArguments):
     """TrainingArguments plus TRL RewardConfig's fields, with its defaults (learning rate
     1e-4, a log every 10 steps, gradient checkpointing; bf16 off, see docs/trl.md)."""
 
@@ -184,6 +185,8 @@ def load_reward_model(name_or_path: str, new_head: bool = False, **kwargs):
 
 class RewardTrainer(CheckedTraining, Trainer):
     """Trains a RewardModel on preference pairs; constructor as trl.RewardTrainer's."""
+
+    RESUME_FIELDS = ("center_rewards_coefficient", "max_length")  # rlhf_ext.run_record
 
     def __init__(self, model, args: RewardConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None,

@@ -11,11 +11,12 @@ from trl import SFTTrainer as _TRLSFTTrainer
 
 from .hub import trainer_model_card
 from .models import disable_dropout
+from .run_record import ResumeFields
 from .trainer_utils import CheckedTraining, check_finite_loss, keep_token_out_of_args
 
 
 @dataclass
-class SFTConfig(_TRLSFTConfig):
+class SFTConfig(ResumeFields, _TRLSFTConfig):
     """``trl.SFTConfig`` plus ``disable_dropout`` (on by default, as in every trainer of
     the package; TRL's SFT keeps dropout)."""
 
@@ -29,6 +30,7 @@ class SFTTrainer(CheckedTraining, _TRLSFTTrainer):
     and its model card."""
 
     _tag_names = ["rlhf-ext", "sft"]
+    RESUME_FIELDS = ("max_length",)  # rlhf_ext.run_record
 
     def __init__(self, model, *args, **kwargs):
         if args or kwargs.get("args") is not None:

@@ -169,8 +169,12 @@ class CheckedTraining:
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         from .preemption import StopOnSigterm, raise_if_preempted, sigterm_stops
+        from .run_record import check_resume, run_record
 
         folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._run_record = run_record(self)
+        if folder is not None:
+            check_resume(self, folder)
         stop = StopOnSigterm(self)
         self.add_callback(stop)
         try:
@@ -196,3 +200,31 @@ class CheckedTraining:
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         check_finite_weights(self.model, output_dir or self.args.output_dir)
         super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """What the run is trained with goes beside each checkpoint (``run_record``)."""
+        import os
+
+        from .run_record import write_record
+
+        if getattr(self, "_run_record", None) is not None:
+            write_record(self, os.path.join(self._get_output_dir(trial=trial),
+                                            f"checkpoint-{self.state.global_step}"))
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """After loading a checkpoint's schedule, set each learning rate to the schedule's
+        value at the current step. The saved rates are those the old schedule gave: a
+        finished 4-step run resumed with max_steps=8 would run step 5 at its final rate 0
+        and then jump; now step 5 runs at what an 8-step schedule gives there (a resumed
+        run of unchanged length is unaffected: the values are the same)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self, "lr_scheduler", None)
+        if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):
+            return
+        step = scheduler.last_epoch
+        rates = [base * rate(step) for rate, base in zip(scheduler.lr_lambdas,
+                                                         scheduler.base_lrs)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..run_record import ResumeFields
 from ..trainer_utils import check_finite_fields
 from . import core
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
+class PPOConfig(ResumeFields, TrainingArguments):
     """TrainingArguments plus PPO's fields (TRL PPOConfig's names where they exist)."""
 
     rollout_batch_size: int = field(default=64, metadata={

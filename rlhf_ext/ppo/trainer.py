@@ -98,6 +98,15 @@ class PPOTrainer(CheckedTraining, Trainer):
     ``reward_fn(prompts, completions) -> list[float]``. For single-base mode pass the three
     models of ``single_base.build_single_base`` (policy, value, reward)."""
 
+    # what a checkpoint must be resumed with (rlhf_ext.run_record)
+    RESUME_FIELDS = ("advantage_estimator", "num_generations", "scale_rewards",
+                     "loss_aggregation", "kl_loss_coef", "kl_loss_estimator", "response_length",
+                     "temperature", "top_k", "top_p", "kl_coef", "kl_estimator", "kl_target",
+                     "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
+                     "value_head_on_policy", "whiten_advantages", "whiten_rewards",
+                     "missing_eos_penalty", "score_clip", "normalize_scores",
+                     "rollout_batch_size", "num_ppo_epochs")
+
     def __init__(self, model, args: PPOConfig, processing_class, train_dataset,
                  reward: RewardModel | Callable, value_model: ValueModel | None = None,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
