@@ -49,7 +49,7 @@ from .tables import log_table
 from .trainer_utils import (
     CheckedTraining,
     check_finite_loss,
-    keep_token_out_of_args,
+    start_run,
 )
 
 
@@ -107,7 +107,7 @@ class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
                  optimizers=(None, None), peft_config=None):
         if args is None:
             args = PreferenceConfig(output_dir="preference-output")
-        keep_token_out_of_args(args)
+        start_run(args)
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         init = model_init(args)

@@ -59,7 +59,7 @@ from .trainer_utils import (
     add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
-    keep_token_out_of_args,
+    start_run,
 )
 
 
@@ -193,7 +193,7 @@ class RewardTrainer(CheckedTraining, Trainer):
                  compute_metrics=None, callbacks=None, optimizers=(None, None),
                  peft_config=None):
         args = args or RewardConfig(output_dir="reward-output")
-        keep_token_out_of_args(args)
+        start_run(args)
         self.base_model_name = model if isinstance(model, str) else model.name_or_path
         if isinstance(model, str):
             model = load_reward_model(model, new_head=True, **model_init(args))

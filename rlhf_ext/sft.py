@@ -12,7 +12,7 @@ from trl import SFTTrainer as _TRLSFTTrainer
 from .hub import trainer_model_card
 from .models import disable_dropout
 from .run_record import ResumeFields
-from .trainer_utils import CheckedTraining, check_finite_loss, keep_token_out_of_args
+from .trainer_utils import CheckedTraining, check_finite_loss, start_run
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SFTTrainer(CheckedTraining, _TRLSFTTrainer):
 
     def __init__(self, model, *args, **kwargs):
         if args or kwargs.get("args") is not None:
-            keep_token_out_of_args(args[0] if args else kwargs["args"])
+            start_run(args[0] if args else kwargs["args"])
         self.base_model_name = model if isinstance(model, str) else \
             getattr(model.config, "_name_or_path", None)
         super().__init__(model, *args, **kwargs)

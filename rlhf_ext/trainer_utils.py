@@ -64,6 +64,34 @@ def check_finite_weights(model, output_dir: str) -> None:
                                  "infinite values (training diverged)")
 
 
+def start_run(args) -> None:
+    """What every trainer does first with its arguments, before loading anything: keep the
+    hub token out of them and check that ``output_dir`` can be written."""
+    keep_token_out_of_args(args)
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(path: str) -> None:
+    """``output_dir`` must be a folder this process can write, or not exist yet under one
+    it can: found now, not at the first save after loading and tokenizing (a file there
+    gave a bare FileExistsError; an unwritable folder failed at the first checkpoint)."""
+    import os
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir {path} is a file, not a folder: choose another "
+                         "output_dir (or move the file)")
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):  # nothing is created here: probe the nearest parent
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".rlhf_ext-probe"):
+            pass
+    except OSError as error:
+        raise ValueError(f"output_dir {path} cannot be written ({folder}: {error}): choose "
+                         "a folder you can write, or fix its permissions") from None
+
+
 def keep_token_out_of_args(args) -> None:
     """Move a ``hub_token`` given as an argument into the process environment (HF_TOKEN,
     where huggingface_hub reads it): arguments are pickled into training_args.bin, which
@@ -161,6 +189,56 @@ def resolve_checkpoint(value, output_dir: str) -> str | None:
     return str(value)
 
 
+class SaveError(OSError):
+    """A save that could not be written, naming the folder and the space left there."""
+
+
+class naming_failed_writes:  # noqa: N801 - used as a context manager
+    """Around a save: an OSError or a torch or safetensors write failure (a full disk gives
+    'enforce fail at inline_container.cc ... unexpected pos', which names nothing) becomes a
+    SaveError that names the folder, the cause and the space left there. A checkpoint cut
+    short this way lacks trainer_state.json, so resuming skips it."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        import os
+        import shutil
+
+        from safetensors import SafetensorError
+
+        if error is None or isinstance(error, SaveError) or \
+                not isinstance(error, (OSError, RuntimeError, SafetensorError)):
+            return False
+
+        where = os.path.abspath(self.folder)
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free / 2**20
+        raise SaveError(f"saving to {self.folder} failed: {type(error).__name__}: "
+                        f"{str(error).strip()[:300]}. Free space there: {free:.0f} MiB. Free some "
+                        "space (or lower save_total_limit) and resume: the cut checkpoint is "
+                        "skipped") from error
+
+
+def usual_permissions(folder: str) -> None:
+    """Files a save wrote with owner-only permissions (transformers writes weights through a
+    temporary file: 0600) get the permissions the user's umask gives any new file."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.stat(path).st_mode & 0o777 == 0o600:
+                os.chmod(path, 0o666 & ~mask)
+
+
 class CheckedTraining:
     """Mixed into every trainer of the package: ``train(resume_from_checkpoint=True)``
     resumes from the newest complete checkpoint; SIGTERM saves a checkpoint at the end of
@@ -198,8 +276,11 @@ class CheckedTraining:
         return grad_norm
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        check_finite_weights(self.model, output_dir or self.args.output_dir)
-        super()._save(output_dir, state_dict)
+        folder = output_dir or self.args.output_dir
+        check_finite_weights(self.model, folder)
+        with naming_failed_writes(folder):
+            super()._save(output_dir, state_dict)
+        usual_permissions(folder)
 
     def _save_checkpoint(self, model, trial) -> None:
         """What the run is trained with goes beside each checkpoint (``run_record``)."""
@@ -207,10 +288,13 @@ class CheckedTraining:
 
         from .run_record import write_record
 
-        if getattr(self, "_run_record", None) is not None:
-            write_record(self, os.path.join(self._get_output_dir(trial=trial),
-                                            f"checkpoint-{self.state.global_step}"))
-        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"checkpoint-{self.state.global_step}")
+        with naming_failed_writes(folder):
+            if getattr(self, "_run_record", None) is not None:
+                write_record(self, folder)
+            super()._save_checkpoint(model, trial)
+        usual_permissions(folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         """After loading a checkpoint's schedule, set each learning rate to the schedule's

@@ -426,3 +426,77 @@ def test_a_reward_model_on_another_tokenizer_needs_its_own(tok, tmp_path, vocab_
                          reward_tokenizer=other)
     trainer.train()  # completions re-tokenized with the reward model's own tokenizer
     assert trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize("where, match", [
+    ("file", r"output_dir .*a_file is a file, not a folder"),
+    ("/proc/self", r"output_dir /proc/self cannot be written"),
+])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_loading(tmp_path, tok, where,
+                                                                       match):
+    """It used to fail only at the first save (an unwritable folder) or with a raw
+    FileExistsError after loading and tokenizing (a file)."""
+    if where == "file":
+        where = tmp_path / "a_file"
+        where.write_text("not a folder")
+    reward = lambda p, c: [0.0] * len(c)  # noqa: E731
+    makers = [
+        lambda: PreferenceTrainer("no/such/model", args=PreferenceConfig(
+            output_dir=str(where), **BASE), train_dataset=preference_pairs(4)),
+        lambda: RewardTrainer("no/such/model", args=RewardConfig(output_dir=str(where), **BASE),
+                              train_dataset=preference_pairs(4)),
+        lambda: PPOTrainer(build_model("tiny", tok), PPOConfig(
+            output_dir=str(where), advantage_estimator="rloo", num_generations=2, **BASE),
+            tok, prompt_dataset(4), reward=reward),
+    ]
+    for make in makers:  # refused before the model path is even looked at
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_saved_files_get_the_users_usual_permissions(policy_dir, tok, tmp_path):
+    """transformers writes model.safetensors through a temporary file, 0600."""
+    old = os.umask(0o022)
+    try:
+        args = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, save_strategy="steps",
+                                save_steps=1, per_device_train_batch_size=4, max_length=64,
+                                **BASE)
+        trainer = PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(8),
+                                    processing_class=tok)
+        trainer.train()
+        trainer.save_model()
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "model.safetensors", tmp_path / "checkpoint-1" / "model.safetensors",
+                 tmp_path / "checkpoint-1" / "optimizer.pt"):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_a_save_that_cannot_be_written_names_the_folder_and_the_space(policy_dir, tmp_path):
+    """A full disk gave 'enforce fail at inline_container.cc ... unexpected pos', naming
+    nothing. Here a real process is limited to 64 KiB per file (RLIMIT_FSIZE, as a full disk
+    refuses the write): the first checkpoint's weights cannot be written."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal
+from transformers import AutoTokenizer
+from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
+from rlhf_ext.worlds.tiny import preference_pairs
+tok = AutoTokenizer.from_pretrained({str(policy_dir)!r})
+args = PreferenceConfig(output_dir={str(tmp_path / "out")!r}, max_steps=2, save_steps=1,
+                        save_strategy="steps", per_device_train_batch_size=4, max_length=64,
+                        report_to="none", use_cpu=True, disable_tqdm=True)
+trainer = PreferenceTrainer({str(policy_dir)!r}, args=args, train_dataset=preference_pairs(8),
+                            processing_class=tok)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+trainer.train()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "SaveError: saving to" in proc.stderr and "checkpoint-1 failed" in proc.stderr
+    assert "Free space there:" in proc.stderr and "resume: the cut checkpoint is skipped" in \
+        proc.stderr

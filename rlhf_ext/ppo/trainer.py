@@ -42,7 +42,7 @@ from ..trainer_utils import (
     CheckedTraining,
     check_finite_loss,
     check_finite_weights,
-    keep_token_out_of_args,
+    start_run,
 )
 from . import core
 from .config import PPOConfig
@@ -118,7 +118,7 @@ class PPOTrainer(CheckedTraining, Trainer):
                              "samples from the policy, which ZeRO-3 partitions): launch with "
                              "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
                              "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
-        keep_token_out_of_args(args)
+        start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
         check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
