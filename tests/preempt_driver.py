@@ -4,8 +4,10 @@
 
 KIND is dpo (PreferenceTrainer) or ppo (PPOTrainer, GAE with a value model, 4 optimizer
 steps per iteration). Each process writes its pid to OUT/pid-<rank> at start and each
-finished step to OUT/step-<rank>, then pauses, so the test can signal it mid-run; the final
-weights go to OUT/final. Launched by accelerate for two processes (gloo on CPU).
+finished step to OUT/step-<rank>, then pauses $PREEMPT_PAUSE seconds (default 0), so the
+test can signal it mid-run; the final weights go to OUT/final. Launched by accelerate for
+two processes (gloo on CPU); the test runs ``main`` in its own process where no signal is
+sent (the uninterrupted and the resumed runs).
 """
 
 import os
@@ -20,8 +22,6 @@ from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.preference import PreferenceConfig, PreferenceTrainer
 from rlhf_ext.worlds.tiny import oracle_score, preference_pairs, prompt_dataset
 
-PAUSE = 0.4  # seconds after each step: time for the test's signal to land mid-run
-
 
 class Pace(TrainerCallback):
     def __init__(self, out: Path, rank: int):
@@ -29,10 +29,10 @@ class Pace(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.file.write_text(str(state.global_step))
-        time.sleep(PAUSE)
+        time.sleep(float(os.environ.get("PREEMPT_PAUSE", "0")))
 
 
-def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool) -> None:
+def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool = False) -> None:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pid-{rank}").write_text(str(os.getpid()))

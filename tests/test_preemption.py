@@ -1,7 +1,8 @@
 """Preemption with real signals on real processes: SIGTERM mid-run makes the trainer save a
 complete checkpoint at the end of the step, exit with status 143 (non-zero for the launcher)
 and say how to resume; resuming gives the uninterrupted run's weights. One process (DPO, and
-PPO stopped mid-iteration) and two (DDP)."""
+PPO stopped mid-iteration) and two (DDP). The one-process runs that receive no signal run in
+this process (tests/preempt_driver.py's main)."""
 
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 import pytest
 import torch
 from conftest import MULTIPROCESS, ROOT
+from preempt_driver import main as train
 from safetensors.torch import load_file
 
 from rlhf_ext.trainer_utils import checkpoint_problem
@@ -19,35 +21,27 @@ from rlhf_ext.trainer_utils import checkpoint_problem
 DRIVER = str(ROOT / "tests" / "preempt_driver.py")
 
 
-def command(kind, policy_dir, out, steps, processes, resume=False):
+def stopped_run(kind, policy_dir, out, steps, processes, after_step=1, resume=False):
+    """Launch the run; with ``after_step``, send SIGTERM to every training process once
+    that step is done (as Slurm signals every task of a job); wait for it to end."""
     launch = [sys.executable]
     if processes == 2:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   "accelerate_configs/ddp.yaml", "--num_processes", "2"]
-    return launch + [DRIVER, kind, str(policy_dir), str(out), str(steps),
-                     *(["resume"] if resume else [])]
-
-
-def run(*args, **kwargs):
-    proc = subprocess.run(command(*args, **kwargs), cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def stopped_run(kind, policy_dir, out, steps, processes, after_step):
-    """Start the run, send SIGTERM to every training process once step ``after_step`` is
-    done (as Slurm signals every task of a job), and wait for it to end."""
-    proc = subprocess.Popen(command(kind, policy_dir, out, steps, processes), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    steps_file = out / "step-0"
-    while not (steps_file.exists() and steps_file.read_text() and
-               int(steps_file.read_text()) >= after_step):
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline, "the run never reached the step"
-        time.sleep(0.05)
-    for rank in range(processes):
-        os.kill(int((out / f"pid-{rank}").read_text()), signal.SIGTERM)
+    cmd = launch + [DRIVER, kind, str(policy_dir), str(out), str(steps),
+                    *(["resume"] if resume else [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ,
+                                            "PREEMPT_PAUSE": "0.4" if after_step else "0"})
+    if after_step:
+        deadline, steps_file = time.time() + 600, out / "step-0"
+        while not (steps_file.exists() and steps_file.read_text() and
+                   int(steps_file.read_text()) >= after_step):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.time() < deadline, "the run never reached the step"
+            time.sleep(0.05)
+        for rank in range(processes):
+            os.kill(int((out / f"pid-{rank}").read_text()), signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     return proc.returncode, stderr
 
@@ -64,8 +58,8 @@ def checkpoints(out):
 def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
         kind, policy_dir, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run(kind, policy_dir, full, 6, 1)
-    code, stderr = stopped_run(kind, policy_dir, cut, 6, 1, after_step=1)
+    train(kind, str(policy_dir), full, 6)
+    code, stderr = stopped_run(kind, policy_dir, cut, 6, 1)
     assert code == 143, stderr[-3000:]
     (step,) = checkpoints(cut)
     assert 1 <= step < 6 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
@@ -74,7 +68,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
     if kind == "ppo":  # 4 optimizer steps an iteration: stopped inside one, its rollout kept
         assert step % 4 != 0 and (cut / f"checkpoint-{step}" / "ppo_experience_0.pt").exists()
     assert not (cut / "final").exists()
-    run(kind, policy_dir, cut, 6, 1, resume=True)
+    train(kind, str(policy_dir), cut, 6, resume=True)
     expected, got = weights(full), weights(cut)
     assert expected.keys() == got.keys()
     for name in expected:
@@ -83,14 +77,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
 
 @MULTIPROCESS
 def test_sigterm_stops_two_processes_together(policy_dir, tmp_path):
+    """Both processes stop after the same step and save one checkpoint; the launcher fails;
+    resumed with two processes, the run ends where an uninterrupted two-process run ends."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run("dpo", policy_dir, full, 5, 2)
-    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=1)
+    code, stderr = stopped_run("dpo", policy_dir, full, 5, 2, after_step=None)
+    assert code == 0, stderr[-3000:]
+    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2)
     assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
-    (step,) = checkpoints(cut)  # both processes stopped after the same step and saved it
+    (step,) = checkpoints(cut)
     assert 1 <= step < 5 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
-    assert stderr.count(f"SIGTERM received: stopped after step {step}") == 2
-    run("dpo", policy_dir, cut, 5, 2, resume=True)
+    assert stderr.count(f"SIGTERM received: stopped after step {step}") == 2  # each process
+    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=None, resume=True)
+    assert code == 0, stderr[-3000:]
     expected, got = weights(full), weights(cut)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
