@@ -4,8 +4,9 @@
 
 KIND is dpo (PreferenceTrainer) or ppo (PPOTrainer, GAE with a value model, 4 optimizer
 steps per iteration). Each process writes its pid to OUT/pid-<rank> at start and each
-finished step to OUT/step-<rank>, then pauses $PREEMPT_PAUSE seconds (default 0), so the
-test can signal it mid-run; the final weights go to OUT/final. Launched by accelerate for
+finished step to OUT/step-<rank>. With $PREEMPT_AT set, each process waits at the end of that
+step until its SIGTERM has arrived (at most 120 s), so the test's signal lands in that step
+however loaded the machine is. The final weights go to OUT/final. Launched by accelerate for
 two processes (gloo on CPU); the test runs ``main`` in its own process where no signal is
 sent (the uninterrupted and the resumed runs).
 """
@@ -24,12 +25,18 @@ from rlhf_ext.worlds.tiny import oracle_score, preference_pairs, prompt_dataset
 
 
 class Pace(TrainerCallback):
-    def __init__(self, out: Path, rank: int):
-        self.file = out / f"step-{rank}"
+    def __init__(self, out: Path, rank: int, trainer):
+        self.file, self.trainer = out / f"step-{rank}", trainer
+        self.at = int(os.environ.get("PREEMPT_AT", "0"))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.file.write_text(str(state.global_step))
-        time.sleep(float(os.environ.get("PREEMPT_PAUSE", "0")))
+        if state.global_step == self.at:  # hold this step's end until SIGTERM is in
+            for _ in range(2400):
+                if any(getattr(c, "requested", False)
+                       for c in self.trainer.callback_handler.callbacks):
+                    break
+                time.sleep(0.05)
 
 
 def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool = False) -> None:
@@ -51,7 +58,7 @@ def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool = F
         trainer = PPOTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), args, tok,
                              prompt_dataset(32), reward=lambda p, c: [oracle_score(x) for x in c],
                              value_model=ValueModel.from_backbone(policy_dir, seed=1))
-    trainer.add_callback(Pace(out, rank))
+    trainer.add_callback(Pace(out, rank, trainer))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))
 
