@@ -37,15 +37,16 @@ def run_main(main, arguments: tuple) -> None:
 
     from .preemption import EXIT_CODE, Preempted
 
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         main(*TrlParser(arguments).parse_args_and_config(args=with_machine_args()))
     except Preempted:  # checkpoint saved and reported: leave with SIGTERM's status, at once
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if not several:
             raise
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CODE)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several:
         import logging
 
         logging.shutdown()

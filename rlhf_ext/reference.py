@@ -268,13 +268,13 @@ def cache_writable(folder: Path) -> bool:
     """Whether the cache folder can be created and written, checked before the reference
     pass: if not, the values stay in memory for this run (a warning says so) instead of the
     run failing after the whole pass."""
-    import tempfile
     import warnings
+
+    from .trainer_utils import probe_write
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe"):
-            pass
+        probe_write(folder)
         return True
     except OSError as error:
         warnings.warn(f"reference log-prob cache folder {folder} is not writable ({error}); "

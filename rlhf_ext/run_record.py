@@ -69,7 +69,9 @@ def data_identity(dataset) -> str | None:
 
 
 def run_record(trainer) -> dict:
-    model = getattr(trainer, "policy", None) or trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(trainer, "policy", None)  # PPO: the policy inside the policy+value module
+    if model is None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
     args = trainer.args
     return {"model": model_identity(model),
             "tokenizer": tokenizer_identity(trainer.processing_class),

@@ -4,6 +4,8 @@ newest complete checkpoint (``CheckedTraining``, mixed into every trainer)."""
 
 from __future__ import annotations
 
+import contextlib
+
 
 def add_averaged_metrics(metrics: dict[str, dict[str, list]], logs: dict) -> None:
     """Add to ``logs`` the mean of each metric collected since the last log, for the mode
@@ -71,22 +73,36 @@ def start_run(args) -> None:
     check_output_dir(args.output_dir)
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute, or its nearest parent that exists."""
+    import os
+
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def probe_write(folder) -> None:
+    """Create and remove a file in ``folder``: raises the OSError a real write would."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".rlhf_ext-probe"):
+        pass
+
+
 def check_output_dir(path: str) -> None:
     """``output_dir`` must be a folder this process can write, or not exist yet under one
     it can: found now, not at the first save after loading and tokenizing (a file there
     gave a bare FileExistsError; an unwritable folder failed at the first checkpoint)."""
     import os
-    import tempfile
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"output_dir {path} is a file, not a folder: choose another "
                          "output_dir (or move the file)")
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):  # nothing is created here: probe the nearest parent
-        folder = os.path.dirname(folder)
+    folder = nearest_existing(path)  # nothing is created here: probe the nearest parent
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".rlhf_ext-probe"):
-            pass
+        probe_write(folder)
     except OSError as error:
         raise ValueError(f"output_dir {path} cannot be written ({folder}: {error}): choose "
                          "a folder you can write, or fix its permissions") from None
@@ -193,33 +209,23 @@ class SaveError(OSError):
     """A save that could not be written, naming the folder and the space left there."""
 
 
-class naming_failed_writes:  # noqa: N801 - used as a context manager
+@contextlib.contextmanager
+def naming_failed_writes(folder: str):
     """Around a save: an OSError or a torch or safetensors write failure (a full disk gives
     'enforce fail at inline_container.cc ... unexpected pos', which names nothing) becomes a
     SaveError that names the folder, the cause and the space left there. A checkpoint cut
     short this way lacks trainer_state.json, so resuming skips it."""
+    import shutil
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    from safetensors import SafetensorError
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        import os
-        import shutil
-
-        from safetensors import SafetensorError
-
-        if error is None or isinstance(error, SaveError) or \
-                not isinstance(error, (OSError, RuntimeError, SafetensorError)):
-            return False
-
-        where = os.path.abspath(self.folder)
-        while not os.path.exists(where):
-            where = os.path.dirname(where)
-        free = shutil.disk_usage(where).free / 2**20
-        raise SaveError(f"saving to {self.folder} failed: {type(error).__name__}: "
+    try:
+        yield
+    except SaveError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        free = shutil.disk_usage(nearest_existing(folder)).free / 2**20
+        raise SaveError(f"saving to {folder} failed: {type(error).__name__}: "
                         f"{str(error).strip()[:300]}. Free space there: {free:.0f} MiB. Free some "
                         "space (or lower save_total_limit) and resume: the cut checkpoint is "
                         "skipped") from error
@@ -227,12 +233,14 @@ class naming_failed_writes:  # noqa: N801 - used as a context manager
 
 def usual_permissions(folder: str) -> None:
     """Files a save wrote with owner-only permissions (transformers writes weights through a
-    temporary file: 0600) get the permissions the user's umask gives any new file."""
+    temporary file: 0600) get the permissions the user's umask gives any new file. The
+    checkpoint folders inside an output_dir were fixed when they were saved."""
     import os
 
     mask = os.umask(0)
     os.umask(mask)
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith("checkpoint-")]
         for name in files:
             path = os.path.join(root, name)
             if os.stat(path).st_mode & 0o777 == 0o600:
@@ -290,11 +298,10 @@ class CheckedTraining:
 
         folder = os.path.join(self._get_output_dir(trial=trial),
                               f"checkpoint-{self.state.global_step}")
-        with naming_failed_writes(folder):
+        with naming_failed_writes(folder):  # the weights go through _save (permissions)
             if getattr(self, "_run_record", None) is not None:
                 write_record(self, folder)
             super()._save_checkpoint(model, trial)
-        usual_permissions(folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         """After loading a checkpoint's schedule, set each learning rate to the schedule's

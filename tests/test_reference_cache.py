@@ -17,16 +17,24 @@ COLUMNS = {"ref_chosen_logps": torch.tensor([-3.0, -4.5, -2.25]),
            "ref_rejected_logps": torch.tensor([-5.0, -1.5, -7.0])}
 
 
-def damaged(path):
+def damage(path, how: str) -> None:
     """Ways a cache file goes wrong: each must be recomputed, not used or fatal."""
     good = path.read_bytes()
-    altered = dict(torch.load(path, weights_only=True))
-    altered["columns"] = {k: v + 1.0 for k, v in altered["columns"].items()}
-    wrong_shape = {"version": 2, "columns": {k: v[:2] for k, v in COLUMNS.items()}}
-    wrong_shape["sha256"] = reference._checksum(wrong_shape["columns"])
-    return {"truncated": good[: len(good) // 2], "empty": b"", "garbage": b"not a torch file",
-            "pickled code": None, "altered values": altered, "wrong shape": wrong_shape,
-            "the version-1 layout": dict(COLUMNS)}
+    if how in ("truncated", "empty", "garbage"):
+        path.write_bytes({"truncated": good[: len(good) // 2], "empty": b"",
+                          "garbage": b"not a torch file"}[how])
+    elif how == "pickled code":  # torch.load(weights_only=True) must never run it
+        torch.save({"columns": COLUMNS, "hook": threading.Thread}, path)
+    elif how == "altered values":
+        payload = torch.load(path, weights_only=True)
+        payload["columns"] = {k: v + 1.0 for k, v in payload["columns"].items()}
+        torch.save(payload, path)
+    elif how == "wrong shape":
+        columns = {k: v[:2] for k, v in COLUMNS.items()}
+        torch.save({"version": 2, "columns": columns,
+                    "sha256": reference._checksum(columns)}, path)
+    else:  # the version-1 layout: the columns alone
+        torch.save(dict(COLUMNS), path)
 
 
 def test_a_written_cache_reads_back(tmp_path):
@@ -44,13 +52,7 @@ def test_a_written_cache_reads_back(tmp_path):
 def test_a_damaged_cache_file_is_recomputed_with_a_warning(tmp_path, how):
     path = tmp_path / "k.pt"
     write_cache(path, COLUMNS)
-    bad = damaged(path)[how]
-    if how == "pickled code":  # torch.load(weights_only=True) must never run it
-        torch.save({"columns": COLUMNS, "hook": threading.Thread}, path)
-    elif isinstance(bad, bytes):
-        path.write_bytes(bad)
-    else:
-        torch.save(bad, path)
+    damage(path, how)
     with pytest.warns(UserWarning, match=rf"cache {path} is .*computing the values again"):
         assert read_cache(path, rows=3) is None
 
