@@ -25,7 +25,7 @@ def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0,
     return out.reshape(labels.shape)
 
 
-TOKEN_STATS = ("entropy", "mean_logit", "top1", "log_sum_sq")
+TOKEN_STATS = ("entropy", "mean_logit", "top1", "log_sum_sq", "entropy_grad")
 
 
 def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 128,
@@ -39,7 +39,8 @@ def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 128,
 
     ``stats`` (names from ``TOKEN_STATS``, no gradient) come from the same blocks: the
     distribution's ``entropy``, the ``mean_logit`` over the vocabulary, ``top1`` (1.0
-    where the target is the argmax) and ``log_sum_sq`` = log sum_v p_v^2 (WPO's weights).
+    where the target is the argmax) and ``log_sum_sq`` = log sum_v p_v^2 (WPO's weights);
+    ``entropy_grad`` is the entropy with its gradient (an entropy bonus).
 
     Shapes: hidden [K, H], targets [K] -> [K] (float32); with ``stats``
     ([K], {name: [K]}).
@@ -60,7 +61,8 @@ def head_logps(hidden: Tensor, head, targets: Tensor, chunk_size: int = 128,
         return out
     if out.ndim == 1:  # no positions
         return out, {name: out for name in stats}
-    return out[:, 0], {name: out[:, 1 + i].detach() for i, name in enumerate(stats)}
+    return out[:, 0], {name: out[:, 1 + i] if name == "entropy_grad" else out[:, 1 + i].detach()
+                       for i, name in enumerate(stats)}
 
 
 def _block_outputs(logits: Tensor, targets: Tensor, temperature: float,
@@ -79,6 +81,8 @@ def _block_outputs(logits: Tensor, targets: Tensor, temperature: float,
     if not stats:
         return logps
     columns = [logps]
+    if "entropy_grad" in stats:  # the entropy bonus: H = lse - sum softmax(z) z, with gradient
+        grad_entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
     with torch.no_grad():
         z, lse = z.detach(), lse.detach()
         for name in stats:
@@ -88,6 +92,8 @@ def _block_outputs(logits: Tensor, targets: Tensor, temperature: float,
                 columns.append(z.mean(-1))
             elif name == "top1":
                 columns.append((z.argmax(-1) == targets).float())
+            elif name == "entropy_grad":
+                columns.append(grad_entropy)
             else:  # log_sum_sq
                 columns.append(torch.logsumexp(2 * (z - lse.unsqueeze(-1)), -1))
     return torch.stack(columns, -1)

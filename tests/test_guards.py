@@ -121,12 +121,10 @@ def test_a_checkpoint_without_a_reward_head_is_not_a_reward_model(policy_dir):
 def test_tensor_and_numpy_scores_are_accepted():
     import numpy as np
 
-    from rlhf_ext.ppo.rollout import checked_scores
+    from rlhf_ext.ppo.reward_funcs import checked_values
 
-    assert checked_scores(lambda p, c: torch.full((len(c),), 0.25), ["a", "b"], ["x", "y"]) \
-        == [0.25, 0.25]
-    assert checked_scores(lambda p, c: list(np.float32([1, -1])), ["a", "b"], ["x", "y"]) \
-        == [1.0, -1.0]
+    assert checked_values("f", torch.full((2,), 0.25), ["x", "y"]) == [0.25, 0.25]
+    assert checked_values("f", list(np.float32([1, -1])), ["x", "y"]) == [1.0, -1.0]
 
 
 def test_a_hub_token_argument_is_never_written(policy_dir, tok, tmp_path, monkeypatch):

@@ -32,12 +32,58 @@ class PPOConfig(ResumeFields, TrainingArguments):
     num_generations: int = field(default=1, metadata={
         "help": "Samples per prompt (a group); grpo, rloo and reinforce_pp_baseline need >= 2. "
                 "rollout_batch_size counts samples and must be a multiple of it."})
-    scale_rewards: bool = field(default=True, metadata={
-        "help": "grpo: divide by the group's std (False: Dr. GRPO's unscaled advantages)."})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "grpo: divide by the std of the group (group, or True), of the whole batch "
+                "(batch), or not at all (none, or False: Dr. GRPO)."})
+    normalize_advantages: bool = field(default=False, metadata={
+        "help": "Critic-free: whiten the sequence advantages over the batch of every process "
+                "(TRL RLOO's option)."})
+    kl_in_reward: str = field(default="token", metadata={
+        "help": "Where kl_coef's KL enters the reward: token (a -kl_coef KL_t reward on "
+                "every token, as in PPO) or score (critic-free only: the summed KL taken off "
+                "the score before the baseline, as TRL's RLOO)."})
     loss_aggregation: str = field(default="token_mean", metadata={
-        "help": "How per-token policy (and KL) losses become one: token_mean, "
+        "help": "How per-token policy (and KL) losses become one: token_mean (TRL's bnpo), "
                 "seq_mean_token_mean (GRPO), seq_mean_token_sum (Dr. GRPO: token sums / "
-                "response_length)."})
+                "response_length), step_token_mean (DAPO: the token mean of the whole "
+                "optimizer step, every process)."})
+    policy_loss: str = field(default="clip", metadata={
+        "help": "clip (PPO's clipped ratio), cispo (clipped, stopped importance weight "
+                "times log pi; MiniMax-M1) or sapo (a soft sigmoid gate; Gao et al. 2025)."})
+    importance_sampling_level: str = field(default="token", metadata={
+        "help": "The ratio the policy loss clips: per token, per sequence as the mean "
+                "token log-ratio (sequence: GSPO), or the whole sequence's probability ratio "
+                "(sequence_sum: TRL's RLOO)."})
+    epsilon_high: float | None = field(default=None, metadata={
+        "help": "Upper clip range (DAPO's clip-higher, e.g. 0.28); None: cliprange. For "
+                "cispo, the cap on the importance weight."})
+    delta: float | None = field(default=None, metadata={
+        "help": "Dual clip: cap on the unclipped ratio (INTELLECT-2; > 1 + epsilon_high)."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={
+        "help": "sapo's gate temperature where the advantage is positive."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={
+        "help": "sapo's gate temperature where the advantage is not positive."})
+    use_bias_correction_kl: bool = field(default=False, metadata={
+        "help": "Multiply the KL loss term by the importance ratio (DeepSeek-V3.2), making "
+                "its gradient the unbiased reverse-KL gradient; TRL GRPO's default."})
+    mask_truncated_completions: bool = field(default=False, metadata={
+        "help": "Responses that hit response_length without eos get no loss (they still "
+                "count in their group's baseline; DAPO's overlong filtering)."})
+    top_entropy_quantile: float = field(default=1.0, metadata={
+        "help": "Keep in the policy loss only this top fraction of real tokens by entropy "
+                "(0.2 in 'Beyond the 80/20 rule'); 1.0 keeps all."})
+    entropy_coef: float = field(default=0.0, metadata={
+        "help": "Entropy bonus: minus this times the token-mean entropy of the policy "
+                "(over the tokens the policy loss keeps)."})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling (group estimators): groups whose scores are all "
+                "equal are replaced by groups of further prompts, sampled up to "
+                "dynamic_sampling_max_rounds extra times; groups still uninformative then "
+                "stay with no loss."})
+    dynamic_sampling_max_rounds: int = field(default=3, metadata={
+        "help": "Extra sampling rounds dynamic_sampling may run per rollout."})
+    shuffle_dataset: bool = field(default=True, metadata={
+        "help": "Visit the prompts in a seeded shuffled order (False: dataset order)."})
     kl_loss_coef: float = field(default=0.0, metadata={
         "help": "KL to the reference as a loss term (GRPO's beta), beside or instead of "
                 "kl_coef's KL in the reward."})
@@ -70,6 +116,8 @@ class PPOConfig(ResumeFields, TrainingArguments):
         "help": "gae only: whiten advantages over the rollout's tokens (the critic-free "
                 "estimators normalise as their method defines)."})
     whiten_rewards: bool = field(default=False, metadata={"help": "gae only."})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per reward function (a list of them); None: all 1."})
     missing_eos_penalty: float | None = None
     score_clip: float | None = None
     normalize_scores: bool = False
@@ -81,10 +129,13 @@ class PPOConfig(ResumeFields, TrainingArguments):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):  # TRL accepts True / False too
+            self.scale_rewards = "group" if self.scale_rewards else "none"
         check_finite_fields(self, ("temperature", "kl_coef", "kl_target", "gamma", "lam",
                                    "cliprange", "cliprange_value", "vf_coef",
                                    "missing_eos_penalty", "score_clip", "learning_rate",
-                                   "kl_loss_coef"))
+                                   "kl_loss_coef", "epsilon_high", "delta", "entropy_coef",
+                                   "sapo_temperature_pos", "sapo_temperature_neg"))
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: PPO's log-probs "
                              "are those of softmax(logits / temperature), which greedy decoding "
@@ -96,6 +147,29 @@ class PPOConfig(ResumeFields, TrainingArguments):
         if self.total_episodes is not None:
             self.num_train_epochs = math.ceil(self.total_episodes / self.rollout_batch_size)
         super().__post_init__()
+        self._check_loss()
+
+    def _check_loss(self) -> None:
+        choices = {"policy_loss": core.POLICY_LOSSES, "kl_in_reward": ("token", "score"),
+                   "importance_sampling_level": core.IS_LEVELS,
+                   "scale_rewards": core.REWARD_SCALINGS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.kl_in_reward == "score" and self.uses_critic:
+            raise ValueError("kl_in_reward='score' puts the KL into the score before a group "
+                             "baseline; gae takes it per token: use kl_in_reward='token'")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got "
+                             f"{self.top_entropy_quantile}")
+        high = self.cliprange if self.epsilon_high is None else self.epsilon_high
+        if self.delta is not None and self.delta <= 1 + high:
+            raise ValueError(f"delta ({self.delta}) caps the unclipped ratio: it must exceed "
+                             f"1 + epsilon_high ({1 + high})")
+        if self.dynamic_sampling and self.advantage_estimator not in core.GROUP_ESTIMATORS:
+            raise ValueError("dynamic_sampling drops groups whose scores are all equal: it "
+                             f"needs a group estimator ({', '.join(core.GROUP_ESTIMATORS)})")
 
     def _check_estimator(self) -> None:
         name = self.advantage_estimator
@@ -152,3 +226,13 @@ class PPOConfig(ResumeFields, TrainingArguments):
         one_step = self.num_ppo_epochs == 1 and self.rollout_batch_size == \
             self.per_device_train_batch_size * self.gradient_accumulation_steps
         return not (one_step and self.kl_coef == 0 and self.kl_target is None)
+
+    @property
+    def score_bounds(self) -> tuple[float, float] | None:
+        """Where scores are clipped: (-score_clip, score_clip), or None."""
+        return None if self.score_clip is None else (-self.score_clip, self.score_clip)
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Micro-batches per pass over a rollout (TRL's steps_per_generation)."""
+        return math.ceil(self.rollout_batch_size / self.per_device_train_batch_size)

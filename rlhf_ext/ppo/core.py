@@ -87,9 +87,10 @@ def penalize_missing_eos(scores: Tensor, finished: Tensor, penalty: float | None
     return torch.where(finished.bool(), scores, scores - penalty)
 
 
-def clip_scores(scores: Tensor, clip: float | None) -> Tensor:
-    """Scores clipped to [-clip, clip] (OpenRLHF uses 10), or unchanged when clip is None."""
-    return scores if clip is None else scores.clamp(-clip, clip)
+def clip_scores(scores: Tensor, bounds: tuple[float, float] | None) -> Tensor:
+    """Scores clipped to [low, high] (OpenRLHF uses +-10), or unchanged when bounds is None.
+    [B] -> [B]."""
+    return scores if bounds is None else scores.clamp(bounds[0], bounds[1])
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
@@ -119,18 +120,33 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+REWARD_SCALINGS = ("group", "batch", "none")
+
+
+def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Bessel-corrected std over the non-NaN entries (along ``dim``, or of all)."""
+    if dim is None:
+        x, dim = x.flatten(), 0
+    live = ~torch.isnan(x)
+    n = live.sum(dim, keepdim=True)
+    mean = torch.nanmean(x, dim, keepdim=True)
+    var = torch.where(live, (x - mean) ** 2, 0.0).sum(dim, keepdim=True) / (n - 1).clamp(min=1)
+    std = var.sqrt()
+    return std if keepdim else std.squeeze(dim)
 
 
 def group_baseline_scores(scores: Tensor, group_size: int, estimator: str,
-                          scale_rewards: bool = True) -> Tensor:
+                          scale_rewards: str = "group", all_scores: Tensor | None = None
+                          ) -> Tensor:
     """Scores relative to the other samples of their prompt. ``scores`` holds groups of
-    ``group_size`` consecutive samples of one prompt each; with m, s the group's mean and
-    (Bessel-corrected) std:
+    ``group_size`` consecutive samples of one prompt each; NaN marks a sample no reward
+    function scored: it is left out of its group's statistics and gets 0. With m, s the
+    group's mean and (Bessel-corrected) std over its scored samples:
 
-    - grpo (Shao et al. 2024): (x - m) / (s + 1e-4); without ``scale_rewards``, x - m
-      (Dr. GRPO, Liu et al. 2025);
-    - rloo (Ahmadian et al. 2024): x minus the mean of the group's other samples,
-      = (x - m) G / (G - 1);
+    - grpo (Shao et al. 2024): (x - m) / (s + 1e-4); ``scale_rewards`` "batch" divides by
+      the std of ``all_scores`` (every process's, default ``scores``) instead, "none" by
+      nothing (Dr. GRPO, Liu et al. 2025);
+    - rloo (Ahmadian et al. 2024): x minus the mean of the group's other scored samples;
     - reinforce_pp_baseline (REINFORCE++ with a group baseline, Hu 2025): x - m;
     - reinforce_pp: x unchanged (no baseline; its advantages are whitened over the batch).
 
@@ -142,17 +158,40 @@ def group_baseline_scores(scores: Tensor, group_size: int, estimator: str,
         raise ValueError(f"{estimator} needs groups of >= 2 samples per prompt; got "
                          f"{scores.shape[0]} scores in groups of {group_size}")
     groups = scores.view(-1, group_size)
-    centred = groups - groups.mean(1, keepdim=True)
+    centred = groups - torch.nanmean(groups, 1, keepdim=True)
     if estimator == "grpo":
-        out = centred / (groups.std(1, keepdim=True) + 1e-4) if scale_rewards else centred
+        if scale_rewards not in REWARD_SCALINGS:
+            raise ValueError(f"scale_rewards must be one of {REWARD_SCALINGS}, "
+                             f"got {scale_rewards!r}")
+        if scale_rewards == "group":
+            centred = centred / (nanstd(groups, 1, keepdim=True) + 1e-4)
+        elif scale_rewards == "batch":
+            centred = centred / (nanstd(scores if all_scores is None else all_scores) + 1e-4)
+        out = centred
     elif estimator == "rloo":
-        out = centred * group_size / (group_size - 1)
+        n = (~torch.isnan(groups)).sum(1, keepdim=True)
+        out = groups - (torch.nansum(groups, 1, keepdim=True) - groups) / (n - 1)
     elif estimator == "reinforce_pp_baseline":
         out = centred
     else:
         raise ValueError(f"unknown advantage_estimator {estimator!r}; choose one of "
                          f"{', '.join(ESTIMATORS)}")
-    return out.reshape(-1)
+    return torch.nan_to_num(out.reshape(-1), nan=0.0)
+
+
+def whiten_scores(x: Tensor, all_x: Tensor | None = None) -> Tensor:
+    """(x - mean) / (std + 1e-4) with mean and Bessel std over ``all_x`` (every process's,
+    default x), NaN left out: RLOO's ``normalize_advantages``. [B] -> [B]."""
+    ref = x if all_x is None else all_x
+    return (x - torch.nanmean(ref)) / (nanstd(ref) + 1e-4)
+
+
+def informative_groups(scores: Tensor, group_size: int) -> Tensor:
+    """DAPO's dynamic sampling test (Yu et al. 2025): True for groups whose scores are not
+    all equal (a group of equal scores has zero advantage everywhere and only dilutes the
+    batch). [B] -> [B / group_size] bool."""
+    groups = scores.view(-1, group_size)
+    return ~torch.isclose(groups, groups[:, :1]).all(1)
 
 
 def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -169,15 +208,26 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 def critic_free_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float,
                            estimator: str, group_size: int, gamma: float = 1.0,
-                           scale_rewards: bool = True) -> Tensor:
-    """Advantages without a value model: the baselined score (``group_baseline_scores``)
-    on the last real token, -kl_coef * KL_t on every real token (``shape_rewards``), summed
-    to go (``returns_to_go``); REINFORCE++ then whitens them over the batch's tokens.
-    With kl_coef = 0 every token of a response gets its baselined score.
+                           scale_rewards: str = "group", kl_in_reward: str = "token",
+                           all_scores: Tensor | None = None) -> Tensor:
+    """Advantages without a value model.
 
-    Shapes: scores [B], kl [B, T], mask [B, T] -> [B, T].
+    ``kl_in_reward`` "token": the baselined score (``group_baseline_scores``) on the last
+    real token, -kl_coef * KL_t on every real token (``shape_rewards``), summed to go
+    (``returns_to_go``); REINFORCE++ then whitens them over the batch's tokens. With
+    kl_coef = 0 every token of a response gets its baselined score.
+    ``kl_in_reward`` "score" (TRL's RLOO): kl_coef times the response's summed KL is taken
+    off its score before the baseline, and every token gets the result.
+
+    Shapes: scores [B] (NaN: unscored), kl [B, T], mask [B, T] -> [B, T].
     """
-    baselined = group_baseline_scores(scores, group_size, estimator, scale_rewards)
+    if kl_in_reward == "score":
+        scores = scores - kl_coef * (kl * mask).sum(1)
+        baselined = group_baseline_scores(scores, group_size, estimator, scale_rewards,
+                                          all_scores)
+        return baselined[:, None] * mask
+    baselined = group_baseline_scores(scores, group_size, estimator, scale_rewards,
+                                      all_scores)
     advantages = returns_to_go(shape_rewards(baselined, kl, mask, kl_coef), mask, gamma)
     if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         advantages = masked_whiten(advantages, mask)
@@ -189,17 +239,23 @@ def critic_free_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: fl
 # ---------------------------------------------------------------------------------------
 
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "step_token_mean")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
+IS_LEVELS = ("token", "sequence", "sequence_sum")
 
 
 def aggregate(loss: Tensor, mask: Tensor, mode: str = "token_mean",
-              horizon: int | None = None) -> Tensor:
+              horizon: int | None = None, tokens: Tensor | float | None = None) -> Tensor:
     """A per-token loss as one number:
 
-    - token_mean: mean over every real token of the batch (long responses weigh more);
+    - token_mean: mean over every real token of the micro-batch (long responses weigh
+      more; TRL's ``bnpo``);
     - seq_mean_token_mean: mean over sequences of each sequence's token mean (GRPO's paper);
     - seq_mean_token_sum: mean over sequences of each sequence's token sum divided by the
-      constant ``horizon`` (the response length): Dr. GRPO (Liu et al. 2025), no length bias.
+      constant ``horizon`` (the response length): Dr. GRPO (Liu et al. 2025), no length bias;
+    - step_token_mean: the token sum divided by ``tokens``, the mean real-token count of a
+      micro-batch over the whole rollout of every process: after the Trainer's division
+      by the accumulation steps, the token mean of the optimizer step (DAPO, Yu et al. 2025).
 
     Shapes: loss [B, T], mask [B, T] -> scalar.
     """
@@ -211,25 +267,104 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str = "token_mean",
         if not horizon:
             raise ValueError("seq_mean_token_sum needs the horizon (response_length)")
         return (loss * mask.to(loss.dtype)).sum(1).mean() / horizon
+    if mode == "step_token_mean":
+        if tokens is None:
+            raise ValueError("step_token_mean needs the rollout's tokens per micro-batch")
+        return (loss * mask.to(loss.dtype)).sum() / torch.as_tensor(tokens).clamp(min=1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose {', '.join(AGGREGATIONS)}")
 
 
-def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
-                clip: float, aggregation: str = "token_mean", horizon: int | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) per token,
-    ratio = exp(logps - old_logps), aggregated (``aggregate``).
-    Shapes: [B, T] each -> (loss, stats: clipfrac, approxkl, ratio as token means)."""
+def importance_log_weights(logps: Tensor, old_logps: Tensor, mask: Tensor,
+                           level: str = "token") -> Tensor:
+    """log(pi / pi_old) per token ("token", [B, T]); its mean over each sequence's real
+    tokens ("sequence": GSPO, Zheng et al. 2025, [B, 1]); or its sum, the log-ratio of the
+    whole sequence's probabilities ("sequence_sum": TRL's RLOO, [B, 1])."""
     log_ratio = logps - old_logps
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, horizon)
+    if level == "token":
+        return log_ratio
+    mask = mask.to(log_ratio.dtype)
+    total = (log_ratio * mask).sum(1, keepdim=True)
+    if level == "sequence":
+        return total / mask.sum(1, keepdim=True).clamp(min=1)
+    if level == "sequence_sum":
+        return total
+    raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
+
+
+def surrogate(ratio: Tensor, logps: Tensor, advantages: Tensor, kind: str = "clip",
+              clip_low: float = 0.2, clip_high: float | None = None,
+              dual_clip: float | None = None,
+              sapo_temperatures: tuple[float, float] = (1.0, 1.05)) -> Tensor:
+    """The per-token policy loss from the importance ratio r (per token or per sequence):
+
+    - clip (PPO): max(-A min(r, dual_clip), -A clip(r, 1 - clip_low, 1 + clip_high));
+      ``clip_high`` > ``clip_low`` is DAPO's clip-higher, ``dual_clip`` caps the unclipped
+      ratio (INTELLECT-2's two-sided clip);
+    - cispo (MiniMax-M1): -sg(min(r, clip_high)) A log pi: the weight is clipped, not the
+      update, so every token keeps a gradient;
+    - sapo (Gao et al. 2025): -A (4 / tau) sigmoid(tau (r - 1)), a soft gate with
+      tau = sapo_temperatures[0] where A > 0, else [1].
+
+    Shapes: ratio [B, T] or [B, 1], logps and advantages [B, T] -> [B, T].
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    if kind == "clip":
+        clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+        if dual_clip is not None:
+            ratio = ratio.clamp(max=dual_clip)
+        return -torch.minimum(ratio * advantages, clipped)
+    if kind == "cispo":
+        return -ratio.clamp(max=clip_high).detach() * advantages * logps
+    if kind == "sapo":
+        pos, neg = sapo_temperatures
+        tau = torch.where(advantages > 0, pos, neg)
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {kind!r}")
+
+
+def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
+                clip: float, aggregation: str = "token_mean", horizon: int | None = None, *,
+                clip_high: float | None = None, dual_clip: float | None = None,
+                kind: str = "clip", level: str = "token",
+                sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+                token_weights: Tensor | None = None, tokens: Tensor | float | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``surrogate`` of the importance ratio exp(``importance_log_weights``) per token,
+    times ``token_weights`` (e.g. the high-entropy mask), aggregated (``aggregate``).
+    Shapes: [B, T] each -> (loss, stats: clip fractions low/high/region, approxkl, ratio,
+    as token means)."""
+    log_weights = importance_log_weights(logps, old_logps, mask, level)
+    ratio = torch.exp(log_weights)
+    per_token = surrogate(ratio, logps, advantages, kind, clip, clip_high, dual_clip,
+                          sapo_temperatures)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = aggregate(per_token, mask, aggregation, horizon, tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        high = clip if clip_high is None else clip_high
+        r = ratio.expand_as(mask)
+        low_clipped = ((r < 1 - clip) & (advantages < 0)).float()
+        high_clipped = ((r > 1 + high) & (advantages > 0)).float()
+        log_ratio = logps - old_logps
+        stats = {"clipfrac": masked_mean(low_clipped + high_clipped, mask),
+                 "clipfrac_low": masked_mean(low_clipped, mask),
+                 "clipfrac_high": masked_mean(high_clipped, mask),
                  "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-                 "ratio": masked_mean(ratio, mask)}
+                 "ratio": masked_mean(r, mask)}
     return loss, stats
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float,
+                      all_entropies: Tensor | None = None) -> Tensor:
+    """1 on real tokens whose entropy is at least the (1 - quantile) quantile of the real
+    tokens' entropies (``all_entropies``: every process's, default these), else 0: the
+    top-``quantile`` "forking" tokens that carry the learning signal (Wang et al. 2025,
+    "Beyond the 80/20 rule"). [B, T] -> [B, T] float."""
+    pool = entropy[mask.bool()] if all_entropies is None else all_entropies
+    if pool.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.float32)
+    threshold = torch.quantile(pool.float(), 1 - quantile)
+    return ((entropy >= threshold) & mask.bool()).float()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,

@@ -58,7 +58,8 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
                    group: int = 1, value_head=None):
     """log pi(response token) at the sampling temperature, with the LM head only at the
     positions that predict a real response token (``logps.head_logps``, in blocks): no
-    [B, C, V] logits. With ``with_entropy`` also each position's entropy (no gradient).
+    [B, C, V] logits. With ``with_entropy`` also each position's entropy (with its
+    gradient when autograd is on).
     Padding gets 0. -> [B, C] (or ([B, C], [B, C])).
 
     ``value_head`` (``policy_value.PolicyValueHead``): also the values of the states before
@@ -86,15 +87,16 @@ def response_logps(model, batch: Batch, temperature: float, with_entropy: bool =
         g, column = r // group, p + (r % group) * (batch.input_ids.shape[1] - p) + c
         predictors = hidden[g, torch.where(c == 0, p - 1, column - 1)]
         targets = packed["input_ids"][g, column]
+    name = "entropy_grad" if torch.is_grad_enabled() else "entropy"
     out = head_logps(predictors, output_head(model), targets, temperature=temperature,
-                     stats=("entropy",) if with_entropy else ())
+                     stats=(name,) if with_entropy else ())
     shape = batch.response_mask.shape
 
     def scatter(values: Tensor) -> Tensor:
         full = torch.zeros(shape, dtype=values.dtype, device=values.device)
         return full.index_put((r, c), values)
 
-    result = (scatter(out[0]), scatter(out[1]["entropy"])) if with_entropy else (scatter(out),)
+    result = (scatter(out[0]), scatter(out[1][name])) if with_entropy else (scatter(out),)
     if value_head is not None:
         result += (scatter(value_head.values(predictors)),)
     return result if len(result) > 1 else result[0]
@@ -211,49 +213,106 @@ def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None
     return reduce(torch.tensor([value], device=device)).mean().item()
 
 
-def checked_scores(reward: Callable, prompts: list, completions: list[str]) -> list[float]:
-    """``reward(prompts, completions)``, checked: one finite real number per completion."""
-    import math
-    import numbers
+# (prompts, completions, completion_ids, columns) -> (per-function scores [B, F], total [B])
+ScoreFn = Callable[[list, list[str], list[list[int]], dict], tuple[Tensor, Tensor]]
 
-    name = getattr(reward, "__qualname__", None) or type(reward).__name__
-    values = reward(prompts, completions)
-    if isinstance(values, Tensor):
-        values = values.detach().float().flatten().tolist()
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        got = f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
-        raise ValueError(f"reward function {name} returned {got} for {len(completions)} "
-                         "completions: return a list with one float per completion")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"reward function {name}: score {i} is {v!r} "
-                            f"({type(v).__name__}); return floats")
-        if not math.isfinite(v):
-            raise ValueError(f"reward function {name}: score {i} is {v} for completion "
-                             f"{completions[i][:60]!r}; return finite scores (clip or "
-                             "replace NaN in the function)")
-    return [float(v) for v in values]
+
+@dataclass
+class Sampled:
+    """Sampled and scored rows (groups of num_generations consecutive rows)."""
+
+    rows: list[dict]          # dataset rows: "prompt" and the other columns
+    texts: list[str]          # rendered prompts
+    completions: list[str]
+    ids: list[list[int]]
+    finished: list[bool]
+    per_func: Tensor          # [B, F] raw scores per reward function (NaN: not scored)
+    total: Tensor             # [B] their weighted sum (NaN: no function scored the row)
+    scores: Tensor            # [B] total after the eos penalty and clipping
+
+    def take(self, index: list[int]) -> Sampled:
+        pick = torch.tensor(index, dtype=torch.long)
+        return Sampled(*[[getattr(self, k)[i] for i in index] for k in _LISTS],
+                       *[getattr(self, k)[pick] for k in _TENSORS])
+
+
+_LISTS = ("rows", "texts", "completions", "ids", "finished")
+_TENSORS = ("per_func", "total", "scores")
+
+
+def sample_and_score(policy, tokenizer, rows: list[dict], score: ScoreFn, args, seed: int
+                     ) -> Sampled:
+    """Sample one response per row, score it with every reward function, apply the eos
+    penalty and the clip."""
+    texts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+    sampled = generate_completions(
+        policy, tokenizer, texts, max_new_tokens=args.response_length,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        batch_size=args.local_rollout_forward_batch_size, seed=seed)
+    prompts = [r["prompt"] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    per_func, total = score(prompts, sampled.texts, sampled.ids, columns)
+    scores = core.penalize_missing_eos(total, torch.tensor(sampled.finished),
+                                       args.missing_eos_penalty)
+    scores = core.clip_scores(scores, args.score_bounds)
+    return Sampled(list(rows), texts, sampled.texts, sampled.ids, list(sampled.finished),
+                   per_func, total, scores)
+
+
+def dynamic_sampling(first: Sampled, sample: Callable[[int, int], Sampled], group: int,
+                     max_rounds: int) -> tuple[Sampled, Tensor]:
+    """DAPO's dynamic sampling: groups whose scores are all equal are replaced, in order,
+    by the informative groups of further samples (``sample(n_groups, round)``), at most
+    ``max_rounds`` times. Returns the rows and a [B] bool: False on rows of groups still
+    uninformative (they take no loss)."""
+    current = first
+    for round_ in range(1, max_rounds + 1):
+        bad = (~core.informative_groups(current.scores, group)).nonzero().flatten().tolist()
+        if not bad:
+            break
+        extra = sample(len(bad), round_)
+        good = core.informative_groups(extra.scores, group).nonzero().flatten().tolist()
+        order = list(range(len(current.rows) // group))
+        pool = [current.take(list(range(g * group, (g + 1) * group))) for g in order]
+        for slot, g in zip(bad, good):
+            pool[slot] = extra.take(list(range(g * group, (g + 1) * group)))
+        current = _concat(pool)
+    live = core.informative_groups(current.scores, group).repeat_interleave(group)
+    return current, live
+
+
+def _concat(parts: list[Sampled]) -> Sampled:
+    return Sampled(*[[x for p in parts for x in getattr(p, k)] for k in _LISTS],
+                   *[torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS])
 
 
 @torch.no_grad()
 def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokenizer,
-            prompts: list, reward: Callable[[list, list[str]], list[float]],
-            args, kl_coef: float, moments: core.RunningMoments | None, seed: int,
-            gather: Callable[[Tensor], Tensor] | None = None) -> RolloutResult:
+            rows: list[dict], score: ScoreFn, args, kl_coef: float,
+            moments: core.RunningMoments | None, seed: int,
+            gather: Callable[[Tensor], Tensor] | None = None,
+            more_rows: Callable[[int, int], list[dict]] | None = None,
+            reward_names: tuple[str, ...] = ()) -> RolloutResult:
     """One rollout: sample, score, compute the per-token KL penalty and the advantages
     (GAE with ``value_model``, else the critic-free ``args.advantage_estimator``; group
     estimators expect each prompt ``args.num_generations`` times in a row). ``reference``
     is None when no KL is asked for; the policy's scoring forward is skipped when the
     update is exactly on-policy (``args.needs_rollout_logps``).
-    ``prompts``: strings or conversations. ``gather`` (``accelerator.gather``) makes the
-    score statistics and the logged metrics those of all processes' rollouts together."""
+    ``rows``: dataset rows ("prompt": a string or a conversation, plus the columns the
+    reward functions read). ``gather`` (``accelerator.gather``) makes the score
+    statistics and the logged metrics those of all processes' rollouts together.
+    ``more_rows(n_groups, round)``: further rows for ``args.dynamic_sampling``."""
     device = next(policy.parameters()).device
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    sampled = generate_completions(
-        policy, tokenizer, texts, max_new_tokens=args.response_length,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        batch_size=args.local_rollout_forward_batch_size, seed=seed)
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    group = args.num_generations
+    sampled = sample_and_score(policy, tokenizer, rows, score, args, seed)
+    live = torch.ones(len(rows), dtype=torch.bool)
+    if args.dynamic_sampling:
+        def sample(n_groups: int, round_: int) -> Sampled:
+            return sample_and_score(policy, tokenizer, more_rows(n_groups, round_), score,
+                                    args, seed + 7919 * round_)
+        sampled, live = dynamic_sampling(sampled, sample, group, args.dynamic_sampling_max_rounds)
+    prompts = [r["prompt"] for r in sampled.rows]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampled.texts]
     batch = build_batch(tokenizer, prompt_ids, sampled.ids, device)
     mask = batch.response_mask
 
@@ -264,13 +323,11 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                               value_model, batch, args.temperature,
                               args.local_rollout_forward_batch_size, args.shared_prompt_group)
 
-    raw = torch.tensor(checked_scores(reward, prompts, sampled.texts), dtype=torch.float32,
-                       device=device)
+    scores = sampled.scores.to(device)
     finished = torch.tensor(sampled.finished, device=device)
-    scores = core.penalize_missing_eos(raw, finished, args.missing_eos_penalty)
-    scores = core.clip_scores(scores, args.score_clip)
+    every = (lambda x: gather(x)) if gather is not None else (lambda x: x)
     if moments is not None:
-        moments.update(gather(scores) if gather is not None else scores)
+        moments.update(every(scores))
         scores = moments.normalize(scores)
 
     has_kl = scored.old_logps is not None and scored.ref_logps is not None
@@ -284,30 +341,66 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         if args.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
     else:
+        all_scores = None
+        if args.scale_rewards == "batch" or args.normalize_advantages:
+            all_scores = every(scores - kl_coef * kl.sum(1) if args.kl_in_reward == "score"
+                               else scores)
         advantages = core.critic_free_advantages(
-            scores, kl, mask, kl_coef, args.advantage_estimator, args.num_generations,
-            args.gamma, args.scale_rewards)
+            scores, kl, mask, kl_coef, args.advantage_estimator, group, args.gamma,
+            args.scale_rewards, args.kl_in_reward, all_scores)
+        if args.normalize_advantages:
+            seq = advantages[:, 0]
+            everyone = every(seq)
+            advantages = core.whiten_scores(seq, everyone)[:, None] * mask
 
-    metrics = {"objective/scores": raw.mean().item(),
+    metrics = {"objective/scores": torch.nanmean(sampled.total).item(),
                "val/num_eos_tokens": finished.float().sum().item(),
                "response_length": mask.sum(1).mean().item()}
     if has_kl:  # means over every process's rollout (the KL controller reads objective/kl)
         non_score = (-kl_coef * kl).sum(1)
         metrics.update({"objective/kl": kl.sum(1).mean().item(),
                         "objective/non_score_reward": non_score.mean().item(),
-                        "objective/rlhf_reward": (scores + non_score).mean().item()})
+                        "objective/rlhf_reward": torch.nanmean(scores + non_score).item()})
     if scored.entropy is not None:
         metrics["objective/entropy"] = core.masked_mean(scored.entropy, mask).item()
     metrics = {k: _mean_over_processes(v, gather, device) for k, v in metrics.items()}
+    metrics.update(_score_metrics(sampled, every, group, reward_names, device))
+
+    loss_mask = mask * live.to(device)[:, None]
+    if args.mask_truncated_completions:
+        loss_mask = loss_mask * finished[:, None]
     experience = {
         "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-        "position_ids": batch.position_ids, "response_mask": mask,
+        "position_ids": batch.position_ids, "response_mask": mask, "loss_mask": loss_mask,
         "advantages": advantages,
         "prompt_width": torch.full((len(prompts),), batch.prompt_width, device=device),
     }
+    if args.loss_aggregation == "step_token_mean":  # tokens per micro-batch, every process
+        world = 1 if gather is None else every(torch.ones(1, device=device)).numel()
+        tokens = every(loss_mask.sum().reshape(1)).sum() / world / args.steps_per_rollout
+        experience["step_tokens"] = tokens.expand(len(prompts)).clone()
     for key in ("old_logps", "ref_logps"):
         if getattr(scored, key) is not None:
             experience[key] = getattr(scored, key)
     if args.advantage_estimator == "gae":
         experience.update(old_values=scored.values, returns=returns)
-    return RolloutResult(experience, metrics, prompts, sampled.texts, raw.tolist())
+    return RolloutResult(experience, metrics, prompts, sampled.completions,
+                         sampled.total.tolist())
+
+
+def _score_metrics(sampled: Sampled, every: Callable[[Tensor], Tensor], group: int,
+                   names: tuple[str, ...], device) -> dict[str, float]:
+    """TRL's reward metrics over every process's rows: each function's mean and std (of
+    the rows it scored), the weighted total's mean and std, and the share of groups whose
+    scores are all equal (no signal)."""
+    per_func = every(sampled.per_func.to(device))
+    totals = every(sampled.total.to(device))
+    out = {}
+    for i, name in enumerate(names):
+        out[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
+        out[f"rewards/{name}/std"] = core.nanstd(per_func[:, i]).item()
+    out["reward"] = torch.nanmean(totals).item()
+    out["reward_std"] = core.nanstd(totals).item()
+    if group > 1 and totals.numel() % group == 0:
+        out["frac_reward_zero_std"] = (~core.informative_groups(totals, group)).float().mean().item()
+    return out

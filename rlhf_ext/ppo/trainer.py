@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer
 
-from ..data import as_replies, validate_prompt_dataset
+from ..data import validate_prompt_dataset
 from ..heads import RewardModel, ValueModel, check_scalar_head
 from ..hub import trainer_model_card
 from ..models import (
@@ -35,7 +35,6 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
-from ..reward import score as reward_model_score
 from ..reward import tokenizer_mismatch
 from ..tables import log_table
 from ..trainer_utils import (
@@ -48,10 +47,10 @@ from . import core
 from .config import PPOConfig
 from .experience import ExperienceLoader
 from .policy_value import PolicyValueHead
+from .reward_funcs import RewardFunctions, function_name, reward_model_scorer
 from .rollout import (
     Batch,
     check_prompts_fit_model,
-    checked_scores,
     response_logps,
     response_values,
     rollout,
@@ -66,18 +65,25 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask, position_ids, response_mask, prompt_width: int,
-                temperature: float, group: int = 1):
+                temperature: float, group: int = 1, with_entropy: bool = False):
         """Policy log-probs [B, C] of the response tokens (LM head at response positions
-        only) and values [B, C] (None without a value model). Training calls this through
-        the wrapper (DDP, DeepSpeed), whose forward arms the gradient synchronisation;
-        calling the inner modules directly would skip it."""
+        only), values [B, C] (None without a value model) and, ``with_entropy``, each
+        position's entropy [B, C] with its gradient (else None). Training calls this
+        through the wrapper (DDP, DeepSpeed), whose forward arms the gradient
+        synchronisation; calling the inner modules directly would skip it."""
         batch = Batch(input_ids, attention_mask, position_ids, response_mask, prompt_width)
+        entropy = values = None
         if isinstance(self.value_model, PolicyValueHead):  # one forward for both
-            return response_logps(self.policy, batch, temperature, group=group,
-                                  value_head=self.value_model)
-        values = (response_values(self.value_model, batch)
-                  if self.value_model is not None else None)
-        return response_logps(self.policy, batch, temperature, group=group), values
+            out = response_logps(self.policy, batch, temperature, with_entropy, group=group,
+                                 value_head=self.value_model)
+            logps, values = out[0], out[-1]
+            entropy = out[1] if with_entropy else None
+            return logps, values, entropy
+        if self.value_model is not None:
+            values = response_values(self.value_model, batch)
+        out = response_logps(self.policy, batch, temperature, with_entropy, group=group)
+        logps, entropy = out if with_entropy else (out, None)
+        return logps, values, entropy
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
                                         every_n_layers: int = 1, offload: bool = False):
@@ -94,9 +100,11 @@ class PolicyAndValue(nn.Module):
 class PPOTrainer(CheckedTraining, Trainer):
     """Online RL on one trainer: PPO with explicit per-token KL and GAE
     (``advantage_estimator='gae'``, needs ``value_model``), or the critic-free GRPO, RLOO,
-    REINFORCE++ (no value model). ``reward`` is a RewardModel or any callable
-    ``reward_fn(prompts, completions) -> list[float]``. For single-base mode pass the three
-    models of ``single_base.build_single_base`` (policy, value, reward)."""
+    REINFORCE++ (no value model). ``reward``: one reward function or a list, weighted by
+    ``args.reward_weights``: a RewardModel, a sequence classifier or a path to one, or a
+    callable scoring completions (``ppo.reward_funcs``: TRL's reward-function API). For
+    single-base mode pass the three models of ``single_base.build_single_base`` (policy,
+    value, reward)."""
 
     # what a checkpoint must be resumed with (rlhf_ext.run_record)
     RESUME_FIELDS = ("advantage_estimator", "num_generations", "scale_rewards",
@@ -105,10 +113,15 @@ class PPOTrainer(CheckedTraining, Trainer):
                      "gamma", "lam", "cliprange", "cliprange_value", "vf_coef",
                      "value_head_on_policy", "whiten_advantages", "whiten_rewards",
                      "missing_eos_penalty", "score_clip", "normalize_scores",
-                     "rollout_batch_size", "num_ppo_epochs")
+                     "rollout_batch_size", "num_ppo_epochs", "normalize_advantages",
+                     "kl_in_reward", "policy_loss", "importance_sampling_level", "epsilon_high",
+                     "delta", "sapo_temperature_pos", "sapo_temperature_neg",
+                     "use_bias_correction_kl", "mask_truncated_completions",
+                     "top_entropy_quantile", "entropy_coef", "dynamic_sampling",
+                     "reward_weights")
 
     def __init__(self, model, args: PPOConfig, processing_class, train_dataset,
-                 reward: RewardModel | Callable, value_model: ValueModel | None = None,
+                 reward: RewardModel | Callable | list, value_model: ValueModel | None = None,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -165,27 +178,11 @@ class PPOTrainer(CheckedTraining, Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
-        if isinstance(reward, nn.Module):
-            check_scalar_head(reward)
-            reward.eval().requires_grad_(False)
-            problem = None if reward_tokenizer else tokenizer_mismatch(reward, processing_class)
-            if problem:
-                raise ValueError(f"the reward model cannot read the policy's tokens: {problem}. "
-                                 "Pass its own tokenizer as reward_tokenizer= (the PPO recipe "
-                                 "loads it from --reward_model_path); completions are "
-                                 "re-tokenized with it before scoring.")
-            tok = reward_tokenizer or processing_class
-            config = getattr(reward, "config", None)
-            if config is not None and getattr(config, "pad_token_id", None) is None:
-                config.pad_token_id = tok.pad_token_id  # a sequence classifier pools by it
-            chunk = args.local_rollout_forward_batch_size
-            self.reward_fn = lambda p, c: reward_model_score(reward, tok, p, as_replies(p, c),
-                                                             batch_size=chunk)
-        else:
-            self.reward_fn = reward
-        self.reward_model = reward if isinstance(reward, nn.Module) else None
+        self.rewards = self._reward_functions(reward, reward_tokenizer, processing_class, args,
+                                              model.dtype)
+        self.reward_model = next((f for f in self.reward_modules), None)
         self.policy, self.value_model = model, value_model
-        self.prompts = list(train_dataset["prompt"])
+        self.dataset = train_dataset
         self.kl_ctl = (core.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
                        if args.kl_target else core.FixedKLController(args.kl_coef))
         self.moments = core.RunningMoments() if args.normalize_scores else None
@@ -195,11 +192,59 @@ class PPOTrainer(CheckedTraining, Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        for m in (self.ref_model, self.reward_model):
+        for m in (self.ref_model, *self.reward_modules):
             if m is not None:
                 m.to(self.args.device)
-        # the reward on two tiny completions now, not after the first rollout's sampling
-        checked_scores(self.reward_fn, self.prompts[:2], ["ok"] * len(self.prompts[:2]))
+        # the rewards of two tiny completions now, not after the first rollout's sampling
+        first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
+        self._score(first, ["ok"] * len(first), [[0]] * len(first))
+
+    def _reward_functions(self, reward, reward_tokenizer, tokenizer, args, dtype
+                          ) -> RewardFunctions:
+        """``reward`` (one or a list: callables, reward models, paths to reward models) as
+        one ``RewardFunctions``, each model checked and frozen, with ``args.reward_weights``.
+        ``reward_tokenizer``: one tokenizer, or one per function (None: the policy's)."""
+        funcs = list(reward) if isinstance(reward, (list, tuple)) else [reward]
+        tokenizers = (list(reward_tokenizer) if isinstance(reward_tokenizer, (list, tuple))
+                      else [reward_tokenizer] * len(funcs))
+        scorers, names, self.reward_modules = [], [], []
+        for func, tok in zip(funcs, tokenizers):
+            if isinstance(func, str):  # a reward model's path, as TRL takes it
+                from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+                tok = tok or AutoTokenizer.from_pretrained(func)
+                func = AutoModelForSequenceClassification.from_pretrained(
+                    func, num_labels=1, dtype=dtype)
+            names.append(function_name(func))
+            if not isinstance(func, nn.Module):
+                scorers.append(func)
+                continue
+            check_scalar_head(func)
+            keep_4bit_differentiable(func)
+            func.eval().requires_grad_(False)
+            if args.disable_dropout:
+                disable_dropout(func)
+            problem = None if tok else tokenizer_mismatch(func, tokenizer)
+            if problem:
+                raise ValueError(f"the reward model cannot read the policy's tokens: {problem}. "
+                                 "Pass its own tokenizer as reward_tokenizer= (the PPO recipe "
+                                 "loads it from --reward_model_path); completions are "
+                                 "re-tokenized with it before scoring.")
+            tok = tok or tokenizer
+            config = getattr(func, "config", None)
+            if config is not None and getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = tok.pad_token_id  # a sequence classifier pools by it
+            self.reward_modules.append(func)
+            scorers.append(reward_model_scorer(func, tok, args.local_rollout_forward_batch_size))
+        return RewardFunctions(scorers, names, args.reward_weights)
+
+    def _score(self, rows: list[dict], completions: list[str], completion_ids: list[list[int]],
+               columns: dict | None = None):
+        prompts = [r["prompt"] for r in rows]
+        if columns is None:
+            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        return self.rewards(prompts, completions, completion_ids, columns,
+                            getattr(self, "state", None))
 
     # -----------------------------------------------------------------------------------
     # experience
@@ -208,20 +253,31 @@ class PPOTrainer(CheckedTraining, Trainer):
     def get_train_dataloader(self):
         return ExperienceLoader(self.args, self.make_experience)
 
-    def _iteration_prompts(self, epoch: int) -> list:
-        """The prompts of iteration ``epoch``: a seeded pass over the data, this process's
-        share, each prompt ``num_generations`` times in a row (one group)."""
-        group = self.args.num_generations
-        n, size = len(self.prompts), self.args.rollout_batch_size // group
+    def _iteration_rows(self, epoch: int) -> list[dict]:
+        """The dataset rows of iteration ``epoch``: a seeded pass over the data (in order
+        without ``shuffle_dataset``), this process's share, each row ``num_generations``
+        times in a row (one group)."""
+        size = self.args.rollout_batch_size // self.args.num_generations
         world, rank = self.args.world_size, self.args.process_index
-        start = (epoch * world + rank) * size
-        out = []
-        for i in range(start, start + size):
+        return self._rows_from((epoch * world + rank) * size, size)
+
+    def _rows_from(self, start: int, count: int) -> list[dict]:
+        """``count`` groups from position ``start`` of the endless sequence of passes."""
+        n, out = len(self.dataset), []
+        for i in range(start, start + count):
             pass_index, offset = divmod(i, n)
             order = list(range(n))
-            random.Random(self.args.seed * 7919 + pass_index).shuffle(order)
-            out.extend([self.prompts[order[offset]]] * group)
+            if self.args.shuffle_dataset:
+                random.Random(self.args.seed * 7919 + pass_index).shuffle(order)
+            out.extend([self.dataset[order[offset]]] * self.args.num_generations)
         return out
+
+    def _more_rows(self, epoch: int, n_groups: int, round_: int) -> list[dict]:
+        """Further rows for dynamic sampling: drawn from a seeded order of the data, its
+        own stream per iteration, round and process."""
+        rng = random.Random(hash((self.args.seed, epoch, round_, self.args.process_index)))
+        picks = [rng.randrange(len(self.dataset)) for _ in range(n_groups)]
+        return [self.dataset[i] for i in picks for _ in range(self.args.num_generations)]
 
     def _reference_logps(self, batch: Batch) -> torch.Tensor:
         temperature, group = self.args.temperature, self.args.shared_prompt_group
@@ -235,16 +291,19 @@ class PPOTrainer(CheckedTraining, Trainer):
         if resumed is not None and resumed["epoch"] == epoch:  # a mid-iteration checkpoint's
             self._experience = resumed                        # rollout, not a new one
             return {k: v.to(self.args.device) for k, v in resumed["tensors"].items()}
-        prompts = self._iteration_prompts(epoch)
+        rows = self._iteration_rows(epoch)
         was_training = self.model.training
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
             reference = self._reference_logps if self.args.needs_reference else None
             result = rollout(policy=self.policy, reference=reference,
                              value_model=self.value_model, tokenizer=self.processing_class,
-                             prompts=prompts, reward=self.reward_fn, args=self.args,
-                             kl_coef=self.kl_ctl.value, moments=self.moments,
-                             seed=self.args.seed * 1000 + epoch, gather=gather)
+                             rows=rows, score=lambda p, c, ids, cols: self.rewards(
+                                 p, c, ids, cols, self.state),
+                             args=self.args, kl_coef=self.kl_ctl.value, moments=self.moments,
+                             seed=self.args.seed * 1000 + epoch, gather=gather,
+                             more_rows=lambda n, r: self._more_rows(epoch, n, r),
+                             reward_names=tuple(self.rewards.names))
         self.model.train(was_training)
         for key, value in result.metrics.items():
             self._metrics[key].append(value)
@@ -269,17 +328,32 @@ class PPOTrainer(CheckedTraining, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        mask = inputs["response_mask"]
-        logps, values = model(inputs["input_ids"], inputs["attention_mask"],
-                              inputs["position_ids"], mask, int(inputs["prompt_width"][0]),
-                              args.temperature, args.shared_prompt_group)
+        mask = inputs["loss_mask"]
+        entropy_needed = args.top_entropy_quantile < 1.0 or args.entropy_coef
+        logps, values, entropy = model(
+            inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+            inputs["response_mask"], int(inputs["prompt_width"][0]), args.temperature,
+            args.shared_prompt_group, with_entropy=bool(entropy_needed))
         old_logps = inputs["old_logps"] if "old_logps" in inputs else logps.detach()
-        pg_loss, pg = core.policy_loss(logps, old_logps, inputs["advantages"], mask,
-                                       args.cliprange, args.loss_aggregation,
-                                       args.response_length)
+        keep = None
+        if args.top_entropy_quantile < 1.0:
+            live = entropy.detach()[mask.bool()]
+            every = self.accelerator.gather(self.accelerator.pad_across_processes(
+                live, pad_index=-1.0)) if args.world_size > 1 else live
+            keep = core.high_entropy_mask(entropy.detach(), mask, args.top_entropy_quantile,
+                                          every[every >= 0])
+        tokens = inputs["step_tokens"][0] if "step_tokens" in inputs else None
+        pg_loss, pg = core.policy_loss(
+            logps, old_logps, inputs["advantages"], mask, args.cliprange, args.loss_aggregation,
+            args.response_length, clip_high=args.epsilon_high, dual_clip=args.delta,
+            kind=args.policy_loss, level=args.importance_sampling_level,
+            sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg),
+            token_weights=keep, tokens=tokens)
         loss, logged = pg_loss, {"policy/approxkl_avg": pg["approxkl"],
-                                 "policy/clipfrac_avg": pg["clipfrac"], "val/ratio": pg["ratio"],
-                                 "loss/policy_avg": pg_loss}
+                                 "policy/clipfrac_avg": pg["clipfrac"],
+                                 "clip_ratio/low_mean": pg["clipfrac_low"],
+                                 "clip_ratio/high_mean": pg["clipfrac_high"],
+                                 "val/ratio": pg["ratio"], "loss/policy_avg": pg_loss}
         if values is not None:
             vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
                                           args.cliprange_value)
@@ -287,9 +361,17 @@ class PPOTrainer(CheckedTraining, Trainer):
             logged.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"]})
         if args.kl_loss_coef:
             kl = core.per_token_kl(logps, inputs["ref_logps"], args.kl_loss_estimator)
-            kl_loss = core.aggregate(kl, mask, args.loss_aggregation, args.response_length)
+            if args.use_bias_correction_kl:
+                kl = kl * torch.exp(core.importance_log_weights(
+                    logps, old_logps, mask, args.importance_sampling_level))
+            kl_loss = core.aggregate(kl, mask, args.loss_aggregation, args.response_length,
+                                     tokens)
             loss = loss + args.kl_loss_coef * kl_loss
             logged["loss/kl_avg"] = kl_loss
+        if args.entropy_coef:
+            entropy_loss = core.masked_mean(entropy, mask if keep is None else mask * keep)
+            loss = loss - args.entropy_coef * entropy_loss
+            logged["entropy"] = entropy_loss
         check_finite_loss(self, loss, "non-finite rewards or values")
         for key, value in logged.items():
             self._metrics[key].append(self.accelerator.gather(value.detach()).mean().item())
