@@ -7,7 +7,7 @@ from .heads import RewardModel, RewardModelConfig, ValueModel, ValueModelConfig
 from .judges import FunctionJudge, LMJudge, PairwiseJudge, RewardModelJudge, label_samples
 from .losses import LOSSES, LossParams, compute_loss, resolve_loss_types
 from .online_dpo import OnlineDPOConfig, OnlineDPOTrainer
-from .ppo import PPOConfig, PPOTrainer
+from .ppo import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reward import RewardConfig, RewardTrainer, load_reward_model, score
 from .trl_compat import (
@@ -24,6 +24,7 @@ from .trl_compat import (
 __all__ = [
     "CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer",
     "ORPOConfig", "ORPOTrainer", "LOSSES", "LossParams", "PPOConfig", "PPOTrainer",
+    "GRPOConfig", "GRPOTrainer", "RLOOConfig", "RLOOTrainer",
     "PreferenceConfig", "PreferenceTrainer", "OnlineDPOConfig", "OnlineDPOTrainer",
     "PairwiseJudge", "LMJudge", "RewardModelJudge", "FunctionJudge", "label_samples",
     "RewardConfig", "RewardModel", "RewardModelConfig", "RewardTrainer", "ValueModel",

@@ -143,10 +143,10 @@ class PPOConfig(ResumeFields, TrainingArguments):
         for name in ("kl_estimator", "kl_loss_estimator"):
             if getattr(self, name) not in ("k1", "k2", "k3"):
                 raise ValueError(f"{name} must be k1, k2 or k3, got {getattr(self, name)!r}")
-        self._check_estimator()
+        super().__post_init__()
+        self._check_estimator()  # after the device set-up: TRL's presets read world_size
         if self.total_episodes is not None:
             self.num_train_epochs = math.ceil(self.total_episodes / self.rollout_batch_size)
-        super().__post_init__()
         self._check_loss()
 
     def _check_loss(self) -> None:

@@ -54,10 +54,16 @@ class IterationSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(args.seed * 1000 + self.epoch)
         unit = args.shared_prompt_group  # prefix sharing: shuffle whole groups
         for _ in range(args.num_ppo_epochs):
-            order = (torch.randperm(n // unit, generator=generator)[:, None] * unit
-                     + torch.arange(unit)).flatten()
+            order = minibatch_order(n, unit, generator)
             for start in range(0, n, args.per_device_train_batch_size):
                 yield order[start:start + args.per_device_train_batch_size].tolist()
+
+
+def minibatch_order(n: int, unit: int, generator: torch.Generator) -> torch.Tensor:
+    """A seeded shuffle of n rows in blocks of ``unit`` (whole groups with prefix
+    sharing). -> [n] row indices."""
+    return (torch.randperm(n // unit, generator=generator)[:, None] * unit
+            + torch.arange(unit)).flatten()
 
 
 def _as_batch(batch):

@@ -1,0 +1,161 @@
+"""TRL's GRPOTrainer and RLOOTrainer against our presets of the one online trainer: the same
+tiny policy, the same prompts and completions (generation replaced by fixed token ids in
+both), the same reward function; SGD at learning rate 1 in float32, two optimizer steps on
+one generation (num_iterations=2: on the second the policy has moved, so the ratios are off
+1, the clips bite and the KL term has a gradient). The parameters must agree.
+
+Both sides see micro-batches in generation order (TRL shuffles them with the global
+generator, we with our own seed): micro-batch composition changes bnpo's and grpo's
+normalisation, so the test fixes it on both sides.
+"""
+
+import random
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+import rlhf_ext
+from rlhf_ext.sampling import Completions
+from rlhf_ext.worlds.tiny import build_model
+
+PROMPT_TOKENS, MAX_NEW = 5, 8
+COMMON = dict(learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", report_to="none",
+              use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+              gradient_checkpointing=False, seed=0, logging_steps=1, shuffle_dataset=False,
+              temperature=0.9, max_completion_length=MAX_NEW, num_iterations=2, max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def setup(world_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_parity")
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    build_model("tiny", tok, seed=0).save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    rng = random.Random(0)
+    words = [w for w in tok.get_vocab() if w.isalpha() and len(tok(w)["input_ids"]) == 1]
+    prompts = []
+    while len(prompts) < 8:  # equal token lengths: TRL's forward counts positions from 0
+        text = " ".join(rng.sample(words, PROMPT_TOKENS))
+        if len(tok(text, add_special_tokens=False)["input_ids"]) == PROMPT_TOKENS:
+            prompts.append(text)
+    return root / "policy", tok, prompts
+
+
+def completion_table(tok, prompt_ids: list[int], k: int) -> list[int]:
+    """The k-th fixed completion of a prompt: 2..MAX_NEW tokens; every third is cut at
+    MAX_NEW without eos (truncated)."""
+    rng = random.Random(hash((tuple(prompt_ids), k)) % 2**32)
+    special = set(tok.all_special_ids)
+    body = [t for t in range(len(tok)) if t not in special]
+    if k % 3 == 2:
+        return [rng.choice(body) for _ in range(MAX_NEW)]
+    return [rng.choice(body) for _ in range(rng.randint(1, MAX_NEW - 1))] + [tok.eos_token_id]
+
+
+def fixed_ids(tok, prompts_ids: list[list[int]]) -> list[list[int]]:
+    """One completion per row; consecutive equal prompts get completions 0, 1, ..."""
+    out, seen = [], {}
+    for i, ids in enumerate(prompts_ids):
+        key = tuple(ids)
+        k = seen[key] = seen.get(key, -1) + 1 if i and tuple(prompts_ids[i - 1]) == key else 0
+        out.append(completion_table(tok, ids, k))
+    return out
+
+
+def reward_len_and_parity(completions, completion_ids, **kwargs):
+    """Varied rewards from the ids alone (same on both sides)."""
+    return [len(set(ids)) / 3 + (ids[0] % 3) for ids in completion_ids]
+
+
+def patch_generation(monkeypatch, tok):
+    import trl.trainer.grpo_trainer as grpo_module
+    import trl.trainer.rloo_trainer as rloo_module
+
+    import rlhf_ext.ppo.experience as experience
+    import rlhf_ext.ppo.rollout as rollout
+
+    def trl_generate(self, prompt_ids, images, multimodal_fields, *a, **k):
+        return fixed_ids(tok, prompt_ids), None
+
+    def rloo_generate(self, prompt_ids, images, multimodal_fields):
+        return fixed_ids(tok, prompt_ids)
+
+    def our_generate(policy, tokenizer, texts, max_new_tokens, **kwargs):
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids = fixed_ids(tok, prompt_ids)
+        return Completions([tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids,
+                           [i[-1] == tok.eos_token_id for i in ids])
+
+    monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn", trl_generate)
+    monkeypatch.setattr(rloo_module.RLOOTrainer, "_generate_single_turn", rloo_generate)
+    monkeypatch.setattr(rollout, "generate_completions", our_generate)
+    identity = lambda batch: batch  # noqa: E731
+    monkeypatch.setattr(grpo_module, "shuffle_sequence_dict", identity)
+    monkeypatch.setattr(rloo_module, "shuffle_sequence_dict", identity)
+    monkeypatch.setattr(experience, "minibatch_order",
+                        lambda n, unit, generator: torch.arange(n))
+
+
+def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int, **kwargs):
+    import trl
+
+    path, tok, prompts = setup
+    patch_generation(monkeypatch, tok)
+    per_device = 8 // ga
+    g = kwargs.pop("num_generations", 4)
+    data = Dataset.from_dict({"prompt": prompts[: 8 // g]})
+    settings = dict(COMMON, per_device_train_batch_size=per_device,
+                    gradient_accumulation_steps=ga, num_generations=g, **kwargs)
+    params = {}
+    for side, module in (("trl", trl), ("ours", rlhf_ext)):
+        config = getattr(module, f"{kind}Config")
+        trainer_cls = getattr(module, f"{kind}Trainer")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = config(output_dir=str(tmp_path / side), **settings)
+            trainer = trainer_cls(str(path), reward_funcs=reward_len_and_parity, args=args,
+                                  train_dataset=data, processing_class=tok)
+            trainer.train()
+        model = trainer.policy if side == "ours" else trainer.model
+        params[side] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        assert trainer.state.global_step == settings["max_steps"]
+    start = build_model("tiny", tok, seed=0).state_dict()
+    moved = max((params["trl"][k] - start[k]).abs().max().item() for k in params["trl"])
+    assert moved > 1e-2  # the steps did something
+    worst = max((params["trl"][k] - params["ours"][k]).abs().max().item() for k in params["trl"])
+    assert worst < 2e-6, (worst, moved)
+
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_loss_types_match_trl(setup, monkeypatch, tmp_path, loss_type, ga):
+    extra = {"epsilon_high": 5.0} if loss_type == "cispo" else {}
+    run_both(setup, monkeypatch, tmp_path, "GRPO", ga, loss_type=loss_type, beta=0.04, **extra)
+
+
+KNOBS = {"no_bias_correction": dict(use_bias_correction_kl=False),
+         "gspo": dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+         "clip_higher_dual": dict(epsilon_high=0.28, delta=1.5),
+         "scale_batch": dict(scale_rewards="batch"),
+         "scale_none": dict(scale_rewards="none", loss_type="dr_grpo"),
+         "truncated_masked": dict(mask_truncated_completions=True)}
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+@pytest.mark.parametrize("knob", KNOBS)
+def test_grpo_knobs_match_trl(setup, monkeypatch, tmp_path, knob, ga):
+    run_both(setup, monkeypatch, tmp_path, "GRPO", ga, beta=0.04, **KNOBS[knob])
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_rloo_matches_trl(setup, monkeypatch, tmp_path, beta, ga):
+    """Four steps: the second generation's KL (policy moved, reference not) is non-zero."""
+    run_both(setup, monkeypatch, tmp_path, "RLOO", ga, beta=beta, num_generations=2,
+             max_steps=4)
