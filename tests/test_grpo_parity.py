@@ -99,7 +99,9 @@ def patch_generation(monkeypatch, tok):
                         lambda n, unit, generator: torch.arange(n))
 
 
-def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int, **kwargs):
+def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int,
+             reward_funcs=reward_len_and_parity, **kwargs) -> dict:
+    """Train both sides; assert their parameters agree; return each side's first log."""
     import trl
 
     path, tok, prompts = setup
@@ -109,24 +111,26 @@ def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int, **kwargs):
     data = Dataset.from_dict({"prompt": prompts[: 8 // g]})
     settings = dict(COMMON, per_device_train_batch_size=per_device,
                     gradient_accumulation_steps=ga, num_generations=g, **kwargs)
-    params = {}
+    params, logs = {}, {}
     for side, module in (("trl", trl), ("ours", rlhf_ext)):
         config = getattr(module, f"{kind}Config")
         trainer_cls = getattr(module, f"{kind}Trainer")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             args = config(output_dir=str(tmp_path / side), **settings)
-            trainer = trainer_cls(str(path), reward_funcs=reward_len_and_parity, args=args,
+            trainer = trainer_cls(str(path), reward_funcs=reward_funcs, args=args,
                                   train_dataset=data, processing_class=tok)
             trainer.train()
         model = trainer.policy if side == "ours" else trainer.model
         params[side] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        logs[side] = trainer.state.log_history[0]
         assert trainer.state.global_step == settings["max_steps"]
     start = build_model("tiny", tok, seed=0).state_dict()
     moved = max((params["trl"][k] - start[k]).abs().max().item() for k in params["trl"])
     assert moved > 1e-2  # the steps did something
     worst = max((params["trl"][k] - params["ours"][k]).abs().max().item() for k in params["trl"])
     assert worst < 2e-6, (worst, moved)
+    return logs
 
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
@@ -144,7 +148,8 @@ KNOBS = {"no_bias_correction": dict(use_bias_correction_kl=False),
          "clip_higher_dual": dict(epsilon_high=0.28, delta=1.5),
          "scale_batch": dict(scale_rewards="batch"),
          "scale_none": dict(scale_rewards="none", loss_type="dr_grpo"),
-         "truncated_masked": dict(mask_truncated_completions=True)}
+         "truncated_masked": dict(mask_truncated_completions=True),
+         "entropy": dict(top_entropy_quantile=0.3, entropy_coef=0.05)}
 
 
 @pytest.mark.parametrize("ga", [1, 4])
@@ -159,3 +164,24 @@ def test_rloo_matches_trl(setup, monkeypatch, tmp_path, beta, ga):
     """Four steps: the second generation's KL (policy moved, reference not) is non-zero."""
     run_both(setup, monkeypatch, tmp_path, "RLOO", ga, beta=beta, num_generations=2,
              max_steps=4)
+
+
+def reward_short(completion_ids, **kwargs):
+    return [float(len(ids) < 4) for ids in completion_ids]
+
+
+def reward_first_token(completion_ids, trainer_state, **kwargs):
+    """Judges only completions starting with an even token (None for the rest)."""
+    assert trainer_state.global_step == 0  # the state as the generation saw it
+    return [ids[0] / 100 if ids[0] % 2 == 0 else None for ids in completion_ids]
+
+
+def test_several_reward_functions_with_weights_and_none_match_trl(setup, monkeypatch, tmp_path):
+    logs = run_both(setup, monkeypatch, tmp_path, "GRPO", 2, loss_type="grpo",
+                    reward_funcs=[reward_short, reward_first_token], reward_weights=[1.0, 0.5],
+                    max_steps=1, num_iterations=1)
+    keys = ["reward", "reward_std", "frac_reward_zero_std", "loss"] + [
+        f"rewards/{f}/{s}" for f in ("reward_short", "reward_first_token") for s in ("mean", "std")]
+    for key in keys:
+        assert logs["ours"][key] == pytest.approx(logs["trl"][key], rel=1e-5, abs=1e-6), key
+    assert 0 < logs["ours"]["rewards/reward_first_token/mean"]
