@@ -46,7 +46,7 @@ def test_ppo_with_oracle_reward(sft_run, world_dir, tmp_path):
     assert "ppo" in (tmp_path / "ppo" / "README.md").read_text()
 
 
-def make_trainer(tok, policy_dir, out, **kw):
+def make_trainer(tok, policy_dir, out, reward=None, **kw):
     settings = dict(rollout_batch_size=16, num_ppo_epochs=2, per_device_train_batch_size=8,
                     num_train_epochs=4, learning_rate=3e-3, response_length=12,
                     temperature=1.0, kl_coef=0.1, kl_target=1.0, kl_horizon=100)
@@ -57,7 +57,8 @@ def make_trainer(tok, policy_dir, out, **kw):
     value = (ValueModel.from_backbone(str(policy_dir), seed=1)
              if args.uses_critic and not args.value_head_on_policy else None)
     return PPOTrainer(policy, args, tok, prompt_dataset(40, seed=2),
-                      reward=lambda p, c: [oracle_score(x) for x in c], value_model=value)
+                      reward=reward or (lambda p, c: [oracle_score(x) for x in c]),
+                      value_model=value)
 
 
 GRPO = dict(advantage_estimator="grpo", num_generations=4, kl_loss_coef=0.05)
@@ -171,3 +172,28 @@ def test_grpo_with_prefix_sharing_trains_as_without(world_dir, tmp_path):
     for (name, a), (_, b) in zip(runs[False].model.named_parameters(),
                                  runs[True].model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+
+
+def test_dynamic_sampling_replaces_groups_whose_scores_are_all_equal(world_dir, tmp_path):
+    """Prompts of even length score a constant: their groups say nothing. With
+    dynamic_sampling they are replaced by groups of other prompts; rows of groups that
+    stay uninformative carry no loss."""
+    tok = AutoTokenizer.from_pretrained(world_dir / "base")
+    build_model("tiny", tok, seed=0).save_pretrained(tmp_path / "policy")
+
+    def reward(prompts, completions):
+        return [1.0 if len(p) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+    zero_std = {}
+    for dynamic in (False, True):
+        trainer = make_trainer(tok, tmp_path / "policy", tmp_path / str(dynamic), reward,
+                               **GRPO, dynamic_sampling=dynamic)
+        experience = trainer.make_experience(0)
+        zero_std[dynamic] = trainer._metrics["frac_reward_zero_std"][-1]
+        rows = [r["prompt"] for r in trainer._iteration_rows(0)]
+        live = experience["loss_mask"].sum(1) > 0
+        assert live.sum() > 0
+        if not dynamic:
+            assert live.all()  # nothing dropped without the option
+    assert zero_std[False] > 0.25 and zero_std[True] < zero_std[False], zero_std
+    assert any(len(p) % 2 == 0 for p in rows)  # the fixed prompts had constant groups

@@ -181,3 +181,124 @@ def test_loss_aggregations_by_hand():
     pg, _ = core.policy_loss(torch.zeros(2, 4), torch.zeros(2, 4), adv, mask, 0.2,
                              "seq_mean_token_mean")
     assert pg.item() == pytest.approx(-(1.0 + -2.0) / 2)
+
+
+def test_group_baselines_leave_unscored_samples_out_and_scale_by_the_batch():
+    nan = float("nan")
+    scores = T([1.0, nan, 3.0, 6.0, 0.0, 0.0])
+    # group 1 scored [1, 3]: mean 2, std sqrt(2); the unscored sample gets 0
+    grpo = core.group_baseline_scores(scores, 3, "grpo")
+    s = math.sqrt(2) + 1e-4
+    torch.testing.assert_close(grpo[:3], T([-1 / s, 0.0, 1 / s]))
+    # rloo: the mean of the *scored* others: 1 - 3, 3 - 1
+    torch.testing.assert_close(core.group_baseline_scores(scores, 3, "rloo")[:3],
+                               T([-2.0, 0.0, 2.0]))
+    # batch scaling: the std of every score (here 5 scored ones), group means unchanged
+    everyone = T([1.0, 3.0, 6.0, 0.0, 0.0, 2.0, 2.0])  # e.g. two more from another process
+    sd = torch.tensor([1.0, 3.0, 6.0, 0.0, 0.0, 2.0, 2.0]).std().item()
+    batch = core.group_baseline_scores(scores, 3, "grpo", "batch", all_scores=everyone)
+    torch.testing.assert_close(batch, T([-1, 0, 1, 4, -2, -2]) / (sd + 1e-4))
+    assert core.nanstd(T([1.0, nan, 3.0])).item() == pytest.approx(math.sqrt(2))
+
+
+def test_rloo_kl_in_the_score_and_whitened_advantages():
+    # scores 1 and 3, summed KL 0.4 and 0.2 at coefficient 0.5 -> 0.8 and 2.9;
+    # leave-one-out: 0.8 - 2.9, 2.9 - 0.8 on every real token
+    scores, mask = T([1.0, 3.0]), T([[1.0, 1, 0], [1, 0, 0]])
+    kl = T([[0.1, 0.3, 0.0], [0.2, 0.0, 0.0]])
+    adv = core.critic_free_advantages(scores, kl, mask, 0.5, "rloo", 2, kl_in_reward="score")
+    torch.testing.assert_close(adv, T([[-2.1, -2.1, 0.0], [2.1, 0.0, 0.0]]))
+    w = core.whiten_scores(T([1.0, 2.0, 6.0]))
+    torch.testing.assert_close(w, (T([1.0, 2.0, 6.0]) - 3) / (math.sqrt(7) + 1e-4))
+
+
+def test_informative_groups():
+    assert core.informative_groups(T([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2).tolist() == \
+        [False, True, False]
+
+
+def test_importance_weights_per_token_and_per_sequence():
+    logps, old = T([[-1.0, -2.0, -3.0]]), T([[-1.5, -1.5, -1.0]])
+    mask = T([[1.0, 1, 0]])
+    torch.testing.assert_close(core.importance_log_weights(logps, old, mask, "token"),
+                               T([[0.5, -0.5, -2.0]]))
+    # GSPO: the mean over real tokens (0.5 - 0.5) / 2; RLOO's sequence ratio: the sum
+    assert core.importance_log_weights(logps, old, mask, "sequence").tolist() == [[0.0]]
+    logps2 = T([[-1.0, -1.0, 0.0]])
+    assert core.importance_log_weights(logps2, old, mask, "sequence_sum").item() == \
+        pytest.approx(1.0)
+
+
+def test_surrogates_by_hand():
+    ratio = T([[1.5, 0.5, 3.0, 0.5]])
+    adv = T([[1.0, 1.0, 1.0, -1.0]])
+    logps = torch.log(T([[0.5, 0.25, 0.5, 0.5]]))
+    # clip-higher (low 0.2, high 0.28): 1.5 -> 1.28; 0.5 with A > 0 not clipped (min);
+    # dual clip 2.0: the unclipped 3.0 becomes 2.0 but the clipped 1.28 is smaller;
+    # A < 0 at 0.5: max(-A r, -A 0.8) = 0.8
+    out = core.surrogate(ratio, logps, adv, "clip", 0.2, 0.28, dual_clip=2.0)
+    torch.testing.assert_close(out, T([[-1.28, -0.5, -1.28, 0.8]]))
+    # dual clip with A < 0 caps a large ratio: r = 3, A = -1 -> -A min(r, 2) = 2
+    out = core.surrogate(T([[3.0]]), T([[0.0]]), T([[-1.0]]), "clip", 0.2, 0.2, dual_clip=2.0)
+    assert out.item() == pytest.approx(2.0)
+    # cispo: -min(r, high) A log pi with the weight detached
+    lp = logps.clone().requires_grad_(True)
+    out = core.surrogate(ratio, lp, adv, "cispo", 0.2, 2.0)
+    torch.testing.assert_close(out, -T([[1.5, 0.5, 2.0, 0.5]]) * adv * logps)
+    out.sum().backward()
+    torch.testing.assert_close(lp.grad, -T([[1.5, 0.5, 2.0, 0.5]]) * adv)
+    # sapo: -A (4 / tau) sigmoid(tau (r - 1)); tau 1 for A > 0, 1.05 otherwise
+    out = core.surrogate(T([[1.5, 0.5]]), T([[0.0, 0.0]]), T([[1.0, -1.0]]), "sapo")
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [-4 * sig(0.5), 4 / 1.05 * sig(1.05 * -0.5)]
+    torch.testing.assert_close(out, T([expected]))
+
+
+def test_step_token_mean_and_clip_fractions():
+    loss = T([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    # the token sum over this micro-batch / the rollout's mean tokens per micro-batch (5)
+    assert core.aggregate(loss, mask, "step_token_mean", tokens=5.0).item() == \
+        pytest.approx(10 / 5)
+    with pytest.raises(ValueError, match="tokens per micro-batch"):
+        core.aggregate(loss, mask, "step_token_mean")
+    logps = torch.log(T([[1.5, 0.5, 1.5, 0.5]]))
+    _, stats = core.policy_loss(logps, torch.zeros(1, 4), T([[1.0, 1.0, -1.0, -1.0]]),
+                                torch.ones(1, 4), clip=0.2, clip_high=0.6)
+    # high: r 1.5 > 1.6? no; low: r 0.5 < 0.8 with A < 0: the last token
+    assert stats["clipfrac_high"].item() == 0.0
+    assert stats["clipfrac_low"].item() == pytest.approx(1 / 4)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile():
+    entropy = T([[0.1, 0.9, 0.5, 7.0], [0.3, 0.7, 0.0, 0.0]])
+    mask = T([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    # real entropies 0.1 0.9 0.5 0.3 0.7: the 0.6 quantile is 0.58 -> keep 0.9 and 0.7
+    keep = core.high_entropy_mask(entropy, mask, 0.4)
+    assert keep.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_dynamic_sampling_replaces_uninformative_groups_in_order():
+    from rlhf_ext.ppo.rollout import Sampled, dynamic_sampling
+
+    def sampled(tag: str, scores: list[float]) -> Sampled:
+        n = len(scores)
+        return Sampled([{"prompt": f"{tag}{i // 2}"} for i in range(n)], [tag] * n,
+                       [f"{tag}{i}" for i in range(n)], [[i] for i in range(n)], [True] * n,
+                       T(scores)[:, None], T(scores), T(scores))
+
+    first = sampled("a", [1, 1, 0, 1, 2, 2])  # groups of 2: a0 and a2 say nothing
+    calls = []
+
+    def more(n_groups: int, round_: int) -> Sampled:
+        calls.append((n_groups, round_))
+        # round 1: one informative group (b1) of two; round 2: the informative c0
+        return sampled("b", [3, 3, 0, 5]) if round_ == 1 else sampled("c", [1, 0])
+
+    out, live = dynamic_sampling(first, more, group=2, max_rounds=3)
+    assert calls == [(2, 1), (1, 2)]
+    assert [r["prompt"] for r in out.rows] == ["b1", "b1", "a1", "a1", "c0", "c0"]
+    assert out.scores.tolist() == [0, 5, 0, 1, 1, 0] and live.all()
+    # out of rounds: the group that stays uninformative takes no loss
+    out, live = dynamic_sampling(first, lambda n, r: sampled("d", [4, 4] * n), 2, 1)
+    assert live.tolist() == [False, False, True, True, False, False]
