@@ -203,7 +203,8 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
         if positions is not None and len(ids) + response_length > positions:
             raise DataError(f"{where}: {len(ids)} tokens plus "
                             f"response_length={response_length} exceed the model's {positions} "
-                            "positions. Shorten or drop the prompt, or lower response_length.")
+                            "positions. Shorten or drop the prompt, or lower response_length "
+                            "(max_completion_length in GRPOConfig and RLOOConfig).")
 
 
 def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None,
