@@ -22,8 +22,9 @@ PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")
 EPILOGUES = {
     "getting-started.md": ("{'steps': trainer.state.global_step}", {"steps": 4}),
     "preference.md": ("{'steps': trainer.state.global_step}", {"steps": 2}),
-    "trl.md": ("{'steps': dpo.state.global_step, 'ld_alpha': dpo.args.ld_alpha}",
-               {"steps": 2, "ld_alpha": 0.5}),
+    "trl.md": ("{'steps': dpo.state.global_step, 'ld_alpha': dpo.args.ld_alpha, "
+               "'grpo': grpo.state.global_step, 'loss': grpo.args.loss_aggregation}",
+               {"steps": 2, "ld_alpha": 0.5, "grpo": 2, "loss": "step_token_mean"}),
     "reward.md": ("{'steps': reward.state.global_step}", {"steps": 4}),
     "online-rl.md": ("{'ppo': ppo.state.global_step, 'grpo': grpo.state.global_step, "
                      "'value': ppo.value_model is not None, 'grpo_value': grpo.value_model}",
