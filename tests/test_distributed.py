@@ -169,16 +169,21 @@ def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
 
 def test_grpo_two_processes(world_dir, tmp_path):
     """A critic-free estimator on two processes: each samples its own groups (4 samples of
-    2 prompts), both train one policy, no value model exists."""
+    2 prompts), both train one policy, no value model exists; the statistics that span
+    processes are gathered on both, in the same order (a mismatch hangs or fails)."""
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
         "--config", "recipes/tiny/grpo_oracle.yaml", "--tiny_world_dir", str(world_dir),
         "--model_name_or_path", str(world_dir / "base"),
         "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
         "--rollout_batch_size", "8", "--per_device_train_batch_size", "4",
-        "--logging_steps", "1", "--tiny_eval_prompts", "0", "--num_sample_generations", "0"],
-        "ddp")
+        "--logging_steps", "1", "--tiny_eval_prompts", "0", "--num_sample_generations", "0",
+        # the knobs that reduce over processes: DAPO's token count, the batch std, the
+        # entropy quantile
+        "--loss_aggregation", "step_token_mean", "--scale_rewards", "batch",
+        "--top_entropy_quantile", "0.5"], "ddp")
     assert_two_processes(summary, "DistributedDataParallel")
     assert len(losses(summary)) == 4  # 2 iterations x (8 samples / minibatches of 4)
     logged = {k for h in summary["log_history"] for k in h}
     assert "loss/kl_avg" in logged and "loss/value_avg" not in logged
+    assert {"reward", "reward_std", "frac_reward_zero_std"} <= logged
     assert not (tmp_path / "value_model").exists()
