@@ -24,6 +24,12 @@ from ..data import as_replies
 Scorer = Callable[..., list]
 
 
+def completion_text(completion) -> str:
+    """A completion's text: itself, or the content of its last message when it comes as a
+    list of messages (after chat prompts)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def function_name(func) -> str:
     """The name a reward function is logged under (TRL's: a model's path tail)."""
     if isinstance(func, nn.Module):

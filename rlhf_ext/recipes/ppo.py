@@ -19,6 +19,7 @@ from rlhf_ext.heads import ValueModel
 from rlhf_ext.launch import RecipeArguments, finish_run, run_main
 from rlhf_ext.models import load_causal_lm
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
+from rlhf_ext.ppo.reward_funcs import completion_text
 from rlhf_ext.reward import adapter_base, load_reward_model
 
 
@@ -26,8 +27,10 @@ from rlhf_ext.reward import adapter_base, load_reward_model
 class PPOModelArguments:
     reward: str = field(default="model", metadata={
         "help": "'model' (reward_model_path), 'oracle' (the tiny world's scorer) or a reward "
-                "function 'module:function' taking (prompts, completions) -> list of floats, "
-                "e.g. rlhf_ext.worlds.smollm2:vader_reward."})
+                "function 'module:function' taking (prompts, completions) -> list of floats "
+                "(TRL's reward-function arguments; after chat prompts each completion is a "
+                "list holding the assistant message), e.g. "
+                "rlhf_ext.worlds.smollm2:vader_reward."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "A RewardModel saved by recipes/reward.py."})
     value_model_path: str | None = field(default=None, metadata={
@@ -64,7 +67,8 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
     elif ppo_args.reward == "oracle":
         from rlhf_ext.worlds.tiny import oracle_score
 
-        reward, reward_tokenizer = (lambda p, c: [oracle_score(x) for x in c]), None
+        reward, reward_tokenizer = (lambda p, c: [oracle_score(completion_text(x))
+                                                  for x in c]), None
     elif ppo_args.reward == "model":
         if ppo_args.reward_model_path is None:
             raise ValueError("reward: model needs --reward_model_path (or use --reward oracle)")

@@ -19,6 +19,9 @@ def vader_scores(texts: list[str]) -> list[float]:
     return [_vader().polarity_scores(t)["compound"] for t in texts]
 
 
-def vader_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """A PPO ``reward_fn``: the completion's VADER compound score."""
-    return vader_scores(completions)
+def vader_reward(prompts: list, completions: list) -> list[float]:
+    """A reward function: the completion's VADER compound score. Completions come as
+    text, or after chat prompts as TRL passes them, a list holding the assistant message."""
+    from ...ppo.reward_funcs import completion_text
+
+    return vader_scores([completion_text(c) for c in completions])
