@@ -60,7 +60,7 @@ def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int,
     data = Dataset.from_dict({"prompt": prompts[: 8 // g]})
     settings = dict(COMMON, per_device_train_batch_size=per_device,
                     gradient_accumulation_steps=ga, num_generations=g, **kwargs)
-    params, logs = {}, {}
+    params, logs, second = {}, {}, {}
     for side, module in (("trl", trl), ("ours", rlhf_ext)):
         config = getattr(module, f"{kind}Config")
         trainer_cls = getattr(module, f"{kind}Trainer")
@@ -73,12 +73,17 @@ def run_both(setup, monkeypatch, tmp_path, kind: str, ga: int,
         model = trainer.policy if side == "ours" else trainer.model
         params[side] = {k: v.detach().clone() for k, v in model.named_parameters()}
         logs[side] = trainer.state.log_history[0]
+        second[side] = trainer.state.log_history[1]
         assert trainer.state.global_step == settings["max_steps"]
     start = build_model("tiny", tok, seed=0).state_dict()
     moved = max((params["trl"][k] - start[k]).abs().max().item() for k in params["trl"])
     assert moved > 1e-2  # the steps did something
     worst = max((params["trl"][k] - params["ours"][k]).abs().max().item() for k in params["trl"])
     assert worst < 2e-6, (worst, moved)
+    # the second step's logged KL and clip share (the policy has moved by then)
+    for key in ("kl", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+        if key in second["trl"]:
+            assert second["ours"][key] == pytest.approx(second["trl"][key], rel=1e-4, abs=1e-6), key
     return logs
 
 

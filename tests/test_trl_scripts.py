@@ -73,7 +73,9 @@ trainer = ORPOTrainer(model=POLICY, args=args, train_dataset=preference_pairs(8,
 ONLINE = ("learning_rate=0.0, max_steps=1, per_device_train_batch_size=8, logging_steps=1, "
           "report_to='none', use_cpu=True, bf16=False, gradient_checkpointing=False, "
           "save_strategy='no', disable_tqdm=True, max_completion_length=8, output_dir=OUT")
-REWARDS = ("reward", "reward_std", "frac_reward_zero_std", "loss", "grad_norm")
+REWARDS = ("reward", "reward_std", "frac_reward_zero_std", "loss", "grad_norm",
+           "completions/mean_length", "completions/clipped_ratio",
+           "completions/mean_terminated_length", "clip_ratio/region_mean")
 # TRL's GRPO and RLOO documentation: a reward function over completions, a dataset
 # column as ground truth, a multi-task mix where each function scores its own rows
 SCRIPTS.update({
@@ -124,7 +126,8 @@ def reward_num_unique_chars(completions, **kwargs):
 trainer = RLOOTrainer(model=POLICY, reward_funcs=reward_num_unique_chars,
                       args=RLOOConfig(num_generations=4, {ONLINE}),
                       train_dataset=prompt_dataset(2, seed=4), processing_class=TOK)
-""", ("reward", "reward_std", "rewards/reward_num_unique_chars/mean", "grad_norm")),
+""", ("reward", "reward_std", "rewards/reward_num_unique_chars/mean", "grad_norm", "kl",
+      "completions/mean_length", "clip_ratio/region_mean")),
 })
 
 

@@ -331,8 +331,9 @@ def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tens
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``surrogate`` of the importance ratio exp(``importance_log_weights``) per token,
     times ``token_weights`` (e.g. the high-entropy mask), aggregated (``aggregate``).
-    Shapes: [B, T] each -> (loss, stats: clip fractions low/high/region, approxkl, ratio,
-    as token means)."""
+    Shapes: [B, T] each -> (loss, stats: clip fractions low/high/region (shares of
+    tokens, or of sequences for a sequence-level ratio), approxkl and ratio as token
+    means)."""
     log_weights = importance_log_weights(logps, old_logps, mask, level)
     ratio = torch.exp(log_weights)
     per_token = surrogate(ratio, logps, advantages, kind, clip, clip_high, dual_clip,
@@ -342,15 +343,16 @@ def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tens
     loss = aggregate(per_token, mask, aggregation, horizon, tokens)
     with torch.no_grad():
         high = clip if clip_high is None else clip_high
-        r = ratio.expand_as(mask)
-        low_clipped = ((r < 1 - clip) & (advantages < 0)).float()
-        high_clipped = ((r > 1 + high) & (advantages > 0)).float()
+        # per token, or with one ratio per sequence per sequence (its first token's advantage)
+        adv = advantages if ratio.shape[1] == mask.shape[1] else advantages[:, :1]
+        low_clipped = ((ratio < 1 - clip) & (adv < 0)).float()
+        high_clipped = ((ratio > 1 + high) & (adv > 0)).float()
+        share = (lambda x: masked_mean(x, mask)) if adv is advantages else torch.mean
         log_ratio = logps - old_logps
-        stats = {"clipfrac": masked_mean(low_clipped + high_clipped, mask),
-                 "clipfrac_low": masked_mean(low_clipped, mask),
-                 "clipfrac_high": masked_mean(high_clipped, mask),
+        stats = {"clipfrac": share(low_clipped + high_clipped),
+                 "clipfrac_low": share(low_clipped), "clipfrac_high": share(high_clipped),
                  "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
-                 "ratio": masked_mean(r, mask)}
+                 "ratio": masked_mean(ratio.expand_as(mask), mask)}
     return loss, stats
 
 

@@ -359,6 +359,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                "response_length": mask.sum(1).mean().item()}
     if has_kl:  # means over every process's rollout (the KL controller reads objective/kl)
         non_score = (-kl_coef * kl).sum(1)
+        if not args.kl_loss_coef:  # TRL's RLOO name: the token mean (a KL loss logs its own)
+            metrics["kl"] = core.masked_mean(kl, mask).item()
         metrics.update({"objective/kl": kl.sum(1).mean().item(),
                         "objective/non_score_reward": non_score.mean().item(),
                         "objective/rlhf_reward": torch.nanmean(scores + non_score).item()})
@@ -366,6 +368,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         metrics["objective/entropy"] = core.masked_mean(scored.entropy, mask).item()
     metrics = {k: _mean_over_processes(v, gather, device) for k, v in metrics.items()}
     metrics.update(_score_metrics(sampled, every, group, reward_names, device))
+    metrics.update(_length_metrics(every(mask.sum(1)), every(finished)))
 
     loss_mask = mask * live.to(device)[:, None]
     if args.mask_truncated_completions:
@@ -387,6 +390,22 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         experience.update(old_values=scored.values, returns=returns)
     return RolloutResult(experience, metrics, prompts, sampled.completions,
                          sampled.total.tolist())
+
+
+def _length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:
+    """TRL's completion-length metrics over every process's responses (tokens, eos
+    included): all, and those that ended with eos ("terminated"); the clipped ratio is
+    the share cut at response_length."""
+    lengths = lengths.float()
+    ended = lengths[finished.bool()]
+    ended = ended if ended.numel() else torch.zeros(1, device=lengths.device)
+    return {"completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": 1 - finished.float().mean().item(),
+            "completions/mean_terminated_length": ended.mean().item(),
+            "completions/min_terminated_length": ended.min().item(),
+            "completions/max_terminated_length": ended.max().item()}
 
 
 def _score_metrics(sampled: Sampled, every: Callable[[Tensor], Tensor], group: int,

@@ -353,6 +353,7 @@ class PPOTrainer(CheckedTraining, Trainer):
                                  "policy/clipfrac_avg": pg["clipfrac"],
                                  "clip_ratio/low_mean": pg["clipfrac_low"],
                                  "clip_ratio/high_mean": pg["clipfrac_high"],
+                                 "clip_ratio/region_mean": pg["clipfrac"],
                                  "val/ratio": pg["ratio"], "loss/policy_avg": pg_loss}
         if values is not None:
             vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
@@ -368,6 +369,7 @@ class PPOTrainer(CheckedTraining, Trainer):
                                      tokens)
             loss = loss + args.kl_loss_coef * kl_loss
             logged["loss/kl_avg"] = kl_loss
+            logged["kl"] = core.masked_mean(kl, mask)  # TRL's: the token mean
         if args.entropy_coef:
             entropy_loss = core.masked_mean(entropy, mask if keep is None else mask * keep)
             loss = loss - args.entropy_coef * entropy_loss
