@@ -10,14 +10,14 @@ from transformers import TrainingArguments
 from . import losses as L
 from .config_fields import DataFields, pad_multiple
 from .run_record import ResumeFields
-from .trainer_utils import check_finite_fields
+from .trainer_utils import DevicePrecision, check_finite_fields
 
 
 @dataclass
-class PreferenceConfig(ResumeFields, DataFields, TrainingArguments):
+class PreferenceConfig(DevicePrecision, ResumeFields, DataFields, TrainingArguments):
     """TrainingArguments plus the preference-loss fields, under TRL DPOConfig's names and
     defaults (learning rate 1e-6, a log every 10 steps). The defaults that differ on purpose
-    (bf16 off, beta the loss's own, padding-free on under sdpa, ...) are listed in
+    (bf16 off on a CPU, beta the loss's own, padding-free on under sdpa, ...) are listed in
     docs/trl.md, "What differs from TRL"."""
 
     # not a field: True where the completions are the policy's own samples (online DPO),

@@ -56,6 +56,7 @@ from .models import (
 from .run_record import ResumeFields
 from .trainer_utils import (
     CheckedTraining,
+    DevicePrecision,
     add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
@@ -64,9 +65,9 @@ from .trainer_utils import (
 
 
 @dataclass
-class RewardConfig(ResumeFields, DataFields, TrainingArguments):
+class RewardConfig(DevicePrecision, ResumeFields, DataFields, TrainingArguments):
     """TrainingArguments plus TRL RewardConfig's fields, with its defaults (learning rate
-    1e-4, a log every 10 steps, gradient checkpointing; bf16 off, see docs/trl.md)."""
+    1e-4, a log every 10 steps, gradient checkpointing; bf16 off on a CPU, see docs/trl.md)."""
 
     learning_rate: float = field(default=1e-4, metadata={
         "help": "Initial AdamW learning rate (TRL RewardConfig's default, 1e-4)."})

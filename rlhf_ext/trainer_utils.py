@@ -5,6 +5,7 @@ newest complete checkpoint (``CheckedTraining``, mixed into every trainer)."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 
 def add_averaged_metrics(metrics: dict[str, dict[str, list]], logs: dict) -> None:
@@ -68,9 +69,60 @@ def check_finite_weights(model, output_dir: str) -> None:
 
 def start_run(args) -> None:
     """What every trainer does first with its arguments, before loading anything: keep the
-    hub token out of them and check that ``output_dir`` can be written."""
+    hub token out of them, refuse transformers' DataParallel fallback, and check that
+    ``output_dir`` can be written."""
     keep_token_out_of_args(args)
+    refuse_data_parallel(args.n_gpu)
     check_output_dir(args.output_dir)
+
+
+def refuse_data_parallel(n_gpu: int) -> None:
+    """A script run without a launcher on a machine with several GPUs makes the Trainer
+    wrap the model in ``nn.DataParallel``, which splits each batch's rows over the GPUs but
+    copies the rest of the inputs whole (the packed span layouts, the prompt width): wrong
+    results or a crash. Refused, with the two ways that work."""
+    if n_gpu > 1:
+        raise ValueError(f"this process sees {n_gpu} GPUs without a distributed launcher, so "
+                         "the Trainer would fall back to nn.DataParallel, which rlhf_ext does "
+                         "not support: launch with `accelerate launch --num_processes "
+                         f"{n_gpu} ...` (or torchrun), or make one GPU visible "
+                         "(CUDA_VISIBLE_DEVICES=0)")
+
+
+def device_precision(use_cpu: bool, fp16: bool, cuda: bool, bf16_supported: bool,
+                     capability: tuple[int, int] | None) -> tuple[bool, bool | None]:
+    """The defaults of ``bf16`` and ``tf32`` when left at None: bf16 on a CUDA device that
+    supports it (unless fp16 or use_cpu), off on a CPU (where bf16 is far slower without
+    AVX512-BF16, and results would differ between CPUs); TF32 matmuls on Ampere and newer
+    GPUs (compute capability >= 8), else left as PyTorch has it (None). -> (bf16, tf32)."""
+    on_gpu = cuda and not use_cpu
+    bf16 = on_gpu and bf16_supported and not fp16
+    tf32 = True if on_gpu and capability is not None and capability[0] >= 8 else None
+    return bf16, tf32
+
+
+@dataclass
+class DevicePrecision:
+    """Mixed into the package's configs: ``bf16`` and ``tf32`` default to None, resolved by
+    ``device_precision`` for the machine the run is on."""
+
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; None: on with a CUDA GPU that supports it, off on CPU."})
+    tf32: bool | None = field(default=None, metadata={
+        "help": "TF32 matmuls; None: on with an Ampere or newer GPU, else PyTorch's setting."})
+
+    def __post_init__(self):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        bf16, tf32 = device_precision(
+            self.use_cpu, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported(),
+            torch.cuda.get_device_capability() if cuda else None)
+        if self.bf16 is None:
+            self.bf16 = bf16
+        if self.tf32 is None:
+            self.tf32 = tf32
+        super().__post_init__()
 
 
 def nearest_existing(path: str) -> str:

@@ -498,3 +498,32 @@ trainer.train()
     assert "SaveError: saving to" in proc.stderr and "checkpoint-1 failed" in proc.stderr
     assert "Free space there:" in proc.stderr and "resume: the cut checkpoint is skipped" in \
         proc.stderr
+
+
+def test_several_gpus_without_a_launcher_are_refused_before_loading(policy_dir, tok, tmp_path,
+                                                                      monkeypatch):
+    """transformers falls back to nn.DataParallel when one process sees several GPUs; it
+    splits the rows of a batch but copies the span layouts whole. No GPU here: the count
+    the Trainer reads is set to 2."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    args = PreferenceConfig(output_dir=str(tmp_path), max_steps=1, **BASE)
+    with pytest.raises(ValueError, match="nn.DataParallel.*accelerate launch --num_processes 2"):
+        PreferenceTrainer(str(policy_dir), args=args, train_dataset=preference_pairs(4),
+                          processing_class=tok)
+    assert not any(tmp_path.iterdir())
+
+
+def test_precision_defaults_follow_the_device():
+    from rlhf_ext.trainer_utils import device_precision
+
+    # (use_cpu, fp16, cuda, bf16_supported, capability) -> (bf16, tf32)
+    assert device_precision(False, False, True, True, (9, 0)) == (True, True)    # H100
+    assert device_precision(False, False, True, False, (7, 0)) == (False, None)  # V100
+    assert device_precision(False, True, True, True, (8, 0)) == (False, True)    # fp16 asked
+    assert device_precision(True, False, True, True, (8, 0)) == (False, None)    # use_cpu
+    assert device_precision(False, False, False, False, None) == (False, None)   # a CPU
+    args = PPOConfig(output_dir="x", **BASE)
+    assert args.bf16 is False and args.tf32 is None  # here: a CPU
+    assert PPOConfig(output_dir="x", bf16=True, **BASE).bf16  # an explicit value stays

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..run_record import ResumeFields
-from ..trainer_utils import check_finite_fields
+from ..trainer_utils import DevicePrecision, check_finite_fields
 from . import core
 
 
 @dataclass
-class PPOConfig(ResumeFields, TrainingArguments):
+class PPOConfig(DevicePrecision, ResumeFields, TrainingArguments):
     """TrainingArguments plus PPO's fields (TRL PPOConfig's names where they exist)."""
 
     rollout_batch_size: int = field(default=64, metadata={

@@ -1,8 +1,8 @@
 """TRL's online trainers by their names: ``GRPOConfig``/``GRPOTrainer`` and
 ``RLOOConfig``/``RLOOTrainer`` are presets of the one online trainer (``PPOTrainer``).
 
-The configs carry every field of TRL 1.16's, with TRL's defaults (bf16 aside: off, as in
-all our configs), and translate them into ``PPOConfig``'s: ``max_completion_length`` is
+The configs carry every field of TRL 1.16's, with TRL's defaults (bf16 aside: off on a CPU,
+as in all our configs), and translate them into ``PPOConfig``'s: ``max_completion_length`` is
 ``response_length``, ``epsilon`` ``cliprange``, ``num_iterations`` ``num_ppo_epochs``,
 ``steps_per_generation`` micro-batches make one rollout, ``num_train_epochs`` counts
 passes over the prompts, GRPO's ``beta`` is the weight of a k3 KL loss term, RLOO's the
