@@ -302,3 +302,12 @@ def test_dynamic_sampling_replaces_uninformative_groups_in_order():
     # out of rounds: the group that stays uninformative takes no loss
     out, live = dynamic_sampling(first, lambda n, r: sampled("d", [4, 4] * n), 2, 1)
     assert live.tolist() == [False, False, True, True, False, False]
+
+
+def test_loss_mask_drops_dead_groups_and_optionally_truncated_responses():
+    mask = T([[1.0, 1, 0], [1, 1, 1], [1, 0, 0]])
+    live, finished = T([1.0, 1, 0]), T([1.0, 0, 1])
+    torch.testing.assert_close(core.loss_mask(mask, live, finished, False),
+                               T([[1.0, 1, 0], [1, 1, 1], [0, 0, 0]]))
+    torch.testing.assert_close(core.loss_mask(mask, live, finished, True),
+                               T([[1.0, 1, 0], [0, 0, 0], [0, 0, 0]]))

@@ -186,6 +186,16 @@ def whiten_scores(x: Tensor, all_x: Tensor | None = None) -> Tensor:
     return (x - torch.nanmean(ref)) / (nanstd(ref) + 1e-4)
 
 
+def loss_mask(response_mask: Tensor, live: Tensor, finished: Tensor,
+              mask_truncated: bool) -> Tensor:
+    """Which response tokens take loss: the real ones, of rows still ``live`` (dynamic
+    sampling), and with ``mask_truncated`` only of responses that ended with eos (DAPO's
+    overlong filtering: a cut response is not penalised for being cut).
+    [B, T], [B], [B] -> [B, T]."""
+    keep = live.bool() & (finished.bool() if mask_truncated else torch.ones_like(live).bool())
+    return response_mask * keep[:, None].to(response_mask.dtype)
+
+
 def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     """DAPO's dynamic sampling test (Yu et al. 2025): True for groups whose scores are not
     all equal (a group of equal scores has zero advantage everywhere and only dilutes the

@@ -370,9 +370,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     metrics.update(_score_metrics(sampled, every, group, reward_names, device))
     metrics.update(_length_metrics(every(mask.sum(1)), every(finished)))
 
-    loss_mask = mask * live.to(device)[:, None]
-    if args.mask_truncated_completions:
-        loss_mask = loss_mask * finished[:, None]
+    loss_mask = core.loss_mask(mask, live.to(device), finished,
+                               args.mask_truncated_completions)
     experience = {
         "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
         "position_ids": batch.position_ids, "response_mask": mask, "loss_mask": loss_mask,
