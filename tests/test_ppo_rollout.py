@@ -76,8 +76,8 @@ def rollout_memory_and_scoring(tmp_path):
         results[batch] = rollout(
             policy=policy, reference=lambda b: response_logps(ref, b, args.temperature),
             value_model=value, tokenizer=tok, rows=[{"prompt": p} for p in prompts],
-            score=lambda p, c, ids, cols: (torch.tensor([[float(len(x))] for x in c]),
-                                           torch.tensor([float(len(x)) for x in c])),
+            score=lambda rows, c, ids: (torch.tensor([[float(len(x))] for x in c]),
+                                        torch.tensor([float(len(x)) for x in c])),
             args=args, kl_coef=0.1, moments=None, seed=0)
 
     run(CHUNK)  # warm-up: first-call allocations

@@ -80,11 +80,12 @@ class RewardFunctions:
     (NaN where a function returned None) and the weighted sum [B] (NaN where every
     function returned None: no score, no advantage)."""
 
-    def __init__(self, funcs: list[Scorer], names: list[str], weights: list[float] | None):
+    def __init__(self, funcs: list[Scorer], names: list[str], weights: list[float] | None,
+                 modules: list[nn.Module] = ()):
         if weights is not None and len(weights) != len(funcs):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward "
                              "functions: give one weight per function")
-        self.funcs, self.names = funcs, names
+        self.funcs, self.names, self.modules = funcs, names, list(modules)
         self.weights = torch.tensor(weights if weights is not None else [1.0] * len(funcs))
 
     def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]],
@@ -99,6 +100,57 @@ class RewardFunctions:
         total = (per_func * self.weights).nansum(1)
         total[torch.isnan(per_func).all(1)] = math.nan
         return per_func, total
+
+    def score_rows(self, rows: list[dict], completions: list[str],
+                   completion_ids: list[list[int]], trainer_state=None) -> tuple[Tensor, Tensor]:
+        """The same, from dataset rows: "prompt" and the columns the functions read."""
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        return self([r["prompt"] for r in rows], completions, completion_ids, columns,
+                    trainer_state)
+
+
+def build_reward_functions(reward, reward_tokenizer, tokenizer, args, dtype
+                           ) -> RewardFunctions:
+    """``reward`` (one or a list: callables, reward models, paths to reward models) as
+    one ``RewardFunctions``, each model checked and frozen, with ``args.reward_weights``.
+    ``reward_tokenizer``: one tokenizer, or one per function (None: the policy's)."""
+    from ..heads import check_scalar_head
+    from ..models import disable_dropout, keep_4bit_differentiable
+    from ..reward import tokenizer_mismatch
+
+    funcs = list(reward) if isinstance(reward, (list, tuple)) else [reward]
+    tokenizers = (list(reward_tokenizer) if isinstance(reward_tokenizer, (list, tuple))
+                  else [reward_tokenizer] * len(funcs))
+    scorers, names, modules = [], [], []
+    for func, tok in zip(funcs, tokenizers):
+        if isinstance(func, str):  # a reward model's path, as TRL takes it
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            tok = tok or AutoTokenizer.from_pretrained(func)
+            func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1,
+                                                                      dtype=dtype)
+        names.append(function_name(func))
+        if not isinstance(func, nn.Module):
+            scorers.append(func)
+            continue
+        check_scalar_head(func)
+        keep_4bit_differentiable(func)
+        func.eval().requires_grad_(False)
+        if args.disable_dropout:
+            disable_dropout(func)
+        problem = None if tok else tokenizer_mismatch(func, tokenizer)
+        if problem:
+            raise ValueError(f"the reward model cannot read the policy's tokens: {problem}. "
+                             "Pass its own tokenizer as reward_tokenizer= (the PPO recipe "
+                             "loads it from --reward_model_path); completions are "
+                             "re-tokenized with it before scoring.")
+        tok = tok or tokenizer
+        config = getattr(func, "config", None)
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tok.pad_token_id  # a sequence classifier pools by it
+        modules.append(func)
+        scorers.append(reward_model_scorer(func, tok, args.local_rollout_forward_batch_size))
+    return RewardFunctions(scorers, names, args.reward_weights, modules)
 
 
 def reward_model_scorer(model, tokenizer, batch_size: int) -> Scorer:

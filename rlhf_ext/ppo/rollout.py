@@ -214,8 +214,8 @@ def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None
     return reduce(torch.tensor([value], device=device)).mean().item()
 
 
-# (prompts, completions, completion_ids, columns) -> (per-function scores [B, F], total [B])
-ScoreFn = Callable[[list, list[str], list[list[int]], dict], tuple[Tensor, Tensor]]
+# (dataset rows, completions, completion_ids) -> (per-function scores [B, F], total [B])
+ScoreFn = Callable[[list[dict], list[str], list[list[int]]], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -250,9 +250,7 @@ def sample_and_score(policy, tokenizer, rows: list[dict], score: ScoreFn, args, 
         policy, tokenizer, texts, max_new_tokens=args.response_length,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.local_rollout_forward_batch_size, seed=seed)
-    prompts = [r["prompt"] for r in rows]
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    per_func, total = score(prompts, sampled.texts, sampled.ids, columns)
+    per_func, total = score(rows, sampled.texts, sampled.ids)
     scores = core.penalize_missing_eos(total, torch.tensor(sampled.finished),
                                        args.missing_eos_penalty)
     scores = core.clip_scores(scores, args.score_bounds)
@@ -326,7 +324,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
 
     scores = sampled.scores.to(device)
     finished = torch.tensor(sampled.finished, device=device)
-    every = (lambda x: gather(x)) if gather is not None else (lambda x: x)
+    every = gather or (lambda x: x)
     if moments is not None:
         moments.update(every(scores))
         scores = moments.normalize(scores)

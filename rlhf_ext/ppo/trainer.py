@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..data import validate_prompt_dataset
-from ..heads import RewardModel, ValueModel, check_scalar_head
+from ..heads import RewardModel, ValueModel
 from ..hub import trainer_model_card
 from ..models import (
     adapters_disabled,
@@ -35,7 +35,6 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
-from ..reward import tokenizer_mismatch
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -47,7 +46,7 @@ from . import core
 from .config import PPOConfig
 from .experience import ExperienceLoader
 from .policy_value import PolicyValueHead
-from .reward_funcs import RewardFunctions, function_name, reward_model_scorer
+from .reward_funcs import build_reward_functions
 from .rollout import (
     Batch,
     check_prompts_fit_model,
@@ -178,9 +177,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
-        self.rewards = self._reward_functions(reward, reward_tokenizer, processing_class, args,
+        self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
                                               model.dtype)
-        self.reward_model = next((f for f in self.reward_modules), None)
+        self.reward_model = next(iter(self.rewards.modules), None)
         self.policy, self.value_model = model, value_model
         self.dataset = train_dataset
         self.kl_ctl = (core.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
@@ -192,59 +191,12 @@ class PPOTrainer(CheckedTraining, Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        for m in (self.ref_model, *self.reward_modules):
+        for m in (self.ref_model, *self.rewards.modules):
             if m is not None:
                 m.to(self.args.device)
         # the rewards of two tiny completions now, not after the first rollout's sampling
         first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
-        self._score(first, ["ok"] * len(first), [[0]] * len(first))
-
-    def _reward_functions(self, reward, reward_tokenizer, tokenizer, args, dtype
-                          ) -> RewardFunctions:
-        """``reward`` (one or a list: callables, reward models, paths to reward models) as
-        one ``RewardFunctions``, each model checked and frozen, with ``args.reward_weights``.
-        ``reward_tokenizer``: one tokenizer, or one per function (None: the policy's)."""
-        funcs = list(reward) if isinstance(reward, (list, tuple)) else [reward]
-        tokenizers = (list(reward_tokenizer) if isinstance(reward_tokenizer, (list, tuple))
-                      else [reward_tokenizer] * len(funcs))
-        scorers, names, self.reward_modules = [], [], []
-        for func, tok in zip(funcs, tokenizers):
-            if isinstance(func, str):  # a reward model's path, as TRL takes it
-                from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-                tok = tok or AutoTokenizer.from_pretrained(func)
-                func = AutoModelForSequenceClassification.from_pretrained(
-                    func, num_labels=1, dtype=dtype)
-            names.append(function_name(func))
-            if not isinstance(func, nn.Module):
-                scorers.append(func)
-                continue
-            check_scalar_head(func)
-            keep_4bit_differentiable(func)
-            func.eval().requires_grad_(False)
-            if args.disable_dropout:
-                disable_dropout(func)
-            problem = None if tok else tokenizer_mismatch(func, tokenizer)
-            if problem:
-                raise ValueError(f"the reward model cannot read the policy's tokens: {problem}. "
-                                 "Pass its own tokenizer as reward_tokenizer= (the PPO recipe "
-                                 "loads it from --reward_model_path); completions are "
-                                 "re-tokenized with it before scoring.")
-            tok = tok or tokenizer
-            config = getattr(func, "config", None)
-            if config is not None and getattr(config, "pad_token_id", None) is None:
-                config.pad_token_id = tok.pad_token_id  # a sequence classifier pools by it
-            self.reward_modules.append(func)
-            scorers.append(reward_model_scorer(func, tok, args.local_rollout_forward_batch_size))
-        return RewardFunctions(scorers, names, args.reward_weights)
-
-    def _score(self, rows: list[dict], completions: list[str], completion_ids: list[list[int]],
-               columns: dict | None = None):
-        prompts = [r["prompt"] for r in rows]
-        if columns is None:
-            columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-        return self.rewards(prompts, completions, completion_ids, columns,
-                            getattr(self, "state", None))
+        self.rewards.score_rows(first, ["ok"] * len(first), [[0]] * len(first), self.state)
 
     # -----------------------------------------------------------------------------------
     # experience
@@ -298,8 +250,8 @@ class PPOTrainer(CheckedTraining, Trainer):
             reference = self._reference_logps if self.args.needs_reference else None
             result = rollout(policy=self.policy, reference=reference,
                              value_model=self.value_model, tokenizer=self.processing_class,
-                             rows=rows, score=lambda p, c, ids, cols: self.rewards(
-                                 p, c, ids, cols, self.state),
+                             rows=rows, score=lambda r, c, ids: self.rewards.score_rows(
+                                 r, c, ids, self.state),
                              args=self.args, kl_coef=self.kl_ctl.value, moments=self.moments,
                              seed=self.args.seed * 1000 + epoch, gather=gather,
                              more_rows=lambda n, r: self._more_rows(epoch, n, r),
