@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ext.ppo import core
+from rlhf_ext.ppo import controllers, core
 
 T = torch.tensor
 
@@ -90,15 +90,15 @@ def test_value_loss_clipping_cases():
 
 
 def test_adaptive_kl_controller_one_update():
-    ctl = core.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = controllers.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(current_kl=9.0, n_steps=256)  # error = clip(9/6 - 1, +-0.2) = 0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
     ctl.update(current_kl=5.4, n_steps=100)  # error = -0.1
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000) * (1 - 0.1 * 100 / 10000))
-    restored = core.AdaptiveKLController(1.0, 1.0, 1)
+    restored = controllers.AdaptiveKLController(1.0, 1.0, 1)
     restored.load_state_dict(ctl.state_dict())
     assert restored == ctl
-    fixed = core.FixedKLController(0.05)
+    fixed = controllers.FixedKLController(0.05)
     fixed.update(100.0, 10)
     assert fixed.value == 0.05
 
@@ -108,7 +108,7 @@ def test_masked_whiten_and_running_moments():
     mask = T([[1.0, 1, 1, 0]])
     w = core.masked_whiten(x, mask)
     torch.testing.assert_close(w, T([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=1e-4)  # var 1
-    m = core.RunningMoments()
+    m = controllers.RunningMoments()
     m.update(T([1.0, 3.0]))
     m.update(T([5.0, 7.0]))
     assert m.mean == pytest.approx(4.0) and m.var == pytest.approx(5.0)  # population var

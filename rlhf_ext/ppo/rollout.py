@@ -18,6 +18,7 @@ from ..logps import attention_implementation, final_hidden, head_logps, output_h
 from ..sampling import generate_completions
 from ..shared_prefix import attention_inputs
 from . import core
+from .controllers import RunningMoments
 from .policy_value import PolicyValueHead
 
 
@@ -288,7 +289,7 @@ def _concat(parts: list[Sampled]) -> Sampled:
 @torch.no_grad()
 def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokenizer,
             rows: list[dict], score: ScoreFn, args, kl_coef: float,
-            moments: core.RunningMoments | None, seed: int,
+            moments: RunningMoments | None, seed: int,
             gather: Callable[[Tensor], Tensor] | None = None,
             more_rows: Callable[[int, int], list[dict]] | None = None,
             reward_names: tuple[str, ...] = ()) -> RolloutResult:

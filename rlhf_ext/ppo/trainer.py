@@ -44,6 +44,7 @@ from ..trainer_utils import (
 )
 from . import core
 from .config import PPOConfig
+from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .experience import ExperienceLoader
 from .policy_value import PolicyValueHead
 from .reward_funcs import build_reward_functions
@@ -182,9 +183,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         self.reward_model = next(iter(self.rewards.modules), None)
         self.policy, self.value_model = model, value_model
         self.dataset = train_dataset
-        self.kl_ctl = (core.AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-                       if args.kl_target else core.FixedKLController(args.kl_coef))
-        self.moments = core.RunningMoments() if args.normalize_scores else None
+        self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+                       if args.kl_target else FixedKLController(args.kl_coef))
+        self.moments = RunningMoments() if args.normalize_scores else None
         self._metrics = defaultdict(list)
         self._experience = self._resumed_experience = None
         super().__init__(model=PolicyAndValue(model, value_model), args=args,
