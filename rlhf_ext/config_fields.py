@@ -80,9 +80,17 @@ def apply_tokenizer_fields(tokenizer, args) -> int:
 
 
 def model_init(args) -> dict:
-    """Keyword arguments for loading a model given by name."""
+    """Keyword arguments for loading a model given by name: ``model_init_kwargs``, with
+    dtype float32 unless they name one, as TRL's trainers do. (transformers 5 would take
+    the checkpoint's dtype: a bf16 checkpoint would then train in pure bf16, where AdamW's
+    small updates round away; ``bf16=True`` is mixed precision over float32 weights.)"""
+    given = args.model_init_kwargs or {}
+    if isinstance(given, str):  # JSON, as on a command line
+        import json
+
+        given = json.loads(given)
     extra = {"trust_remote_code": True} if args.trust_remote_code else {}
-    return {**extra, **(args.model_init_kwargs or {})}
+    return {"dtype": "float32", **extra, **given}
 
 
 def activation_offloading(model, args):

@@ -254,11 +254,24 @@ class _HeadModel(PreTrainedModel):
         config_cls = cls.config_class
         config = config_cls(backbone_config=backbone.config, objective_names=objective_names,
                             combination=combination, combination_weights=combination_weights)
-        with torch.random.fork_rng():
+        device, dtype = head_placement(backbone)
+        with torch.random.fork_rng(devices=[]):  # the CPU's generator only: no GPU touched
             torch.manual_seed(seed)
-            model = cls(config, backbone=backbone)
+            model = cls(config, backbone=backbone)  # the new head: on the CPU, float32
+        for head in (model.score, model.gate):
+            if head is not None:
+                head.to(device=device, dtype=dtype)
         model.name_or_path = name_or_path
         return model
+
+
+def head_placement(backbone: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a new head on ``backbone`` belongs: the device of its last parameter (the
+    final norm, whose output the head reads: the last GPU when a device map spreads the
+    layers) and the dtype of its input embeddings, which quantization leaves unpacked
+    (float32 beside 4-bit layers loaded in float32, bfloat16 in a bfloat16 model)."""
+    last = list(backbone.parameters())[-1]
+    return last.device, backbone.get_input_embeddings().weight.dtype
 
 
 class RewardModel(_HeadModel):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
+from .config_fields import model_init
 from .data import SOFT_LABEL, DataError, validate_prompt_dataset
 from .judges import PairwiseJudge, label_samples
 from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
@@ -97,9 +98,9 @@ class OnlineDPOTrainer:
         validate_prompt_dataset(train_dataset)
         name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         if isinstance(model, str):
-            model = load_causal_lm(model)
+            model = load_causal_lm(model, **model_init(args))
         if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model)
+            ref_model = load_causal_lm(ref_model, **model_init(args))
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
         if ref_model is None and not is_peft_model(model) and args.needs_reference:

@@ -223,3 +223,27 @@ def test_4bit_backbone(backbone_dir):
     with torch.no_grad():
         out = model(torch.tensor([[3, 8, 13]])).rewards
     assert out.shape == (1,) and torch.isfinite(out).all()
+
+
+def test_a_new_head_sits_beside_its_backbone(backbone_dir):
+    """A fresh head takes the backbone's dtype (a bfloat16 model gets bfloat16 heads, not
+    torch's default float32; the same seeded init, rounded) and its last layer's device
+    (shown with the final norm on the meta device: the last GPU of a device map)."""
+    from transformers import AutoModel
+
+    from rlhf_ext.heads import head_placement
+
+    kwargs = dict(objective_names=["a", "b"], combination="learned", seed=4)
+    half = RewardModel.from_backbone(str(backbone_dir), dtype=torch.bfloat16, **kwargs)
+    full = RewardModel.from_backbone(str(backbone_dir), **kwargs)
+    for name in ("score", "gate"):
+        assert getattr(half, name).weight.dtype == torch.bfloat16
+        assert torch.equal(getattr(half, name).weight,
+                           getattr(full, name).weight.to(torch.bfloat16))
+    assert ValueModel.from_backbone(str(backbone_dir), dtype=torch.bfloat16).score.weight.dtype \
+        == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(half(torch.tensor([[3, 8, 13]])).rewards).all()
+    backbone = AutoModel.from_pretrained(backbone_dir)
+    backbone.norm.to("meta")
+    assert head_placement(backbone) == (torch.device("meta"), torch.float32)

@@ -236,3 +236,23 @@ def test_an_eval_dict_is_evaluated_set_by_set(lm_dir, tmp_path):
         n = len(data)
         wins = sum(c > r for c, r in zip(rewards[:n], rewards[n:])) / n
         assert metrics[f"eval_{name}_accuracy"] == pytest.approx(wins), name
+
+
+def test_a_model_given_by_path_trains_in_float32(lm_dir, tmp_path):
+    """A bfloat16 checkpoint given by path loads in float32, as TRL's trainers load it
+    (transformers 5 alone keeps the checkpoint's dtype: AdamW in pure bf16, where small
+    updates round away); model_init_kwargs' dtype still wins."""
+    from rlhf_ext import DPOConfig, DPOTrainer
+
+    path = tmp_path / "bf16"
+    LlamaForSequenceClassification.from_pretrained(lm_dir, num_labels=1, dtype=torch.bfloat16
+                                                   ).save_pretrained(path)
+    AutoTokenizer.from_pretrained(lm_dir).save_pretrained(path)
+    data = preference_pairs(4, seed=1)
+    common = {k: v for k, v in COMMON.items() if k != "max_length"}
+    for trainer_cls, config_cls in ((RewardTrainer, RewardConfig), (DPOTrainer, DPOConfig)):
+        for init, dtype in ((None, torch.float32), ({"dtype": "bfloat16"}, torch.bfloat16)):
+            trainer = trainer_cls(str(path), args=config_cls(
+                output_dir=str(tmp_path / "out"), model_init_kwargs=init, **common),
+                train_dataset=data)
+            assert {p.dtype for p in trainer.model.parameters()} == {dtype}, trainer_cls

@@ -240,7 +240,9 @@ class _TRLOnlineTrainer(PPOTrainer):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
-            kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
+            from ..config_fields import model_init
+
+            kwargs = model_init(args)
             if quantization_config is not None:
                 kwargs["quantization_config"] = quantization_config
             model = AutoModelForCausalLM.from_pretrained(model, **kwargs)

@@ -17,7 +17,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from rlhf_ext.heads import ValueModel
 from rlhf_ext.launch import RecipeArguments, finish_run, run_main
-from rlhf_ext.models import load_causal_lm
+from rlhf_ext.models import load_causal_lm, model_init_kwargs
 from rlhf_ext.ppo import PPOConfig, PPOTrainer
 from rlhf_ext.ppo.reward_funcs import completion_text
 from rlhf_ext.reward import adapter_base, load_reward_model
@@ -89,7 +89,11 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
         value_path = (ppo_args.value_model_path or reward_path
                       or model_args.model_name_or_path)
         value_path = adapter_base(value_path) or value_path  # a LoRA reward model: its base
-        value_model = ValueModel.from_backbone(value_path, seed=training_args.seed)
+        # in the policy's dtype and attention (float32 by default, not a bf16 checkpoint's
+        # own dtype: it is trained), unquantized (all of it is trained, no adapters)
+        policy_load = model_init_kwargs(model_args)
+        load = {k: policy_load[k] for k in ("dtype", "attn_implementation") if k in policy_load}
+        value_model = ValueModel.from_backbone(value_path, seed=training_args.seed, **load)
     trainer = PPOTrainer(policy, training_args, tokenizer, train, reward=reward,
                          value_model=value_model, reward_tokenizer=reward_tokenizer,
                          eval_dataset=evaluation, peft_config=peft_config)
