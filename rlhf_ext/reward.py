@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +44,7 @@ from .data import (
 )
 from .heads import RewardModel, RewardModelConfig, check_scalar_head, scalar_rewards
 from .hub import trainer_model_card
+from .metric_buffer import MetricBuffer
 from .models import (
     add_adapters,
     disable_dropout,
@@ -57,7 +57,6 @@ from .run_record import ResumeFields
 from .trainer_utils import (
     CheckedTraining,
     DevicePrecision,
-    add_averaged_metrics,
     check_finite_fields,
     check_finite_loss,
     start_run,
@@ -248,7 +247,7 @@ class RewardTrainer(CheckedTraining, Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = MetricBuffer()
 
     @staticmethod
     def _prepare(dataset, tokenizer, args, name):
@@ -287,16 +286,15 @@ class RewardTrainer(CheckedTraining, Trainer):
                            self.args.center_rewards_coefficient, inputs.get(SOFT_LABEL))
         if mode == "train":
             check_finite_loss(self, loss, "a NaN or infinite 'margin' in the data")
-        with torch.no_grad():
-            gather = self.accelerator.gather_for_metrics
-            everything = gather(rewards.detach())
-            diff = gather((chosen - rejected).detach())
-            m = self._metrics[mode]
-            m["min_reward"].append(everything.min().item())
-            m["mean_reward"].append(everything.mean().item())
-            m["max_reward"].append(everything.max().item())
-            m["accuracy"].append((diff > 0).float().mean().item())
-            m["margin"].append(diff.mean().item())
+        rewards, diff = rewards.detach(), (chosen - rejected).detach()
+        if mode == "eval":  # evaluation's last batch may repeat rows: drop them here
+            rewards, diff = (self.accelerator.gather_for_metrics(x) for x in (rewards, diff))
+        m = self._metrics
+        m.extreme(mode, "min_reward", "min", rewards)
+        m.mean(mode, "mean_reward", rewards)
+        m.extreme(mode, "max_reward", "max", rewards)
+        m.mean(mode, "accuracy", (diff > 0).float())
+        m.mean(mode, "margin", diff)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -311,7 +309,8 @@ class RewardTrainer(CheckedTraining, Trainer):
         return loss.detach(), torch.stack([chosen, rejected], -1), torch.zeros_like(chosen).long()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        add_averaged_metrics(self._metrics, logs)
+        # evaluation's values are every process's already (compute_loss)
+        self._metrics.log_into(logs, self.accelerator.gather, eval_gather=lambda x: x)
         super().log(logs, start_time)
 
     def _base(self):

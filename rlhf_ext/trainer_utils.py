@@ -1,25 +1,11 @@
-"""What the trainers share around the Trainer: metrics averaged between two logs, the
-finite-value guards, the hub token kept out of saved arguments, and resuming from the
-newest complete checkpoint (``CheckedTraining``, mixed into every trainer)."""
+"""What the trainers share around the Trainer: the finite-value guards, the hub token kept
+out of saved arguments, device precision, and resuming from the newest complete
+checkpoint (``CheckedTraining``, mixed into every trainer)."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-
-
-def add_averaged_metrics(metrics: dict[str, dict[str, list]], logs: dict) -> None:
-    """Add to ``logs`` the mean of each metric collected since the last log, for the mode
-    the log belongs to (keys prefixed ``eval_`` under evaluation), then clear them."""
-    mode = "eval" if any(k.startswith("eval_") for k in logs) and "loss" not in logs else "train"
-    prefix = "eval_" if mode == "eval" else ""
-    for key in logs:  # one of a dict of eval datasets logs eval_<name>_loss: keep its name
-        if mode == "eval" and key.startswith("eval_") and key.endswith("_loss"):
-            prefix = key[:-len("loss")]
-    for key, values in metrics[mode].items():
-        if values:
-            logs[prefix + key] = sum(values) / len(values)
-    metrics[mode].clear()
 
 
 class NonFiniteError(FloatingPointError):

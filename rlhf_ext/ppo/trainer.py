@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import random
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -27,6 +26,7 @@ from transformers import Trainer
 from ..data import validate_prompt_dataset
 from ..heads import RewardModel, ValueModel
 from ..hub import trainer_model_card
+from ..metric_buffer import MetricBuffer
 from ..models import (
     adapters_disabled,
     add_adapters,
@@ -186,7 +186,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
                        if args.kl_target else FixedKLController(args.kl_coef))
         self.moments = RunningMoments() if args.normalize_scores else None
-        self._metrics = defaultdict(list)
+        self._metrics = MetricBuffer()  # on the device, reduced once per log
         self._experience = self._resumed_experience = None
         super().__init__(model=PolicyAndValue(model, value_model), args=args,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -258,9 +258,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                              more_rows=lambda n, r: self._more_rows(epoch, n, r),
                              reward_names=tuple(self.rewards.names))
         self.model.train(was_training)
-        for key, value in result.metrics.items():
-            self._metrics[key].append(value)
-        self._metrics["kl_coef"].append(self.kl_ctl.value)
+        for key, value in {**result.metrics, "kl_coef": self.kl_ctl.value}.items():
+            self._metrics.host("train", key, value)  # reduced over processes already
         self.kl_ctl.update(result.metrics.get("objective/kl", 0.0),
                            self.args.rollout_batch_size * self.args.world_size)
         self._maybe_keep_samples(epoch, result)
@@ -329,20 +328,17 @@ class PPOTrainer(CheckedTraining, Trainer):
             logged["entropy"] = entropy_loss
         check_finite_loss(self, loss, "non-finite rewards or values")
         for key, value in logged.items():
-            self._metrics[key].append(self.accelerator.gather(value.detach()).mean().item())
+            self._metrics.mean("train", key, value)
         return loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        for key, values in self._metrics.items():
-            if values:
-                logs[key] = sum(values) / len(values)
+        self._metrics.log_into(logs, self.accelerator.gather)
         if "train_runtime" not in logs and start_time is not None:
             import time
 
             elapsed = max(time.time() - start_time, 1e-9)
             logs["eps"] = self.state.epoch * self.args.rollout_batch_size * \
                 self.args.world_size / elapsed if self.state.epoch else 0.0
-        self._metrics.clear()
         super().log(logs, start_time)
 
     # -----------------------------------------------------------------------------------
