@@ -50,9 +50,23 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -LONGEST.get(item.originalname, 0))  # stable: the rest keep order
 
 
+def processes_env(processes: int) -> dict:
+    """Environment for a launch of ``processes`` processes: on a machine with fewer GPUs
+    than that (one GPU, or none) the GPUs are hidden, so the processes run on the CPU
+    with gloo as on our CPU machines (the recipes add use_cpu), instead of the second one
+    asking for a device that is not there."""
+    import torch
+
+    if processes > 1 and torch.cuda.device_count() < processes:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
 def run_recipe(args: list[str], launcher: str = "accelerate", env: dict | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a recipe in its own process; fail the test with the tail of its output."""
+    if "--num_processes" in args:
+        env = {**processes_env(int(args[args.index("--num_processes") + 1])), **(env or {})}
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -220,8 +220,10 @@ def test_4bit_backbone(backbone_dir):
         load_in_4bit=True, compute_dtype=torch.float32))
     assert any(isinstance(m, Linear4bit) for m in model.model.modules())
     assert model.score.weight.dtype == torch.float32
+    # the new head beside the backbone (bitsandbytes puts a 4-bit model on a GPU if any)
+    assert model.score.weight.device == model.model.norm.weight.device
     with torch.no_grad():
-        out = model(torch.tensor([[3, 8, 13]])).rewards
+        out = model(torch.tensor([[3, 8, 13]], device=model.device)).rewards
     assert out.shape == (1,) and torch.isfinite(out).all()
 
 

@@ -86,7 +86,8 @@ def test_single_base_ppo_on_a_4bit_base(setup, tmp_path):
 
     root, tok = setup
     base = load_causal_lm(str(root / "base"), quantization_config=quantization_config(
-        load_in_4bit=True, compute_dtype=torch.float32))
+        load_in_4bit=True, compute_dtype=torch.float32),
+        device_map="cpu")  # where the run is (use_cpu), not bitsandbytes' GPU
     policy, value, reward = build_single_base(base, LoraConfig(**LORA), str(root / "rm"))
     assert any(isinstance(m, Linear4bit) for m in policy.modules())
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import MULTIPROCESS, ROOT
+from conftest import MULTIPROCESS, ROOT, processes_env
 from preempt_driver import main as train
 from safetensors.torch import load_file
 
@@ -31,7 +31,7 @@ def stopped_run(kind, policy_dir, out, steps, processes, after_step=1, resume=Fa
     cmd = launch + [DRIVER, kind, str(policy_dir), str(out), str(steps),
                     *(["resume"] if resume else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ,
+                            text=True, env={**os.environ, **processes_env(processes),
                                             "PREEMPT_AT": str(after_step or 0)})
     if after_step:
         deadline, steps_file = time.time() + 600, out / "step-0"

@@ -150,7 +150,8 @@ def test_4bit_lora_trains(policy_dir, tok, tmp_path):
     from rlhf_ext.models import load_causal_lm, quantization_config
 
     model = load_causal_lm(str(policy_dir), quantization_config=quantization_config(
-        load_in_4bit=True, compute_dtype=torch.float32))
+        load_in_4bit=True, compute_dtype=torch.float32),
+        device_map="cpu")  # where the run is (use_cpu), not bitsandbytes' GPU
     trainer = PreferenceTrainer(  # one fixed batch of 8, so the loss must fall
         model, args=config(tmp_path, learning_rate=2e-2, max_steps=8,
                            per_device_train_batch_size=8),

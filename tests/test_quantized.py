@@ -37,8 +37,8 @@ def test_layers_the_packed_kernel_cannot_take_still_run(model_dirs):
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert layers and all(not m.support_avx512bf16_for_cpu for m in layers)
     with torch.no_grad():
-        train_mode = model.train()(IDS).logits
-        eval_mode = model.eval()(IDS).logits
+        train_mode = model.train()(IDS.to(model.device)).logits  # bitsandbytes' device
+        eval_mode = model.eval()(IDS.to(model.device)).logits
     assert torch.isfinite(eval_mode).all()
     torch.testing.assert_close(eval_mode, train_mode, rtol=0, atol=0)
 
@@ -46,7 +46,7 @@ def test_layers_the_packed_kernel_cannot_take_still_run(model_dirs):
 def lora_grads(model) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad()
-    model(IDS).logits.float().pow(2).mean().backward()
+    model(IDS.to(model.device)).logits.float().pow(2).mean().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -59,7 +59,7 @@ def test_lora_gradients_survive_an_eval_forward(model_dirs):
     before = lora_grads(model)
     assert len(before) == 8  # A and B of q and v in both layers
     with torch.no_grad():
-        model.eval()(IDS)
+        model.eval()(IDS.to(model.device))
     after = lora_grads(model)
     assert set(after) == set(before)
     for name, grad in before.items():
