@@ -43,7 +43,8 @@ LONGEST = {"test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films
            "test_recipe_pushes_adapter_and_card": 80,
            "test_ppo_resumed_mid_iteration_equals_uninterrupted": 66,
            "test_ppo_lora_with_a_reward_function": 43,
-           "test_dpo_qlora_with_precomputed_reference": 41}
+           "test_dpo_qlora_with_precomputed_reference": 41,
+           "test_the_smoke_script_passes_on_the_cpu": 60}
 
 
 def pytest_collection_modifyitems(config, items):
