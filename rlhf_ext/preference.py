@@ -299,9 +299,17 @@ class PreferenceTrainer(CheckedTraining, PreferenceMetrics, Trainer):
         """KTO's z0 needs the mismatched pairs' forwards; apo_zero_unpaired has none."""
         return any(s.name == "kto" for s in self.loss_specs)
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """The run's mixed precision (accelerate's autocast: bf16, fp16 or none) over the
+        whole loss, not only inside the model's forward: the LM head, applied after the
+        forward in blocks (``logps.head_logps``), then runs in it too (on a GPU a bf16
+        matmul, not a float32 one). The reference log-probs, live or precomputed, are
+        computed in the same context."""
+        return self.accelerator.autocast()
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None

@@ -159,7 +159,7 @@ class ReferenceLogps:
         was_training = policy.training
         policy.eval()
         out = defaultdict(list)
-        with _gathered_if_zero3(self.model or policy):
+        with _gathered_if_zero3(self.model or policy), trainer.compute_loss_context_manager():
             for batch in tqdm(loader, desc=f"reference log-probs ({name})",
                               disable=not trainer.accelerator.is_local_main_process):
                 self._collect(policy, batch, out, trainer.accelerator)

@@ -325,3 +325,19 @@ def test_precompute_under_deepspeed_zero3_matches(sft_run, world_dir, tmp_path):
 
 def tok_of(path):
     return AutoTokenizer.from_pretrained(path)
+
+
+def test_the_lm_head_runs_in_the_runs_mixed_precision(policy_dir, tok, tmp_path):
+    """bf16: the LM head, applied after the forward in blocks, runs under the run's
+    autocast like the forward (a bf16 matmul on a GPU, not a float32 one), in training and
+    when the reference log-probs are precomputed; the first loss is still log 2."""
+    seen = []
+    model = LlamaForCausalLM.from_pretrained(policy_dir)
+    model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer = PreferenceTrainer(model, args=config(
+        tmp_path, bf16=True, max_steps=1, learning_rate=0.0, precompute_ref_log_probs=True,
+        per_device_train_batch_size=4), train_dataset=PAIRS.select(range(4)),
+        processing_class=tok)
+    trainer.train()
+    assert len(seen) > 2 and set(seen) == {torch.bfloat16}, seen  # precompute and step 1
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
