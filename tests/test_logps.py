@@ -206,3 +206,16 @@ def test_chunked_head_logps_match_and_train_the_head():
     torch.testing.assert_close(got, want)
     for x, y in zip(g_got, g_want):
         torch.testing.assert_close(x, y)
+
+
+def test_head_chunk_size_by_device():
+    """128 positions on a CPU whatever the vocabulary; on a GPU the largest power of two
+    whose float32 [chunk, V] block fits in 256 MiB (2^28 / (4 V)), at least 128."""
+    from rlhf_ext.logps import head_chunk_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert head_chunk_size(cpu, 49_152) == head_chunk_size(cpu, 128_256) == 128
+    assert head_chunk_size(gpu, 49_152) == 1024  # 2^28 / (4 * 49152) = 1365.3
+    assert head_chunk_size(gpu, 128_256) == 512  # 523.3
+    assert head_chunk_size(gpu, 151_936) == 256  # Qwen2.5: 441.7
+    assert head_chunk_size(gpu, 1_000_000) == 128  # 67.1, raised to the floor
