@@ -28,7 +28,7 @@ from statistics import mean
 from .config_fields import model_init
 from .data import SOFT_LABEL, DataError, validate_prompt_dataset
 from .judges import PairwiseJudge, label_samples
-from .models import add_adapters, is_peft_model, load_causal_lm, load_tokenizer
+from .models import add_adapters, is_peft_model, is_quantized, load_causal_lm, load_tokenizer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reference import _frozen_copy
 from .trainer_utils import check_finite_fields, last_complete_checkpoint
@@ -103,6 +103,8 @@ class OnlineDPOTrainer:
             ref_model = load_causal_lm(ref_model, **model_init(args))
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        if not is_quantized(model) and getattr(model, "hf_device_map", None) is None:
+            model.to(args.device)  # round 0 samples before a Trainer would place it
         if ref_model is None and not is_peft_model(model) and args.needs_reference:
             ref_model = _frozen_copy(model).eval().requires_grad_(False)  # the initial policy
         self.model, self.ref_model, self.judge, self.args = model, ref_model, judge, args

@@ -118,7 +118,7 @@ def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    _, heads, length, dim = query.shape
+    (_, heads, length, dim), device = query.shape, query.device
 
     def attend(b: int, cols: Tensor | slice) -> Tensor:  # -> [1, n, H, D]
         q, k, v = (t[b:b + 1, :, cols] for t in (query, key, value))
@@ -129,8 +129,8 @@ def shared_prefix_sdpa(module, query: Tensor, key: Tensor, value: Tensor, spans:
         pieces = []  # (start column, [1, n, H, D])
         for (p0, p1), completions in groups:
             for i, (c0, c1) in enumerate(completions):
-                cols = slice(p0, c1) if c0 == p1 else torch.cat(
-                    [torch.arange(p0, p1), torch.arange(c0, c1)]).to(query.device)
+                cols = slice(p0, c1) if c0 == p1 else torch.cat(  # made where it is read
+                    [torch.arange(p0, p1, device=device), torch.arange(c0, c1, device=device)])
                 out = attend(b, cols)
                 if i == 0:
                     pieces.append((p0, out[:, :p1 - p0]))
