@@ -2,7 +2,7 @@
 give; one table at the end. Run through ``scripts/gpu_smoke.sh``:
 
     bash scripts/gpu_smoke.sh          # a GPU machine: SmolLM2-135M-Instruct, the YAMLs as
-                                       # written (bf16), under 10 minutes on one GPU
+                                       # written (bf16), sized for under 10 minutes
     bash scripts/gpu_smoke.sh --cpu    # reduced: the tiny world in float32 on the CPU (in
                                        # `make test`, so the script never rots)
 
