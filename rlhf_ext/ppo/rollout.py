@@ -208,11 +208,23 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
                             "(max_completion_length in GRPOConfig and RLOOConfig).")
 
 
-def _mean_over_processes(value: float, reduce: Callable[[Tensor], Tensor] | None,
-                         device) -> float:
-    if reduce is None:
-        return value
-    return reduce(torch.tensor([value], device=device)).mean().item()
+def _process_means(values: dict[str, Tensor], gather: Callable[[Tensor], Tensor] | None,
+                   device) -> dict[str, Tensor]:
+    """Each 0-dim value averaged over the processes, all in one gather."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
+    if gather is not None:
+        stacked = gather(stacked[None]).reshape(-1, stacked.numel()).mean(0)
+    return dict(zip(values, stacked.unbind()))
+
+
+def _to_host(values: dict[str, Tensor], device) -> dict[str, float]:
+    """0-dim tensors -> floats, in one copy from the device."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
+    return dict(zip(values, stacked.tolist()))
 
 
 # (dataset rows, completions, completion_ids) -> (per-function scores [B, F], total [B])
@@ -353,21 +365,21 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             everyone = every(seq)
             advantages = core.whiten_scores(seq, everyone)[:, None] * mask
 
-    metrics = {"objective/scores": torch.nanmean(sampled.total).item(),
-               "val/num_eos_tokens": finished.float().sum().item(),
-               "response_length": mask.sum(1).mean().item()}
+    local = {"objective/scores": torch.nanmean(sampled.total),
+             "val/num_eos_tokens": finished.float().sum(),
+             "response_length": mask.sum(1).float().mean()}
     if has_kl:  # means over every process's rollout (the KL controller reads objective/kl)
         non_score = (-kl_coef * kl).sum(1)
         if not args.kl_loss_coef:  # TRL's RLOO name: the token mean (a KL loss logs its own)
-            metrics["kl"] = core.masked_mean(kl, mask).item()
-        metrics.update({"objective/kl": kl.sum(1).mean().item(),
-                        "objective/non_score_reward": non_score.mean().item(),
-                        "objective/rlhf_reward": torch.nanmean(scores + non_score).item()})
+            local["kl"] = core.masked_mean(kl, mask)
+        local.update({"objective/kl": kl.sum(1).mean(),
+                      "objective/non_score_reward": non_score.mean(),
+                      "objective/rlhf_reward": torch.nanmean(scores + non_score)})
     if scored.entropy is not None:
-        metrics["objective/entropy"] = core.masked_mean(scored.entropy, mask).item()
-    metrics = {k: _mean_over_processes(v, gather, device) for k, v in metrics.items()}
-    metrics.update(_score_metrics(sampled, every, group, reward_names, device))
-    metrics.update(_length_metrics(every(mask.sum(1)), every(finished)))
+        local["objective/entropy"] = core.masked_mean(scored.entropy, mask)
+    metrics = _to_host({**_process_means(local, gather, device),
+                        **_score_metrics(sampled, every, group, reward_names, device),
+                        **_length_metrics(every(mask.sum(1)), every(finished))}, device)
 
     loss_mask = core.loss_mask(mask, live.to(device), finished,
                                args.mask_truncated_completions)
@@ -390,24 +402,24 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                          sampled.total.tolist())
 
 
-def _length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, float]:
+def _length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, Tensor]:
     """TRL's completion-length metrics over every process's responses (tokens, eos
     included): all, and those that ended with eos ("terminated"); the clipped ratio is
     the share cut at response_length."""
     lengths = lengths.float()
     ended = lengths[finished.bool()]
     ended = ended if ended.numel() else torch.zeros(1, device=lengths.device)
-    return {"completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": 1 - finished.float().mean().item(),
-            "completions/mean_terminated_length": ended.mean().item(),
-            "completions/min_terminated_length": ended.min().item(),
-            "completions/max_terminated_length": ended.max().item()}
+    return {"completions/mean_length": lengths.mean(),
+            "completions/min_length": lengths.min(),
+            "completions/max_length": lengths.max(),
+            "completions/clipped_ratio": 1 - finished.float().mean(),
+            "completions/mean_terminated_length": ended.mean(),
+            "completions/min_terminated_length": ended.min(),
+            "completions/max_terminated_length": ended.max()}
 
 
 def _score_metrics(sampled: Sampled, every: Callable[[Tensor], Tensor], group: int,
-                   names: tuple[str, ...], device) -> dict[str, float]:
+                   names: tuple[str, ...], device) -> dict[str, Tensor]:
     """TRL's reward metrics over every process's rows: each function's mean and std (of
     the rows it scored), the weighted total's mean and std, and the share of groups whose
     scores are all equal (no signal)."""
@@ -415,10 +427,10 @@ def _score_metrics(sampled: Sampled, every: Callable[[Tensor], Tensor], group: i
     totals = every(sampled.total.to(device))
     out = {}
     for i, name in enumerate(names):
-        out[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
-        out[f"rewards/{name}/std"] = core.nanstd(per_func[:, i]).item()
-    out["reward"] = torch.nanmean(totals).item()
-    out["reward_std"] = core.nanstd(totals).item()
+        out[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, i])
+        out[f"rewards/{name}/std"] = core.nanstd(per_func[:, i])
+    out["reward"] = torch.nanmean(totals)
+    out["reward_std"] = core.nanstd(totals)
     if group > 1 and totals.numel() % group == 0:
-        out["frac_reward_zero_std"] = (~core.informative_groups(totals, group)).float().mean().item()
+        out["frac_reward_zero_std"] = (~core.informative_groups(totals, group)).float().mean()
     return out
