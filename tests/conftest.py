@@ -51,6 +51,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -LONGEST.get(item.originalname, 0))  # stable: the rest keep order
 
 
+# For a test that asserts an exact equality between a rollout chunk's forward and a
+# differently shaped minibatch's (PPO's first ratio is 1, its approximate KL 0): exact on
+# a CPU; on a GPU cuBLAS picks kernels by shape and may round differently, by an amount no
+# GPU run has measured yet. Such a run sees no GPU (the smoke script checks the same
+# invariants on the GPU, printing what it measures).
+CPU_EXACT = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def processes_env(processes: int) -> dict:
     """Environment for a launch of ``processes`` processes: on a machine with fewer GPUs
     than that (one GPU, or none) the GPUs are hidden, so the processes run on the CPU

@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_recipe
+from conftest import CPU_EXACT, run_recipe
 
 from rlhf_ext.worlds.smollm2 import conversational_datasets, smollm2_path
 
@@ -35,14 +35,15 @@ def real(tmp_path_factory):
     return str(smollm2_path()), conversational_datasets(tmp_path_factory.mktemp("data"), n=16)
 
 
-def recipe(real, out, script, config, data, *extra, bf16_as_written=False):
+def recipe(real, out, script, config, data, *extra, bf16_as_written=False, env=None):
     model, datasets = real
     if not bf16_as_written:
         extra = (*extra, "--bf16", "false", "--dtype", "float32")
     run_recipe([f"recipes/{script}.py", "--config", config, "--model_name_or_path", model,
                 "--dataset_name", str(datasets / data), "--output_dir", str(out),
                 "--max_steps", "1", "--per_device_train_batch_size", "2",
-                "--gradient_accumulation_steps", "1", *extra], launcher="python", timeout=600)
+                "--gradient_accumulation_steps", "1", *extra], launcher="python", timeout=600,
+               env=env)
     return json.loads(next(out.glob("*_summary.json")).read_text())
 
 
@@ -101,7 +102,7 @@ def test_ppo_full_against_a_lora_reward_model(real, reward_lora, tmp_path):
     model is the LoRA adapter of reward_lora.yaml on its base."""
     summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo.yaml", "prompts",
                      "--reward_model_path", str(reward_lora[0]), "--response_length", "8",
-                     "--rollout_batch_size", "4")
+                     "--rollout_batch_size", "4", env=CPU_EXACT)
     assert summary["trainable_parameters"] == BASE + BASE + VALUE_HEAD  # policy, value
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)
     assert first(summary, "policy/approxkl_avg") == 0.0 and first(summary, "val/ratio") == 1.0
@@ -152,7 +153,7 @@ def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
     """One 4-bit base, three adapters (policy, value, the reward model's)."""
     summary = recipe(real, tmp_path, "ppo", "recipes/llama3.1-8b/ppo_qlora.yaml", "prompts",
                      "--reward_model_path", str(reward_qlora[0]), "--response_length", "8",
-                     "--rollout_batch_size", "4", bf16_as_written=True)
+                     "--rollout_batch_size", "4", bf16_as_written=True, env=CPU_EXACT)
     assert summary["quantized_linear_layers"] == LINEAR_LAYERS
     assert summary["trainable_parameters"] == 2 * LORA_ALL_LINEAR + VALUE_HEAD  # policy, value
     assert first(summary, "objective/kl") == pytest.approx(0.0, abs=1e-4)  # policy == ref
@@ -163,7 +164,7 @@ def test_single_base_ppo_qlora(real, reward_qlora, tmp_path):
 def test_ppo_lora_with_a_reward_function(real, tmp_path):
     summary = recipe(real, tmp_path, "ppo", "recipes/qwen2.5-0.5b/ppo_lora.yaml", "prompts",
                      "--reward", "rlhf_ext.worlds.smollm2:vader_reward", "--response_length", "8",
-                     "--rollout_batch_size", "4")
+                     "--rollout_batch_size", "4", env=CPU_EXACT)
     # LoRA policy; a full value model (SmolLM2 backbone + head)
     assert summary["trainable_parameters"] == LORA_ALL_LINEAR + BASE + VALUE_HEAD
     assert -1.0 <= first(summary, "objective/scores") <= 1.0  # VADER's compound range
