@@ -3,8 +3,8 @@ give; one table at the end. Run through ``scripts/gpu_smoke.sh``:
 
     bash scripts/gpu_smoke.sh          # a GPU machine: SmolLM2-135M-Instruct, the YAMLs as
                                        # written (bf16), sized for under 10 minutes
-    bash scripts/gpu_smoke.sh --cpu    # reduced: the tiny world in float32 on the CPU (in
-                                       # `make test`, so the script never rots)
+    bash scripts/gpu_smoke.sh --cpu    # reduced: the tiny world on the CPU, bf16 as written
+                                       # (in `make test`, so the script never rots)
 
 Each check is a recipe run with the recipe YAMLs of recipes/qwen2.5-0.5b and
 recipes/llama3.1-8b, only the model, the data, one step and short lengths overridden: the
@@ -99,7 +99,7 @@ def data_and_model(cpu: bool, root: Path) -> tuple[str, dict[str, str]]:
 def recipe_args(check: Check, cpu: bool, model: str, data: dict, out: Path,
                 outputs: dict) -> list[str]:
     args = [*check.args]
-    if cpu or check.float32:  # float32 weights and 4-bit compute, no autocast
+    if check.float32:  # float32 weights and 4-bit compute, no autocast
         args += ["--bf16", "false", "--dtype", "float32"]
     if cpu:
         args += ["--tiny_world_dir", str(Path(data["pairs"]).parent.parent)]
