@@ -249,3 +249,21 @@ def test_a_new_head_sits_beside_its_backbone(backbone_dir):
     backbone = AutoModel.from_pretrained(backbone_dir)
     backbone.norm.to("meta")
     assert head_placement(backbone) == (torch.device("meta"), torch.float32)
+
+
+def test_fsdp_finds_the_decoder_layers_to_shard(backbone_dir):
+    """accelerate's FSDP wrap policy shards the classes a model's ``_no_split_modules``
+    names: the head models inherit their backbone's, and PPO's policy-plus-value wrapper
+    names its two models' (an empty list would make the whole model one unit)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ext.ppo.trainer import PolicyAndValue
+
+    value = ValueModel.from_backbone(str(backbone_dir))
+    assert set(RewardModel.from_backbone(str(backbone_dir))._no_split_modules) == \
+        set(value._no_split_modules) == {"LlamaDecoderLayer"}
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone_dir),
+                            LoraConfig(r=2, target_modules=["q_proj"]))
+    assert PolicyAndValue(policy, value)._no_split_modules == ["LlamaDecoderLayer"]
+    assert PolicyAndValue(policy, None)._no_split_modules == ["LlamaDecoderLayer"]

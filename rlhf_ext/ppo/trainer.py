@@ -85,6 +85,15 @@ class PolicyAndValue(nn.Module):
         logps, entropy = out if with_entropy else (out, None)
         return logps, values, entropy
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes FSDP shards one by one (accelerate's transformer wrap policy
+        reads this of the model it wraps): the policy's and the value model's."""
+        names = set()
+        for m in (self.policy, self.value_model):
+            names.update(getattr(m, "_no_split_modules", None) or ())
+        return sorted(names)
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
                                         every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
