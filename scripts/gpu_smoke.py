@@ -63,7 +63,7 @@ def checks(cpu: bool) -> list[Check]:
               [("train_loss", math.nan, 0.0), ("accuracy", math.nan, 0.0)],
               ["--max_length", "64"]),
         Check("ppo_single_base_qlora", "ppo", "recipes/llama3.1-8b/ppo_qlora.yaml", "prompts",
-              "one 4-bit base, three adapters: first KL and ratio 0", first_kl, ppo,
+              "one 4-bit base, three adapters: first KL and approximate KL 0", first_kl, ppo,
               needs="reward_qlora"),
         Check("ppo_value_model_checkpointing", "ppo", "recipes/qwen2.5-0.5b/ppo.yaml",
               "prompts", "full policy and value model, gradient checkpointing: first KL 0",
