@@ -41,7 +41,7 @@ class Check:
     measure: list[tuple[str, float, float]]  # (logged key, expected, tolerance)
     args: list[str] = field(default_factory=list)
     launch: str | None = None  # accelerate_configs/<launch>.yaml, else one plain process
-    float32: bool = False  # run in float32 on a GPU too (the invariant needs it)
+    float32: bool = False  # run in float32, not the YAML's bf16 (the invariant needs it)
     needs: str | None = None  # the check whose output is --reward_model_path
 
 

@@ -208,23 +208,18 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
                             "(max_completion_length in GRPOConfig and RLOOConfig).")
 
 
-def _process_means(values: dict[str, Tensor], gather: Callable[[Tensor], Tensor] | None,
-                   device) -> dict[str, Tensor]:
-    """Each 0-dim value averaged over the processes, all in one gather."""
-    if not values:
-        return {}
-    stacked = torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
+def _metrics_to_host(local: dict[str, Tensor], everyone: dict[str, Tensor],
+                     gather: Callable[[Tensor], Tensor] | None, device) -> dict[str, float]:
+    """0-dim tensors as floats, in one copy from the device: ``local`` ones (this
+    process's rollout) averaged over the processes first, in one gather; ``everyone``
+    ones (computed over every process's rows already) as they are."""
+    def stack(values: dict[str, Tensor]) -> Tensor:
+        return torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
+
+    mine = stack(local)
     if gather is not None:
-        stacked = gather(stacked[None]).reshape(-1, stacked.numel()).mean(0)
-    return dict(zip(values, stacked.unbind()))
-
-
-def _to_host(values: dict[str, Tensor], device) -> dict[str, float]:
-    """0-dim tensors -> floats, in one copy from the device."""
-    if not values:
-        return {}
-    stacked = torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
-    return dict(zip(values, stacked.tolist()))
+        mine = gather(mine[None]).reshape(-1, mine.numel()).mean(0)
+    return dict(zip([*local, *everyone], torch.cat([mine, stack(everyone)]).tolist()))
 
 
 # (dataset rows, completions, completion_ids) -> (per-function scores [B, F], total [B])
@@ -377,9 +372,9 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                       "objective/rlhf_reward": torch.nanmean(scores + non_score)})
     if scored.entropy is not None:
         local["objective/entropy"] = core.masked_mean(scored.entropy, mask)
-    metrics = _to_host({**_process_means(local, gather, device),
-                        **_score_metrics(sampled, every, group, reward_names, device),
-                        **_length_metrics(every(mask.sum(1)), every(finished))}, device)
+    metrics = _metrics_to_host(
+        local, {**_score_metrics(sampled, every, group, reward_names, device),
+                **_length_metrics(every(mask.sum(1)), every(finished))}, gather, device)
 
     loss_mask = core.loss_mask(mask, live.to(device), finished,
                                args.mask_truncated_completions)
