@@ -26,11 +26,12 @@ from rlhf_ext.reward import adapter_base, load_reward_model
 @dataclass
 class PPOModelArguments:
     reward: str = field(default="model", metadata={
-        "help": "'model' (reward_model_path), 'oracle' (the tiny world's scorer) or a reward "
-                "function 'module:function' taking (prompts, completions) -> list of floats "
-                "(TRL's reward-function arguments; after chat prompts each completion is a "
-                "list holding the assistant message), e.g. "
-                "rlhf_ext.worlds.smollm2:vader_reward."})
+        "help": "'model' (reward_model_path), 'oracle' (the tiny world's scorer) or reward "
+                "functions 'module:function[,module:function...]' taking (prompts, "
+                "completions, **columns) -> list of floats (TRL's reward-function "
+                "arguments; after chat prompts each completion is a list holding the "
+                "assistant message; the dataset's other columns arrive by name), summed "
+                "with reward_weights, e.g. rlhf_ext.worlds.smollm2:vader_reward."})
     reward_model_path: str | None = field(default=None, metadata={
         "help": "A RewardModel saved by recipes/reward.py."})
     value_model_path: str | None = field(default=None, metadata={
@@ -39,6 +40,20 @@ class PPOModelArguments:
         "help": "One copy of the base model: policy, value and reward are LoRA adapters on "
                 "it (needs use_peft and a reward_model_path trained with LoRA on the same "
                 "base). The large-model set-up, e.g. with load_in_4bit."})
+
+
+def reward_functions(spec: str):
+    """'module:function' -> that function; several, comma-separated -> their list."""
+    import importlib
+
+    funcs = []
+    for part in spec.split(","):
+        module, _, name = part.strip().partition(":")
+        if not module or not name:
+            raise ValueError(f"reward {spec!r}: each of its comma-separated parts must be "
+                             f"'module:function', got {part!r}")
+        funcs.append(getattr(importlib.import_module(module), name))
+    return funcs[0] if len(funcs) == 1 else funcs
 
 
 # What the recipe reads: a YAML key must be a field of one of these (tests/test_recipe_yamls.py).
@@ -75,10 +90,7 @@ def main(script_args, training_args, model_args, recipe_args, ppo_args):
         reward = load_reward_model(ppo_args.reward_model_path)
         reward_tokenizer = AutoTokenizer.from_pretrained(ppo_args.reward_model_path)
     elif ":" in ppo_args.reward:
-        import importlib
-
-        module, name = ppo_args.reward.split(":", 1)
-        reward, reward_tokenizer = getattr(importlib.import_module(module), name), None
+        reward, reward_tokenizer = reward_functions(ppo_args.reward), None
     else:
         raise ValueError(f"reward must be 'model', 'oracle' or 'module:function', "
                          f"got {ppo_args.reward!r}")
