@@ -20,6 +20,7 @@ import re
 
 INSTRUCTION = "Answer with the number only."
 LOW, HIGH = 10, 49  # both terms
+MAX_COMPLETION_TOKENS = 16  # recipes/smollm2/rlvr.yaml's response_length
 
 
 def addition_problems(seed: int = 0, held_out: int = 96) -> tuple[list[dict], list[dict]]:
@@ -65,3 +66,8 @@ def overlong_penalty(max_tokens: int, soft: int):
         return [-min(1.0, max(0, len(ids) - start) / soft) for ids in completion_ids]
 
     return overlong_penalty
+
+
+# the penalty of recipes/smollm2/rlvr.yaml (a reward given by 'module:function'): from 12
+# completion tokens on; "27 + 48 = 75" and its end-of-sequence token take 11
+overlong_reward = overlong_penalty(MAX_COMPLETION_TOKENS, 4)
