@@ -46,7 +46,8 @@ FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0
 SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (2026-12-03)
     "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=3, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
-                    preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"]),
+                    preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"],
+                    rlvr=[]),
     # the tests' run: no reward model (nor best-of-N); dpo for 24 steps at the default's
     # learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
     # prompts (2026-12-03, with the sampler before its inverse-CDF draws, 2 threads: +0.27
@@ -66,7 +67,10 @@ SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (20
                   preference=["--max_steps", "24", "--per_device_train_batch_size", "4",
                               "--logging_steps", "4", "--prefix_sharing", "true"],
                   ppo=["--num_train_epochs", "4", "--learning_rate", "5e-4",
-                       "--num_ppo_epochs", "2", "--lam", "1.0"]),
+                       "--num_ppo_epochs", "2", "--lam", "1.0"],
+                  # GRPO on addition: QUICK_RLVR_MEASURED
+                  rlvr=["--num_train_epochs", "2", "--learning_rate", "3e-5",
+                        "--lr_scheduler_type", "constant"]),
 }
 # critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each
 # group's prompt computed once; GRPO with its KL as a loss term (k3), RLOO with the KL in
@@ -79,6 +83,14 @@ CRITIC_FREE = {
                    "--prefix_sharing", "true", "--kl_coef", "0.05",
                    "--value_head_on_policy", "false"],
 }
+
+# verifiable rewards (demos/demo_real_rlvr.py): GRPO on two-digit addition in the default run,
+# RLOO and PPO (a value head on the policy, one sample a prompt) with --full or by name;
+# "rlvr" names all three
+RLVR = {"rlvr_grpo": [], "rlvr_rloo": ["--advantage_estimator", "rloo"],
+        "rlvr_ppo": ["--advantage_estimator", "gae", "--num_generations", "1",
+                     "--prefix_sharing", "false", "--value_head_on_policy", "true",
+                     "--lam", "1.0"]}
 
 # RLAIF (demos/demo_real_rlaif.py): DPO at the dpo row's settings on the pairs as the model
 # itself judged them, with its soft labels and without
@@ -104,6 +116,12 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
         if full or (methods is not None and name in methods):
             plan.append((name, "ppo.py", "smollm2/ppo.yaml", "ppo_summary.json",
                          ppo + ["--reward", "rlhf_ext.worlds.smollm2:vader_reward", *extra], name, None))
+    for name, extra in RLVR.items():
+        if name == "rlvr_grpo" or full or (methods is not None and (name in methods
+                                                                    or "rlvr" in methods)):
+            plan.append((name, "ppo.py", "smollm2/rlvr.yaml", "ppo_summary.json",
+                         ["--dataset_name", str(data / "rlvr"), *size["rlvr"], *extra],
+                         "rlvr", None))
     pref = ["--dataset_name", str(data / "pairs"), *size["preference"]]
     knob, values = FRONTIER["dpo"]
     for loss in PREFERENCE_LOSSES:
@@ -171,14 +189,15 @@ def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
     return facts
 
 
-def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool) -> list:
+def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick: bool) -> list:
     """Every training stage and evaluation as a stage_pool Job, longest first where the
-    order is free: the reward model, the two PPO stages, the reference's evaluation (its
-    best-of-N ranks by the reward model; every win rate reads its samples), the offline
+    order is free: the reward model, the PPO and rlvr stages, the reference's evaluations
+    (its best-of-N ranks by the reward model; every win rate reads its samples), the offline
     losses, then each policy's evaluation after its training."""
     import sys
 
     from demo import stage_command
+    from demo_real_rlvr import eval_folder as rlvr_folder
     from stage_pool import Job
 
     first = {"reward.py": 0, "ppo.py": 1}  # the longest; the offline losses after them
@@ -187,21 +206,47 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool) -> lis
                     out / name / summary, out / name / "log.txt",
                     ["reward"] if "--reward_model_path" in extra else [])
                 for name, recipe, config, summary, extra, _, _ in plan]
-    folder = eval_folder(out, size["eval_samples"])
-    evaluate = [sys.executable, str(DEMOS / "demo_real_eval.py"), "--out", str(out),
-                "--samples", str(size["eval_samples"]), "--seed", str(seed),
-                "--reference_samples", str(size["reference_samples"]),
-                "--best_of", ",".join(map(str, size["best_of"]))]
-    logs = out / "logs"  # OUT/logs/eval_samples<n>_<name>.txt
-    ranked = ["--reward_model"] if with_reward_model else []  # only best-of-N reads it
-    reference = Job("eval reference", evaluate + ranked + ["--name", "reference"],
-                    folder / "reference.json", logs / f"{folder.name}_reference.txt",
-                    ["reward"] if with_reward_model else [])
-    policies = [Job(f"eval {j.name}", evaluate + ["--name", j.name], folder / f"{j.name}.json",
-                    logs / f"{folder.name}_{j.name}.txt", [j.name, reference.name])
-                for j in training if j.name != "reward"]
+    rlvr = {p[0] for p in plan if p[5] == "rlvr"}
+    logs = out / "logs"  # OUT/logs/eval_samples<n>_<name>.txt, OUT/logs/rlvr_eval_<name>.txt
+    references, policies = [], []
+    if any(j.name not in rlvr | {"reward"} for j in training):  # the sentiment rows
+        folder = eval_folder(out, size["eval_samples"])
+        evaluate = [sys.executable, str(DEMOS / "demo_real_eval.py"), "--out", str(out),
+                    "--samples", str(size["eval_samples"]), "--seed", str(seed),
+                    "--reference_samples", str(size["reference_samples"]),
+                    "--best_of", ",".join(map(str, size["best_of"]))]
+        ranked = ["--reward_model"] if with_reward_model else []  # only best-of-N reads it
+        references.append(Job("eval reference", evaluate + ranked + ["--name", "reference"],
+                              folder / "reference.json", logs / f"{folder.name}_reference.txt",
+                              ["reward"] if with_reward_model else []))
+        policies += [Job(f"eval {j.name}", evaluate + ["--name", j.name],
+                         folder / f"{j.name}.json", logs / f"{folder.name}_{j.name}.txt",
+                         [j.name, "eval reference"])
+                     for j in training if j.name not in rlvr | {"reward"}]
+    if rlvr:
+        folder = rlvr_folder(out, quick)
+        evaluate = [sys.executable, str(DEMOS / "demo_real_rlvr.py"), "--out", str(out),
+                    "--seed", str(seed)] + (["--quick"] if quick else [])
+        references.append(Job("eval rlvr reference", evaluate + ["--name", "reference"],
+                              folder / "reference.json", logs / f"{folder.name}_reference.txt"))
+        policies += [Job(f"eval {j.name}", evaluate + ["--name", j.name],
+                         folder / f"{j.name}.json", logs / f"{folder.name}_{j.name}.txt",
+                         [j.name]) for j in training if j.name in rlvr]
     long = sum(p[1] in first for p in plan)
-    return training[:long] + [reference] + training[long:] + policies
+    return training[:long] + references + training[long:] + policies
+
+
+def rlvr_report(out: Path, names: list[str], summaries: dict, quick: bool) -> dict:
+    """The rlvr rows: the reference's and each stage's evaluation, training curves."""
+    from demo_real_rlvr import curves as rlvr_curves
+    from demo_real_rlvr import eval_folder as rlvr_folder
+
+    folder = rlvr_folder(out, quick)
+    methods = {name: json.loads((folder / f"{name}.json").read_text())
+               for name in ["reference", *names]}
+    return {"methods": methods,
+            "eval_seconds": {name: m.pop("seconds") for name, m in methods.items()},
+            "training": {name: rlvr_curves(summaries[name]) for name in names}}
 
 
 def main(argv=None):
@@ -246,9 +291,17 @@ def main(argv=None):
     if args.eval_samples is not None:
         size["eval_samples"] = args.eval_samples
     methods = args.methods.split(",") if args.methods else None
-    print("pairs: sampling the reference (cached after the first run)")
-    data = make_data(out, model, size, args.seed)
     plan = stage_plan(out, model, size, args.full, methods)
+    sentiment = [p[0] for p in plan if p[5] not in ("reward", "rlvr")]  # VADER-judged rows
+    rlvr = [p[0] for p in plan if p[5] == "rlvr"]
+    data = None
+    if sentiment:
+        print("pairs: sampling the reference (cached after the first run)")
+        data = make_data(out, model, size, args.seed)
+    if rlvr:
+        from demo_real_rlvr import make_problems
+
+        make_problems(out, args.seed)
     rlaif = None
     if any(p[0] in RLAIF for p in plan):
         from demo_real_rlaif import judge_pairs
@@ -256,7 +309,7 @@ def main(argv=None):
         print("RLAIF: the model judges the pairs (cached after the first run)")
         rlaif = judge_pairs(out, model, args.seed)
     trained_reward = plan[0][0] == "reward"
-    todo = jobs(out, plan, size, args.seed, trained_reward)
+    todo = jobs(out, plan, size, args.seed, trained_reward, args.quick)
     threads = threads_each(args.jobs)
     print(f"stages and evaluations: {args.jobs} at a time, {threads} thread(s) each; "
           f"logs in {out}/<stage>/log.txt and {out}/logs/")
@@ -264,13 +317,15 @@ def main(argv=None):
         wall = run_jobs(todo, args.jobs, threads, bar)
     summaries = {p[0]: json.loads((out / p[0] / p[3]).read_text()) for p in plan}
     seconds = {p[0]: wall[p[0]] for p in plan}
-    folder = eval_folder(out, size["eval_samples"])
-    base = json.loads((folder / "reference.json").read_text())
-    results = dict(base["methods"])
-    eval_seconds = {"reference_and_best_of": base["seconds"]}
-    for name in [p[0] for p in plan if p[0] != "reward"]:
-        results[name] = json.loads((folder / f"{name}.json").read_text())
-        eval_seconds[name] = results[name].pop("seconds")
+    results, eval_seconds, base = {}, {}, {}
+    if sentiment:
+        folder = eval_folder(out, size["eval_samples"])
+        base = json.loads((folder / "reference.json").read_text())
+        results = dict(base["methods"])
+        eval_seconds = {"reference_and_best_of": base["seconds"]}
+        for name in sentiment:
+            results[name] = json.loads((folder / f"{name}.json").read_text())
+            eval_seconds[name] = results[name].pop("seconds")
     report = {
         "schema_version": SCHEMA_VERSION, "seed": args.seed, "quick": args.quick,
         "full": args.full, "size": size, "data": data, "methods": results,
@@ -281,13 +336,18 @@ def main(argv=None):
                          "spearman_samples": base["reward_spearman_samples"]}
         if trained_reward else None,
         "rlaif": rlaif,
-        "training": {p[0]: curves(summaries[p[0]]) for p in plan if p[0] != "reward"},
+        "training": {name: curves(summaries[name]) for name in sentiment},
+        "rlvr": rlvr_report(out, rlvr, summaries, args.quick) if rlvr else None,
         "stage_seconds": seconds, "eval_seconds": eval_seconds,
         "parallel": {"jobs": args.jobs, "threads_each": threads},
     }
     report["frontier"] = frontier(report)
     report["verdict"] = verdict(report)
-    report["plots"] = plot(report, out)
+    report["plots"] = plot(report, out) if sentiment else []
+    if rlvr:
+        from demo_real_rlvr import plot as rlvr_plot
+
+        report["plots"].append(rlvr_plot(report["rlvr"], out))
     report["total_seconds"] = time.time() - total
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report, MAX_NEW_TOKENS))

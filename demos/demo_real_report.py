@@ -82,6 +82,39 @@ def short(text: str, limit: int = 110) -> str:
 
 
 def markdown(report: dict, max_new_tokens: int) -> str:
+    """report.md: the sentiment rows (when run), the verifiable-reward rows (when run), and
+    where the time went."""
+    data = report["data"]
+    if data is not None:
+        lines = sentiment_markdown(report, max_new_tokens)
+    else:
+        lines = ["# rlhf_ext on a real model: verifiable rewards", "",
+                 f"SmolLM2-135M-Instruct. Seed {report['seed']}"
+                 f"{', --quick' if report['quick'] else ''}; "
+                 f"{report['total_seconds'] / 60:.1f} minutes in all (stages reused from an "
+                 f"earlier run count 0).", ""]
+    if report.get("rlvr"):
+        from demo_real_rlvr import markdown as rlvr_markdown
+
+        lines += rlvr_markdown(report["rlvr"], report["stage_seconds"])
+    par = report.get("parallel", {"jobs": 1, "threads_each": "all the"})
+    lines += ["## Where the time went", "",
+              f"{'After the pairs, ' if data else ''}{par['jobs']} stage(s) ran at once with "
+              f"{par['threads_each']} thread(s) each: each row is one stage's wall time (an "
+              f"evaluation's without loading its models), so the rows add up to more than "
+              f"the run.", "", "| stage | seconds |", "|---|---|"]
+    if data is not None:
+        lines.append(f"| pairs (sampling, VADER) | {data['seconds']:.0f} |")
+    lines += [f"| train {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()]
+    lines += [f"| evaluate {k} | {v:.0f} |" for k, v in report["eval_seconds"].items()]
+    if report.get("rlvr"):
+        lines += [f"| evaluate {k} (addition) | {v:.0f} |"
+                  for k, v in report["rlvr"]["eval_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def sentiment_markdown(report: dict, max_new_tokens: int) -> list[str]:
+    """The sentiment experiment's part of report.md."""
     data, rm, size = report["data"], report["reward_model"], report["size"]
     lines = ["# rlhf_ext on a real model: the DPO paper's sentiment experiment", "",
              f"SmolLM2-135M-Instruct (the reference), VADER compound score as the ground "
@@ -127,13 +160,4 @@ def markdown(report: dict, max_new_tokens: int) -> str:
         for name, m in report["methods"].items():
             lines.append(f"| {short(prompt[-1]['content'], 60)} | {name} | "
                          f"{m['scores'][i]:.2f} | {short(m['completions'][i])} |")
-    par = report.get("parallel", {"jobs": 1, "threads_each": "all the"})
-    lines += ["", "## Where the time went", "",
-              f"After the pairs, {par['jobs']} stage(s) ran at once with {par['threads_each']} "
-              f"thread(s) each: each row is one stage's wall time (an evaluation's without "
-              f"loading its models), so the rows add up to more than the run.", "",
-              "| stage | seconds |", "|---|---|",
-              f"| pairs (sampling, VADER) | {data['seconds']:.0f} |"]
-    lines += [f"| train {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()]
-    lines += [f"| evaluate {k} | {v:.0f} |" for k, v in report["eval_seconds"].items()]
-    return "\n".join(lines) + "\n"
+    return lines + [""]

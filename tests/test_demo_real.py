@@ -142,15 +142,17 @@ def test_full_plan_parses(tmp_path, monkeypatch):
     plan = demo_real.stage_plan(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct",
                                 demo_real.SIZES["default"], True, None)
     configs = {}
-    for name, recipe, config, _, extra, _, _ in plan:
+    for name, recipe, config, _, extra, family, _ in plan:
+        if family == "rlvr":
+            assert extra[extra.index("--dataset_name") + 1] == str(tmp_path / "data" / "rlvr")
         arguments = importlib.import_module(f"rlhf_ext.recipes.{recipe[:-3]}").ARGUMENTS
         command = stage_command(name, recipe, config, extra, tmp_path, 0)
         configs[name] = TrlParser(arguments).parse_args_and_config(args=command[2:])[1]
         assert configs[name].output_dir == str(tmp_path / name)
     assert sorted(configs) == sorted(
         ["reward", "ppo", "ppo_kl_coef0.02", "ppo_kl_coef0.2", "ppo_vader", "grpo_vader",
-         "rloo_vader", "dpo", "ipo", "kto", "orpo", "simpo", "dpo_rlaif", "dpo_rlaif_hard",
-         "dpo_beta0.05", "dpo_beta0.5"])
+         "rloo_vader", "rlvr_grpo", "rlvr_rloo", "rlvr_ppo", "dpo", "ipo", "kto", "orpo",
+         "simpo", "dpo_rlaif", "dpo_rlaif_hard", "dpo_beta0.05", "dpo_beta0.5"])
     assert [configs[n].kl_coef for n in ("ppo", "ppo_kl_coef0.02", "ppo_kl_coef0.2")] == [
         0.05, 0.02, 0.2]
     assert [configs[n].beta for n in ("dpo", "dpo_beta0.05", "dpo_beta0.5")] == [0.1, 0.05, 0.5]
@@ -158,5 +160,40 @@ def test_full_plan_parses(tmp_path, monkeypatch):
     for name, estimator in (("grpo_vader", "grpo"), ("rloo_vader", "rloo")):
         assert configs[name].advantage_estimator == estimator
         assert not configs[name].value_head_on_policy
+    # the rlvr rows: addition problems, three reward functions with weights, one estimator
+    # changed by one argument (PPO: one sample a prompt, its value a head on the policy)
+    for name, estimator in (("rlvr_grpo", "grpo"), ("rlvr_rloo", "rloo"), ("rlvr_ppo", "gae")):
+        assert configs[name].advantage_estimator == estimator
+        assert configs[name].reward_weights == [1.0, 0.5, 0.5]
+    assert configs["rlvr_ppo"].value_head_on_policy and configs["rlvr_ppo"].num_generations == 1
+    assert not configs["rlvr_grpo"].value_head_on_policy
     assert [configs[n].loss_type for n in ("dpo", "ipo", "kto", "orpo", "simpo")] == [
         ["sigmoid"], ["ipo"], ["kto"], ["orpo"], ["simpo"]]  # TRL's list of losses
+
+
+def test_rlvr_stages_run_without_the_pairs(tmp_path, monkeypatch):
+    """--methods rlvr: the three rlvr stages and their evaluations on the addition problems
+    only (no pairs sampled, no VADER evaluation); beside a sentiment row, each evaluation
+    waits on its own stage and reference."""
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "demos"))
+    demo_real = load_demo("demo_real")
+    size = demo_real.SIZES["quick"]
+    plan = demo_real.stage_plan(tmp_path, "m", size, False, ["rlvr"])
+    assert [p[0] for p in plan] == ["rlvr_grpo", "rlvr_rloo", "rlvr_ppo"]
+    todo = demo_real.jobs(tmp_path, plan, size, 0, False, True)
+    assert [(j.name, j.after) for j in todo] == [
+        ("rlvr_grpo", []), ("rlvr_rloo", []), ("rlvr_ppo", []), ("eval rlvr reference", []),
+        ("eval rlvr_grpo", ["rlvr_grpo"]), ("eval rlvr_rloo", ["rlvr_rloo"]),
+        ("eval rlvr_ppo", ["rlvr_ppo"])]
+    assert all("--quick" in j.cmd for j in todo if j.name.startswith("eval"))
+    assert todo[3].done == tmp_path / "rlvr_eval_quick" / "reference.json"
+    plan = demo_real.stage_plan(tmp_path, "m", size, False, None)  # the default run: GRPO
+    assert [p[0] for p in plan if p[5] == "rlvr"] == ["rlvr_grpo"]
+    plan = demo_real.stage_plan(tmp_path, "m", size, False, ["dpo", "rlvr_grpo"])
+    todo = demo_real.jobs(tmp_path, plan, size, 0, False, False)
+    assert [(j.name, j.after) for j in todo] == [
+        ("rlvr_grpo", []), ("eval reference", []), ("eval rlvr reference", []), ("dpo", []),
+        ("eval dpo", ["dpo", "eval reference"]), ("eval rlvr_grpo", ["rlvr_grpo"])]
+    assert todo[2].done == tmp_path / "rlvr_eval" / "reference.json"

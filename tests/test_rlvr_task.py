@@ -1,6 +1,9 @@
 """The verifiable-reward task of the real world: its splits and reward functions by hand."""
 
+import json
+
 import pytest
+from conftest import ROOT, load_demo, run_recipe
 
 from rlhf_ext.worlds.smollm2.rlvr import (
     addition_problems,
@@ -34,3 +37,64 @@ def test_rewards_by_hand():
     penalty = overlong_penalty(max_tokens=16, soft=4)
     assert penalty([[0] * n for n in (3, 12, 13, 14, 16, 20)]) == [0.0, 0.0, -0.25, -0.5,
                                                                    -1.0, -1.0]
+
+
+def test_pass_at_k_by_hand():
+    pass_at_k = load_demo("demo_real_rlvr").pass_at_k
+    assert pass_at_k(8, 0, 4) == 0.0 and pass_at_k(8, 8, 1) == 1.0
+    assert pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
+    # 1 - P(4 draws from the 6 wrong ones) = 1 - C(6,4)/C(8,4) = 1 - 15/70
+    assert pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)
+
+
+@pytest.mark.slow
+def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
+    """The reduced rlvr stage of make demo-real (demos/demo_real.py --quick --methods
+    rlvr_grpo): recipes/smollm2/rlvr.yaml, the whole of SmolLM2-135M-Instruct trained by
+    GRPO for 2 iterations of 8 prompts x 8 samples at lr 3e-5, judged greedily on 64
+    held-out problems before and after. Measured (2026-12-06, seed 0, one thread): greedy
+    0.328 -> 0.609 (+0.28; s.e. of each about 0.06, the same problems before and after),
+    78 s of training, 100 s the test; the earlier experiments of the stage, on 96
+    held-out problems: +0.25 after 2 iterations at lr 4e-5 (seed 0) and at 3e-5 (another
+    split, seed 1)."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from rlhf_ext.models import load_causal_lm
+    from rlhf_ext.worlds.smollm2 import smollm2_path
+
+    monkeypatch.syspath_prepend(str(ROOT / "demos"))  # demo_real imports its neighbours
+    rlvr = load_demo("demo_real_rlvr")
+    demo_real = load_demo("demo_real")
+    rlvr.make_problems(tmp_path, seed=0)
+    rows = json.loads((tmp_path / "data" / "rlvr_held_out.json").read_text())[:64]
+    asked = {r["prompt"][0]["content"] for r in load_from_disk(str(tmp_path / "data" / "rlvr"))
+             ["train"]}
+    assert len(asked) == 1600 - 96 and not asked & {r["prompt"][0]["content"] for r in rows}
+    path = str(smollm2_path())
+    run_recipe(["recipes/ppo.py", "--config", "recipes/smollm2/rlvr.yaml",
+                "--model_name_or_path", path, "--dataset_name", str(tmp_path / "data" / "rlvr"),
+                "--output_dir", str(tmp_path / "rlvr_grpo"), "--disable_tqdm", "true",
+                *demo_real.SIZES["quick"]["rlvr"]], launcher="python", timeout=900)
+    summary = json.loads((tmp_path / "rlvr_grpo" / "ppo_summary.json").read_text())
+    logs = [h for h in summary["log_history"] if "rewards/correctness_reward/mean" in h]
+    assert [h["step"] for h in logs] == [1, 2]  # one optimizer step per rollout of 64
+    for h in logs:  # the weighted sum of the three reward functions
+        parts = [h[f"rewards/{f}/mean"] for f in ("correctness_reward", "format_reward",
+                                                  "overlong_penalty")]
+        assert h["reward"] == pytest.approx(parts[0] + 0.5 * parts[1] + 0.5 * parts[2],
+                                            abs=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(path)
+    reference = load_causal_lm(path, dtype=torch.float32).eval()
+    trained = load_causal_lm(str(tmp_path / "rlvr_grpo"), dtype=torch.float32).eval()
+    greedy = {"samples": 0, "pass_at": [], "kl_samples": 0}
+    before = rlvr.evaluate(reference, None, tok, rows, greedy, seed=0)
+    after = rlvr.evaluate(trained, reference, tok, rows, greedy, seed=0)
+    print(f"greedy {before['greedy']:.3f} -> {after['greedy']:.3f}")
+    assert 0.1 < before["greedy"] < 0.6  # well inside (0, 1) at the start
+    # at least 10 points (the issue's goal), about 1.7 s.e. of one accuracy, under the
+    # measured 28
+    assert after["greedy"] >= before["greedy"] + 0.10, (before, after)
+    assert after["format"] > before["format"]  # more replies of one line ending in a number
