@@ -8,7 +8,10 @@ asked to be glowing or scathing, are paired and labelled by a Bradley-Terry mode
 (rlhf_ext.worlds.smollm2.task). Stages, each one recipe run in its own process (LoRA policies):
 a reward model on the pairs; PPO against that reward model; PPO against VADER itself;
 dpo, ipo, kto, orpo and simpo on the pairs; with --full (or --methods rlaif) DPO on the
-pairs as the model itself judges them (demos/demo_real_rlaif.py). Best-of-N sampling of the reference (N = 4, 16,
+pairs as the model itself judges them (demos/demo_real_rlaif.py). Beside the sentiment
+experiment, verifiable rewards (demos/demo_real_rlvr.py): GRPO teaches the model two-digit
+addition, judged by exact match on held-out problems (RLOO and PPO too with --full or
+--methods rlvr; --methods rlvr alone samples no pairs). Best-of-N sampling of the reference (N = 4, 16,
 ranked by the reward model) is the baseline that trains nothing. Every policy is then
 sampled on prompts about held-out films (demos/demo_real_eval.py, one process each): mean VADER score, win rate against the
 reference, sampled KL to it, length, distinct-2 and the repeated-word rate (VADER is
@@ -145,7 +148,8 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
     if methods is not None:
         plan = [p for p in plan if p[0] == "reward" or p[5] in methods or p[0] in methods
                 or (p[0] in RLAIF and "rlaif" in methods)]
-    if not size["best_of"] and not any(p[5] == "ppo" for p in plan):
+    sentiment = any(p[5] not in ("reward", "rlvr") for p in plan)
+    if not (size["best_of"] and sentiment) and not any(p[5] == "ppo" for p in plan):
         plan = plan[1:]  # nothing reads the reward model
     return plan
 

@@ -180,8 +180,9 @@ def test_rlvr_stages_run_without_the_pairs(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "demos"))
     demo_real = load_demo("demo_real")
     size = demo_real.SIZES["quick"]
-    plan = demo_real.stage_plan(tmp_path, "m", size, False, ["rlvr"])
-    assert [p[0] for p in plan] == ["rlvr_grpo", "rlvr_rloo", "rlvr_ppo"]
+    for sizes in ("default", "quick"):  # no reward model (the default's best-of-N reads it)
+        plan = demo_real.stage_plan(tmp_path, "m", demo_real.SIZES[sizes], False, ["rlvr"])
+        assert [p[0] for p in plan] == ["rlvr_grpo", "rlvr_rloo", "rlvr_ppo"]
     todo = demo_real.jobs(tmp_path, plan, size, 0, False, True)
     assert [(j.name, j.after) for j in todo] == [
         ("rlvr_grpo", []), ("rlvr_rloo", []), ("rlvr_ppo", []), ("eval rlvr reference", []),
