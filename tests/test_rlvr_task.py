@@ -98,3 +98,16 @@ def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
     # measured 28
     assert after["greedy"] >= before["greedy"] + 0.10, (before, after)
     assert after["format"] > before["format"]  # more replies of one line ending in a number
+
+
+def test_the_ppo_recipe_reads_several_reward_functions():
+    """--reward a:f,b:g -> the list, in order (the recipe sums them with reward_weights); a
+    part that is not 'module:function' is refused with the part named."""
+    from rlhf_ext.recipes.ppo import reward_functions as functions
+
+    spec = ("rlhf_ext.worlds.smollm2.rlvr:correctness_reward, "
+            "rlhf_ext.worlds.smollm2.rlvr:format_reward")
+    assert functions(spec) == [correctness_reward, format_reward]
+    assert functions("rlhf_ext.worlds.smollm2.rlvr:format_reward") is format_reward
+    with pytest.raises(ValueError, match="got 'format_reward'"):
+        functions("rlhf_ext.worlds.smollm2.rlvr:correctness_reward,format_reward")
