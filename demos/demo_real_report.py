@@ -21,6 +21,18 @@ def frontier(report: dict) -> dict:
     return {k: sorted(v) for k, v in points.items()}
 
 
+def save_figure(fig, axes, path: Path) -> None:
+    """Grid and legend on each of ``axes``, then ``fig`` written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -41,11 +53,7 @@ def plot(report: dict, out: Path) -> list[str]:
                  "(held-out films; each point one trained policy)",
            xlabel="sampled KL(policy || reference), nats per completion",
            ylabel="mean VADER compound score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, [ax], out / "frontier.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, c in report["training"].items():
@@ -55,12 +63,7 @@ def plot(report: dict, out: Path) -> list[str]:
                 ylabel="objective/scores")
     axes[1].set(title="Preference training: implicit reward margin (own scales)",
                 xlabel="step", ylabel="rewards/margins")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, out / "training_curves.png")
     return ["frontier.png", "training_curves.png"]
 
 

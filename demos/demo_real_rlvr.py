@@ -116,6 +116,7 @@ def curves(summary: dict) -> dict[str, list]:
 
 def plot(rlvr: dict, out: Path) -> str:
     import matplotlib
+    from demo_real_report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,12 +129,7 @@ def plot(rlvr: dict, out: Path) -> str:
                 ylabel="rewards/correctness_reward/mean")
     axes[1].set(title="Rollouts: weighted reward (correctness + format + overlong)",
                 xlabel="iteration", ylabel="reward")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "rlvr_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, out / "rlvr_curves.png")
     return "rlvr_curves.png"
 
 
