@@ -9,6 +9,7 @@ process; then the mean of those values over the micro-steps since the last log.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -24,6 +25,12 @@ _REDUCE = {
     "max": lambda c: max(c[0]),
     "sum": lambda c: sum(c[0]),
 }
+
+
+def _mean_of_finite(values: list[float]) -> float | None:
+    """The mean of the non-NaN values; None (a JSON null, as TRL logs it) if there is none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
 
 
 class MetricBuffer:
@@ -62,7 +69,8 @@ class MetricBuffer:
         self._add(mode, key, "sum", values.sum())
 
     def host(self, mode: str, key: str, value: float) -> None:
-        """A number already reduced over processes: averaged over the entries."""
+        """A number already reduced over processes: averaged over the entries (NaN ones,
+        e.g. the std of a reward function that scored one row, left out)."""
         self._host[mode][key].append(value)
 
     def reduce(self, mode: str, gather: Callable[[Tensor], Tensor]) -> dict[str, float]:
@@ -83,7 +91,7 @@ class MetricBuffer:
                     totals[key] = totals.get(key, 0.0) + value
                 elif value is not None:
                     steps[key].append(value)
-        return {**{k: sum(v) / len(v) for k, v in steps.items() if v}, **totals}
+        return {**{k: _mean_of_finite(v) for k, v in steps.items() if v}, **totals}
 
     def log_into(self, logs: dict, gather: Callable[[Tensor], Tensor],
                  eval_gather: Callable[[Tensor], Tensor] | None = None) -> str:

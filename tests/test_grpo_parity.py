@@ -33,8 +33,8 @@ def setup(world_dir, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(world_dir / "base")
     build_model("tiny", tok, seed=0).save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
-    rng = random.Random(0)
-    words = [w for w in tok.get_vocab() if w.isalpha() and len(tok(w)["input_ids"]) == 1]
+    rng = random.Random(0)  # over the sorted vocabulary: get_vocab's order differs by process
+    words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and len(tok(w)["input_ids"]) == 1]
     prompts = []
     while len(prompts) < 8:  # equal token lengths: TRL's forward counts positions from 0
         text = " ".join(rng.sample(words, PROMPT_TOKENS))
@@ -130,12 +130,21 @@ def reward_first_token(completion_ids, trainer_state, **kwargs):
     return [ids[0] / 100 if ids[0] % 2 == 0 else None for ids in completion_ids]
 
 
+def reward_one_row(completion_ids, **kwargs):
+    """Scores one completion of the batch (the one with the largest first token): its std
+    has one sample, NaN, which TRL logs as None."""
+    top = max(range(len(completion_ids)), key=lambda i: completion_ids[i][0])
+    return [1.0 if i == top else None for i in range(len(completion_ids))]
+
+
 def test_several_reward_functions_with_weights_and_none_match_trl(setup, monkeypatch, tmp_path):
+    funcs = (reward_short, reward_first_token, reward_one_row)
     logs = run_both(setup, monkeypatch, tmp_path, "GRPO", 2, loss_type="grpo",
-                    reward_funcs=[reward_short, reward_first_token], reward_weights=[1.0, 0.5],
+                    reward_funcs=list(funcs), reward_weights=[1.0, 0.5, 2.0],
                     max_steps=1, num_iterations=1)
     keys = ["reward", "reward_std", "frac_reward_zero_std", "loss"] + [
-        f"rewards/{f}/{s}" for f in ("reward_short", "reward_first_token") for s in ("mean", "std")]
+        f"rewards/{f.__name__}/{s}" for f in funcs for s in ("mean", "std")]
     for key in keys:
         assert logs["ours"][key] == pytest.approx(logs["trl"][key], rel=1e-5, abs=1e-6), key
+    assert logs["ours"]["rewards/reward_one_row/std"] is None
     assert 0 < logs["ours"]["rewards/reward_first_token/mean"]

@@ -24,14 +24,17 @@ def test_two_processes_by_hand():
     record(second, [], [7.0], [], [], 0.0)
     first.host("train", "host", 1.5)
     first.host("train", "host", 2.5)
+    first.host("train", "host", float("nan"))  # e.g. a std of one scored row: left out
+    first.host("train", "lone_std", float("nan"))  # nothing valid: None, as TRL logs it
     first.mean("eval", "ratio", torch.tensor([9.0]))
     sent = []
     second.reduce("train", lambda x: sent.append(x) or x)
     calls = []
     out = first.reduce("train", lambda x: calls.append(x) or torch.cat([x, sent[0]]))
     assert len(calls) == 1 and calls[0].shape == (1, 2 * (2 + 1 + 4 + 1))
-    assert out == pytest.approx({"ratio": (6 / 3 + 4 / 1) / 2, "min": (-1 + 2) / 2,
+    assert {k: v for k, v in out.items() if k != "lone_std"} == pytest.approx({"ratio": (6 / 3 + 4 / 1) / 2, "min": (-1 + 2) / 2,
                                  "diff": 4 / 2 - 2 / 1, "tokens": 12.0, "host": 2.0})
+    assert out["lone_std"] is None
     assert first.reduce("train", lambda x: 1 / 0) == {}  # cleared, nothing gathered
     assert first.log_into({"eval_loss": 0.5}, lambda x: x) == "eval"
 

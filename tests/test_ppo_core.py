@@ -199,6 +199,16 @@ def test_group_baselines_leave_unscored_samples_out_and_scale_by_the_batch():
     batch = core.group_baseline_scores(scores, 3, "grpo", "batch", all_scores=everyone)
     torch.testing.assert_close(batch, T([-1, 0, 1, 4, -2, -2]) / (sd + 1e-4))
     assert core.nanstd(T([1.0, nan, 3.0])).item() == pytest.approx(math.sqrt(2))
+    # one scored sample has no std (TRL logs NaN), none neither; per row along a dim
+    assert math.isnan(core.nanstd(T([nan, 4.0, nan]))) and math.isnan(core.nanstd(T([nan])))
+    rows = core.nanstd(T([[1.0, 3.0], [5.0, nan]]), 1)
+    assert rows[0].item() == pytest.approx(math.sqrt(2)) and math.isnan(rows[1])
+    # a group with one scored sample: its advantage is 0, not NaN, under every scaling
+    lone = T([nan, 4.0, nan, 1.0, 2.0, 3.0])
+    for scaling in ("group", "batch"):
+        adv = core.group_baseline_scores(lone, 3, "grpo", scaling)
+        assert torch.isfinite(adv).all() and adv[:3].abs().max() == 0
+    torch.testing.assert_close(core.whiten_scores(T([4.0, nan])), T([0.0, nan]), equal_nan=True)
 
 
 def test_rloo_kl_in_the_score_and_whitened_advantages():

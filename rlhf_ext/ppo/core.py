@@ -7,6 +7,8 @@ tensors are aligned so that position t holds quantities of the t-th response tok
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -121,15 +123,22 @@ REWARD_SCALINGS = ("group", "batch", "none")
 
 
 def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    """Bessel-corrected std over the non-NaN entries (along ``dim``, or of all)."""
+    """Bessel-corrected std over the non-NaN entries (along ``dim``, or of all); NaN where
+    fewer than two entries are live (as ``torch.std`` of one sample, and TRL's ``nanstd``).
+    Callers that divide by it read NaN as 0."""
     if dim is None:
         x, dim = x.flatten(), 0
     live = ~torch.isnan(x)
     n = live.sum(dim, keepdim=True)
     mean = torch.nanmean(x, dim, keepdim=True)
-    var = torch.where(live, (x - mean) ** 2, 0.0).sum(dim, keepdim=True) / (n - 1).clamp(min=1)
-    std = var.sqrt()
+    squares = torch.where(live, (x - mean) ** 2, 0.0).sum(dim, keepdim=True)
+    std = torch.where(n > 1, squares / (n - 1).clamp(min=1), math.nan).sqrt()
     return std if keepdim else std.squeeze(dim)
+
+
+def _spread(std: Tensor) -> Tensor:
+    """A std to divide by: one live sample (NaN std) has no spread, 0."""
+    return torch.nan_to_num(std, nan=0.0)
 
 
 def group_baseline_scores(scores: Tensor, group_size: int, estimator: str,
@@ -161,9 +170,10 @@ def group_baseline_scores(scores: Tensor, group_size: int, estimator: str,
             raise ValueError(f"scale_rewards must be one of {REWARD_SCALINGS}, "
                              f"got {scale_rewards!r}")
         if scale_rewards == "group":
-            centred = centred / (nanstd(groups, 1, keepdim=True) + 1e-4)
+            centred = centred / (_spread(nanstd(groups, 1, keepdim=True)) + 1e-4)
         elif scale_rewards == "batch":
-            centred = centred / (nanstd(scores if all_scores is None else all_scores) + 1e-4)
+            centred = centred / (_spread(nanstd(scores if all_scores is None else all_scores))
+                                 + 1e-4)
         out = centred
     elif estimator == "rloo":
         n = (~torch.isnan(groups)).sum(1, keepdim=True)
@@ -180,7 +190,7 @@ def whiten_scores(x: Tensor, all_x: Tensor | None = None) -> Tensor:
     """(x - mean) / (std + 1e-4) with mean and Bessel std over ``all_x`` (every process's,
     default x), NaN left out: RLOO's ``normalize_advantages``. [B] -> [B]."""
     ref = x if all_x is None else all_x
-    return (x - torch.nanmean(ref)) / (nanstd(ref) + 1e-4)
+    return (x - torch.nanmean(ref)) / (_spread(nanstd(ref)) + 1e-4)
 
 
 def loss_mask(response_mask: Tensor, live: Tensor, finished: Tensor,
