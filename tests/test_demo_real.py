@@ -1,8 +1,10 @@
-"""make demo-real, reduced (demos/demo_real.py --quick --methods dpo,ppo_vader):
-SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, DPO trained 24
-steps on them, PPO against VADER for 4 iterations of 16 rollouts (LoRA, the value a head on
-the policy), both judged on 4 samples of each of 22 prompts about films no stage trained
-on: both beat the reference there. With the inverse-CDF sampler and the stages on one
+"""make demo-real, reduced (demos/demo_real.py --quick --methods ppo_vader):
+SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, PPO against VADER
+for 4 iterations of 16 rollouts (LoRA, the value a head on the policy), judged on 4 samples
+of each of 22 prompts about films no stage trained on: it beats the reference there. (The
+suite ran DPO's stage here too until 2026-12-06, +0.17 over the reference at 2.4 standard
+errors; it took a third of the suite's longest test, and DPO's math is checked against TRL's
+elsewhere: its held-out lift is the committed report's, docs/demo_real/.) With the inverse-CDF sampler and the stages on one
 thread each, two at a time (2026-12-03, demos/demo_real.py --quick alone: 5.1 minutes):
 the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard errors of the difference, KL
 1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the sampler before and on two
@@ -30,18 +32,18 @@ METRICS = {"vader", "vader_se", "win_rate_vs_reference", "kl_to_reference", "mea
 
 def test_reduced_real_demo(tmp_path):
     out = tmp_path / "demo_real"
-    args = ["demos/demo_real.py", "--out", str(out), "--quick", "--methods", "dpo,ppo_vader"]
+    args = ["demos/demo_real.py", "--out", str(out), "--quick", "--methods", "ppo_vader"]
     run_recipe(args, launcher="python", timeout=900)
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["quick"] is True
-    assert list(report["methods"]) == ["reference", "ppo_vader", "dpo"]
+    assert list(report["methods"]) == ["reference", "ppo_vader"]
     assert report["reward_model"] is None  # neither PPO against it nor best-of-N asked
-    assert set(report["stage_seconds"]) == {"ppo_vader", "dpo"}
+    assert set(report["stage_seconds"]) == {"ppo_vader"}
     # two stages at a time, the cores split between them; every evaluation logged apart
     assert report["parallel"] == {"jobs": 2, "threads_each": load_demo("stage_pool")
                                   .threads_each(2)}
     assert sorted(p.name for p in (out / "logs").iterdir()) == [
-        "eval_samples4_dpo.txt", "eval_samples4_ppo_vader.txt", "eval_samples4_reference.txt"]
+        "eval_samples4_ppo_vader.txt", "eval_samples4_reference.txt"]
 
     # the pairs: the reference's own reviews, chosen and rejected differing by >= 0.3 VADER;
     # the training labels are Bradley-Terry draws (some prefer the lower score), the
@@ -74,20 +76,13 @@ def test_reduced_real_demo(tmp_path):
     ref = report["methods"]["reference"]
     assert ref["kl_to_reference"] == 0.0 and ref["win_rate_vs_reference"] == 0.5
 
-    # DPO and PPO beat the reference on the held-out films: a higher mean VADER score and a
-    # win rate above one half (the reference's pool is as large as theirs: 4 samples a
-    # prompt)
+    # PPO beats the reference on the held-out films: a higher mean VADER score and a win
+    # rate above one half (the reference's pool is as large as its: 4 samples a prompt)
     assert size["eval_samples"] == size["reference_samples"] == 4
-    for name in ("dpo", "ppo_vader"):
-        m = report["methods"][name]
-        assert m["kl_to_reference"] > 0, name  # trained: it moved
-        assert m["vader"] > ref["vader"], (name, m["vader"], ref["vader"])
-        assert m["win_rate_vs_reference"] > 0.5, (name, m["win_rate_vs_reference"])
-
-    # DPO learned its pairs: the implicit reward margin (logged every 4 of 24 steps) grew
-    curve = report["training"]["dpo"]
-    assert curve["reward_key"] == "rewards/margins" and len(curve["reward"]) == 6
-    assert curve["reward"][-1] > curve["reward"][0] + 0.2, curve["reward"]
+    m = report["methods"]["ppo_vader"]
+    assert m["kl_to_reference"] > 0  # trained: it moved
+    assert m["vader"] > ref["vader"], (m["vader"], ref["vader"])
+    assert m["win_rate_vs_reference"] > 0.5, m["win_rate_vs_reference"]
     # PPO logged once per iteration (4 of them, 8 steps each); its first rollout came from
     # the reference itself (LoRA starts as the identity), later ones from a policy that moved
     curve = report["training"]["ppo_vader"]
@@ -96,12 +91,12 @@ def test_reduced_real_demo(tmp_path):
     for png in report["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| dpo |" in md and "frontier.png" in md and "Where the time went" in md
+    assert "| ppo_vader |" in md and "frontier.png" in md and "Where the time went" in md
 
     # each evaluation cached under its sample count; a rerun reuses every finished stage
     # and evaluation (the evaluations' seconds are the first run's, read back)
     assert sorted(p.name for p in (out / "eval_samples4").iterdir()) == [
-        "dpo.json", "ppo_vader.json", "reference.json"]
+        "ppo_vader.json", "reference.json"]
     assert not (out / "eval").exists()
     run_recipe(args, launcher="python", timeout=300)
     again = json.loads((out / "report.json").read_text())
