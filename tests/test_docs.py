@@ -1,7 +1,8 @@
 """The documentation site: it builds strictly (a broken link, a broken anchor or a missing API
 object fails the build), and every page's Python blocks run as written, in order, in a
-fresh process per page, and train what they say they train (the blocks assert their own
-first-step invariants; the epilogues below read what they left behind)."""
+fresh process per page (forked from one that imported the libraries once), and train what
+they say they train (the blocks assert their own first-step invariants; the epilogues below
+read what they left behind)."""
 
 import json
 import os
@@ -48,18 +49,37 @@ def test_every_page_with_code_is_checked():
     assert set(PAGES) == set(EPILOGUES), set(PAGES) ^ set(EPILOGUES)
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_python_blocks_run(page, tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
-    epilogue, expected = EPILOGUES[page]
-    code = "\n".join(blocks) + f"\nimport json\nprint('STATE', json.dumps({epilogue}))\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+def test_every_pages_python_blocks_run(tmp_path):
+    """Each page's blocks, in order, then its epilogue: in a process of its own, forked from
+    one that imported the libraries (tests/page_runner.py), in a folder of its own."""
+    jobs = []
+    for page in PAGES:
+        blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+        epilogue = EPILOGUES[page][0]
+        folder = tmp_path / page.replace("/", "_")
+        folder.mkdir()
+        jobs.append({"name": page, "cwd": str(folder), "code": "\n".join(blocks)
+                     + f"\nimport json\nprint('STATE', json.dumps({epilogue}))\n"})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "page_runner.py"),
+                           str(tmp_path / "jobs.json")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=900,
                           env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                                "TRL_EXPERIMENTAL_SILENCE": "1", "PATH": "/usr/bin:/bin",
                                "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.split("STATE ", 1)[1]) == expected
+    exits = dict(line.split()[1:] for line in proc.stdout.splitlines()
+                 if line.startswith("PAGE "))
+    assert list(exits) == PAGES
+    failed = {}
+    for job in jobs:
+        folder, page = Path(job["cwd"]), job["name"]
+        out = (folder / "stdout.txt").read_text()
+        if exits[page] != "0" or "STATE " not in out:
+            failed[page] = (folder / "stderr.txt").read_text()[-3000:]
+        elif json.loads(out.split("STATE ", 1)[1]) != EPILOGUES[page][1]:
+            failed[page] = f"left behind {out.split('STATE ', 1)[1]}"
+    assert not failed, failed
 
 
 def test_site_builds_strictly_with_the_api_reference(tmp_path):
