@@ -36,12 +36,11 @@ def pytest_configure(config):
 # durations of a `make test`). xdist hands out its groups of several tests first, then the
 # rest in collection order: a six-minute test collected last keeps one worker busy for six
 # minutes after the other has finished, so these are moved to the front, longest first.
-LONGEST = {"test_reduced_real_demo": 432,  # the CI run of 2026-12-06, AVX2-only
-           "test_reward_head_on_vader_labelled_self_samples_ranks_held_out_films": 221,
-           "test_reduced_demo": 209,
-           "test_every_pages_python_blocks_run": 90,  # the 8 pages' old sum: 120
-           "test_grpo_lifts_held_out_accuracy": 100,  # alone, 2026-12-06
-           "test_the_smoke_script_passes_on_the_cpu": 83,
+LONGEST = {"test_reduced_real_demo": 452,  # a full run of 2026-12-06, AVX2-only
+           "test_reduced_demo": 164,
+           "test_grpo_lifts_held_out_accuracy": 128,
+           "test_reward_model_ranks_held_out_pairs_and_scores_as_it_trains": 85,
+           "test_the_smoke_script_passes_on_the_cpu": 70,
            "test_ppo_lora_with_a_reward_function": 46,
            "test_ppo_resumed_mid_iteration_equals_uninterrupted": 41,
            "test_recipe_pushes_adapter_and_card": 33,
