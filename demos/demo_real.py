@@ -52,8 +52,8 @@ SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (20
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"],
                     rlvr=[]),
     # --quick (the suite runs its ppo_vader; 2026-12-06): no reward model (nor best-of-N);
-    # dpo for 24 steps at the default's learning rate on the pairs of 4 films, judged on 4 samples of each of 22 held-out
-    # prompts (2026-12-03, with the sampler before its inverse-CDF draws, 2 threads: +0.27
+    # dpo for 24 steps at the default's learning rate on the pairs of 4 films, judged on 4
+    # samples of each of 22 held-out prompts (2026-12-03, with the sampler before its inverse-CDF draws, 2 threads: +0.27
     # over the reference's 0.294, s.e. of the difference 0.066; 16 steps +0.14, 20 +0.18;
     # 8 at 5e-4 -0.11 at a KL of 5.9; with the new sampler, one thread a stage: +0.17 over
     # 0.200, s.e. 0.071);

@@ -27,7 +27,7 @@ _REDUCE = {
 }
 
 
-def _mean_of_finite(values: list[float]) -> float | None:
+def _mean_skipping_nan(values: list[float]) -> float | None:
     """The mean of the non-NaN values; None (a JSON null, as TRL logs it) if there is none."""
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else None
@@ -91,7 +91,7 @@ class MetricBuffer:
                     totals[key] = totals.get(key, 0.0) + value
                 elif value is not None:
                     steps[key].append(value)
-        return {**{k: _mean_of_finite(v) for k, v in steps.items() if v}, **totals}
+        return {**{k: _mean_skipping_nan(v) for k, v in steps.items() if v}, **totals}
 
     def log_into(self, logs: dict, gather: Callable[[Tensor], Tensor],
                  eval_gather: Callable[[Tensor], Tensor] | None = None) -> str:

@@ -1,12 +1,11 @@
 """make demo-real, reduced (demos/demo_real.py --quick --methods ppo_vader):
 SmolLM2-135M-Instruct, VADER as the judge, the pairs sampled and labelled, PPO against VADER
 for 4 iterations of 16 rollouts (LoRA, the value a head on the policy), judged on 4 samples
-of each of 22 prompts about films no stage trained on: it beats the reference there. (The
-suite ran DPO's stage here too until 2026-12-06, +0.17 over the reference at 2.4 standard
-errors; it took a third of the suite's longest test, and DPO's math is checked against TRL's
-elsewhere: its held-out lift is the committed report's, docs/demo_real/.) With the inverse-CDF sampler and the stages on one
-thread each, two at a time (2026-12-03, demos/demo_real.py --quick alone: 5.1 minutes):
-the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard errors of the difference, KL
+of each of 22 prompts about films no stage trained on: it beats the reference there. (Until
+2026-12-06 it ran DPO's stage too, a third of this test's time; DPO's math is checked
+against TRL's elsewhere, its held-out lift is in docs/demo_real/.) With the inverse-CDF
+sampler and the stages on one thread each, two at a time (2026-12-03, demos/demo_real.py
+--quick alone: 5.1 minutes): the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard errors of the difference, KL
 1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the sampler before and on two
 threads: DPO +0.27 over the reference's 0.294; PPO +0.16, +0.25, +0.14, +0.12 with PPO
 seeds 0-3 (2 to 4 standard errors), after over a dozen shorter or lam-0.95 settings had
@@ -39,7 +38,8 @@ def test_reduced_real_demo(tmp_path):
     assert list(report["methods"]) == ["reference", "ppo_vader"]
     assert report["reward_model"] is None  # neither PPO against it nor best-of-N asked
     assert set(report["stage_seconds"]) == {"ppo_vader"}
-    # two stages at a time, the cores split between them; every evaluation logged apart
+    # the pool's setting (two stages at a time, the cores split between them; one stage
+    # here); every evaluation logged apart
     assert report["parallel"] == {"jobs": 2, "threads_each": load_demo("stage_pool")
                                   .threads_each(2)}
     assert sorted(p.name for p in (out / "logs").iterdir()) == [

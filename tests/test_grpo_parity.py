@@ -34,7 +34,8 @@ def setup(world_dir, tmp_path_factory):
     build_model("tiny", tok, seed=0).save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
     rng = random.Random(0)  # over the sorted vocabulary: get_vocab's order differs by process
-    words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and len(tok(w)["input_ids"]) == 1]
+    words = [w for w in sorted(tok.get_vocab())
+             if w.isalpha() and len(tok(w)["input_ids"]) == 1]
     prompts = []
     while len(prompts) < 8:  # equal token lengths: TRL's forward counts positions from 0
         text = " ".join(rng.sample(words, PROMPT_TOKENS))
