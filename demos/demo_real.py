@@ -11,9 +11,10 @@ dpo, ipo, kto, orpo and simpo on the pairs; with --full (or --methods rlaif) DPO
 pairs as the model itself judges them (demos/demo_real_rlaif.py). Beside the sentiment
 experiment, verifiable rewards (demos/demo_real_rlvr.py): GRPO teaches the model two-digit
 addition, judged by exact match on held-out problems (RLOO and PPO too with --full or
---methods rlvr; --methods rlvr alone samples no pairs). Best-of-N sampling of the reference (N = 4, 16,
-ranked by the reward model) is the baseline that trains nothing. Every policy is then
-sampled on prompts about held-out films (demos/demo_real_eval.py, one process each): mean VADER score, win rate against the
+--methods rlvr; --methods rlvr alone samples no pairs). Best-of-N sampling of the
+reference (N = 4, 16, ranked by the reward model) is the baseline that trains nothing.
+Every policy is then sampled on prompts about held-out films (demos/demo_real_eval.py, one
+process each): mean VADER score, win rate against the
 reference, sampled KL to it, length, distinct-2 and the repeated-word rate (VADER is
 gameable by "great great great"). --full adds DPO betas and PPO KL coefficients for the
 reward-against-KL frontier (the paper's figure 2).
@@ -51,12 +52,12 @@ SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (20
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"],
                     rlvr=[]),
-    # --quick (the suite runs its ppo_vader; 2026-12-06): no reward model (nor best-of-N);
-    # dpo for 24 steps at the default's learning rate on the pairs of 4 films, judged on 4
-    # samples of each of 22 held-out prompts (2026-12-03, with the sampler before its inverse-CDF draws, 2 threads: +0.27
-    # over the reference's 0.294, s.e. of the difference 0.066; 16 steps +0.14, 20 +0.18;
-    # 8 at 5e-4 -0.11 at a KL of 5.9; with the new sampler, one thread a stage: +0.17 over
-    # 0.200, s.e. 0.071);
+    # --quick (the suite runs its ppo_vader; 2026-12-06): no reward model (nor best-of-N); dpo
+    # for 24 steps at the default's learning rate on the pairs of 4 films, judged on 4 samples
+    # of each of 22 held-out prompts (2026-12-03, with the sampler before its inverse-CDF draws,
+    # 2 threads: +0.27 over the reference's 0.294, s.e. of the difference 0.066; 16 steps +0.14,
+    # 20 +0.18; 8 at 5e-4 -0.11 at a KL of 5.9; with the new sampler, one thread a stage: +0.17
+    # over 0.200, s.e. 0.071);
     # ppo_vader (PPO against VADER, the value head on the policy) for 4 iterations of 16
     # rollouts at lr 5e-4 with 2 epochs and lam 1 (each token credited with the whole
     # final score: at 0.95 the first of 32 tokens, where a review's tone is set, gets a

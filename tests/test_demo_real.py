@@ -6,10 +6,10 @@ of each of 22 prompts about films no stage trained on: it beats the reference th
 against TRL's elsewhere, its held-out lift is in docs/demo_real/.) With the inverse-CDF
 sampler and the stages on one thread each, two at a time (2026-12-03, demos/demo_real.py
 --quick alone: 5.1 minutes): the reference 0.200; DPO 0.372 (+0.17, about 2.4 standard
-errors of the difference, KL 1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the sampler before and on two
-threads: DPO +0.27 over the reference's 0.294; PPO +0.16, +0.25, +0.14, +0.12 with PPO
-seeds 0-3 (2 to 4 standard errors), after over a dozen shorter or lam-0.95 settings had
-moved it by -0.06 to +0.21 only.
+errors of the difference, KL 1.6), PPO 0.477 (+0.28, about 4.3, KL 3.8). Earlier, with the
+sampler before and on two threads: DPO +0.27 over the reference's 0.294; PPO +0.16, +0.25,
++0.14, +0.12 with PPO seeds 0-3 (2 to 4 standard errors), after over a dozen shorter or
+lam-0.95 settings had moved it by -0.06 to +0.21 only.
 
 What is asserted besides: the pairs and their labels, the held-out split, the report's
 schema and its exact parts (the reference's KL 0 and win rate 0.5, DPO's training margins,
