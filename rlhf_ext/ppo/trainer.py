@@ -94,15 +94,15 @@ class PolicyAndValue(nn.Module):
             names.update(getattr(m, "_no_split_modules", None) or ())
         return sorted(names)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None,
-                                        every_n_layers: int = 1, offload: bool = False):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None,
+                                      every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
         their activations in the backward pass (a PeftModel passes it to its base)."""
         for m in (self.policy, self.value_model):
             if m is None or isinstance(m, PolicyValueHead):  # the policy's own forward
                 continue
-            m.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
                 every_n_layers=every_n_layers, offload=offload)
 
 
