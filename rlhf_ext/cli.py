@@ -3,6 +3,7 @@
     rlhf-ext                                   # the recipes and the configs shipped with them
     rlhf-ext preference --config tiny/dpo.yaml --loss_type simpo --output_dir out/simpo
     accelerate launch -m rlhf_ext.cli ppo --config tiny/grpo_oracle.yaml
+    rlhf-ext vllm-serve --model PATH --port 8000   # a vLLM server for use_vllm, vllm_mode=server
 
 A ``--config`` that is not a file here is looked up among the packaged configs
 (``rlhf_ext/recipes/<model>/<name>.yaml``); every other flag goes to the recipe, which
@@ -48,15 +49,32 @@ def resolve_config(argv: list[str]) -> list[str]:
     return out
 
 
+def vllm_serve(argv: list[str]) -> None:
+    """``rlhf-ext vllm-serve``: vLLM's OpenAI-compatible server for ``vllm_mode="server"``
+    (``vllm_engine.serve_command``); flags it does not know go to vLLM."""
+    import argparse
+
+    from .vllm_engine import serve
+
+    parser = argparse.ArgumentParser(prog="rlhf-ext vllm-serve", description=vllm_serve.__doc__)
+    parser.add_argument("--model", required=True, help="the policy's folder (or Hub id)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    known, extra = parser.parse_known_args(argv)
+    raise SystemExit(serve(known.model, known.host, known.port, extra))
+
+
 def main(argv: list[str] | None = None) -> None:
     from .launch import run_main
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "vllm-serve":
+        vllm_serve(argv[1:])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in RECIPES:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"unknown recipe {argv[0]!r}", file=sys.stderr)
         print(__doc__.split("\n\n")[1])
-        print("recipes: " + ", ".join(RECIPES))
+        print("recipes: " + ", ".join(RECIPES) + "; and vllm-serve (a vLLM server)")
         print("configs: " + ", ".join(packaged_configs()))
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     recipe = importlib.import_module(f"rlhf_ext.recipes.{RECIPES[argv[0]]}")

@@ -1,5 +1,5 @@
 """Data and loading fields that TRL's DPO, KTO, CPO, ORPO and Reward configs share, in one
-mixin, with what each one does (``apply_tokenizer_fields``, ``model_init``,
+mixin, and the vLLM fields of the sampling trainers (``VLLMFields``), with what each one does (``apply_tokenizer_fields``, ``model_init``,
 ``activation_offloading``, ``pad_multiple``)."""
 
 from __future__ import annotations
@@ -37,6 +37,37 @@ class DataFields:
     activation_offloading: bool = field(default=False, metadata={
         "help": "Keep the activations saved for backward in CPU memory (on an accelerator; "
                 "on a CPU they are there already)."})
+
+
+@dataclass
+class VLLMFields:
+    """TRL's vLLM fields, for the trainers that sample (online RL, online DPO)."""
+
+    use_vllm: bool = field(default=False, metadata={
+        "help": "Sample with vLLM (rlhf_ext.vllm_engine) instead of transformers' generate; "
+                "the policy's weights reach it after the optimizer steps between samplings."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "colocate (vLLM in the training process) or server (a vLLM server started "
+                "with rlhf-ext vllm-serve; every process sends it prompts)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "colocate: the share of GPU memory vLLM takes (weights and KV cache)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={
+        "help": "colocate: GPUs one vLLM engine spans."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "colocate, GPU: vLLM frees its memory between rollouts."})
+    vllm_max_model_length: int | None = field(default=None, metadata={
+        "help": "colocate: vLLM's context length; None: the longest prompt plus the "
+                "completion length."})
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "help": "server: its URL (http://host:port); overrides host and port."})
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = field(default=240.0, metadata={
+        "help": "server: seconds to wait for it to answer."})
+
+    def check_vllm_mode(self) -> None:
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode must be colocate or server, got {self.vllm_mode!r}")
 
 
 def pad_multiple(value):

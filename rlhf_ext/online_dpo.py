@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
-from .config_fields import model_init
+from .config_fields import VLLMFields, model_init
 from .data import SOFT_LABEL, DataError, validate_prompt_dataset
 from .judges import PairwiseJudge, label_samples
 from .models import add_adapters, is_peft_model, is_quantized, load_causal_lm, load_tokenizer
@@ -37,9 +37,10 @@ DONE = "round.json"  # written last in a round folder: the round is finished
 
 
 @dataclass
-class OnlineDPOConfig(PreferenceConfig):
+class OnlineDPOConfig(VLLMFields, PreferenceConfig):
     """PreferenceConfig (the loss, beta and the rest as offline) plus the rounds; sampling
-    field names and defaults as TRL's OnlineDPOConfig (max_new_tokens 64, temperature 0.9)."""
+    field names and defaults as TRL's OnlineDPOConfig (max_new_tokens 64, temperature 0.9),
+    ``use_vllm`` and the vLLM fields as TRL's."""
 
     completions_are_samples = True  # an empty sample (eos first) is trained on
 
@@ -73,6 +74,7 @@ class OnlineDPOConfig(PreferenceConfig):
             raise ValueError(f"pairing must be 'all' or 'disjoint', got {self.pairing!r}")
         if not self.paired:
             raise ValueError(f"online DPO judges pairs; loss {self.loss_type} is unpaired")
+        self.check_vllm_mode()
 
 
 class OnlineDPOTrainer:
@@ -113,6 +115,7 @@ class OnlineDPOTrainer:
         self.callbacks = callbacks
         self.trainer: PreferenceTrainer | None = None
         self.rounds: list[dict] = []
+        self.engine = None  # vLLM with use_vllm: started by the first sampling round
 
     # -- one round's parts -------------------------------------------------------------------
 
@@ -136,17 +139,35 @@ class OnlineDPOTrainer:
                 raise ValueError(f"{path} is not valid JSON ({error}); it was cut short or "
                                  f"edited: delete it to sample round {r} again") from None
         tok, args, k = self.processing_class, self.args, self.args.num_generations
-        rendered = [render_prompt(tok, p) for p in prompts]
-        texts = generate_completions(self.model, tok, [p for p in rendered for _ in range(k)],
-                                     args.max_new_tokens, args.temperature, args.top_k,
-                                     args.top_p, args.generation_batch_size,
-                                     seed=args.seed + 1000 * r, progress=True).texts
+        rendered = [p for p in (render_prompt(tok, p) for p in prompts) for _ in range(k)]
+        decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed + 1000 * r)
+        if args.use_vllm:
+            texts = self._vllm(rendered).generate(rendered, **decoding).texts
+        else:
+            texts = generate_completions(self.model, tok, rendered, **decoding,
+                                         batch_size=args.generation_batch_size,
+                                         progress=True).texts
         samples = [texts[i:i + k] for i in range(0, len(texts), k)]
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a kill leaves no half file
         tmp.write_text(json.dumps(samples))
         tmp.replace(path)
         return samples
+
+    def _vllm(self, rendered: list[str]):
+        """The vLLM engine holding the current policy: started by the first round that
+        samples, given the trained weights by each later one."""
+        if self.engine is not None:
+            self.engine.sync(self.model)
+            return self.engine
+        from .vllm_engine import make_engine
+
+        longest = max(len(ids) for ids in self.processing_class(
+            rendered, add_special_tokens=False)["input_ids"])
+        self.engine = make_engine(self.model, self.processing_class, self.args,
+                                  longest + self.args.max_new_tokens, len(rendered))
+        return self.engine
 
     def _load_round(self, folder: Path) -> None:
         """The weights a finished round saved, into the policy."""
@@ -170,8 +191,15 @@ class OnlineDPOTrainer:
     def train(self, resume_from_checkpoint=None):
         """Run the rounds; with ``resume_from_checkpoint`` (True) continue where a previous
         run stopped. Returns the per-round summaries."""
+        try:
+            return self._train(bool(resume_from_checkpoint))
+        finally:
+            if self.engine is not None:  # vLLM's memory and process group go with it
+                self.engine.close()
+                self.engine = None
+
+    def _train(self, resume: bool) -> list[dict]:
         args, out = self.args, Path(self.args.output_dir)
-        resume = bool(resume_from_checkpoint)
         self.rounds, finished = [], None
         for r in range(args.num_rounds):
             folder = out / f"round-{r}"

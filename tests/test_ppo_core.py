@@ -295,7 +295,7 @@ def test_dynamic_sampling_replaces_uninformative_groups_in_order():
         n = len(scores)
         return Sampled([{"prompt": f"{tag}{i // 2}"} for i in range(n)], [tag] * n,
                        [f"{tag}{i}" for i in range(n)], [[i] for i in range(n)], [True] * n,
-                       T(scores)[:, None], T(scores), T(scores))
+                       None, T(scores)[:, None], T(scores), T(scores))
 
     first = sampled("a", [1, 1, 0, 1, 2, 2])  # groups of 2: a0 and a2 say nothing
     calls = []

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..config_fields import VLLMFields
 from ..run_record import ResumeFields
 from ..trainer_utils import DevicePrecision, check_finite_fields
 from . import core
 
 
 @dataclass
-class PPOConfig(DevicePrecision, ResumeFields, TrainingArguments):
+class PPOConfig(DevicePrecision, ResumeFields, VLLMFields, TrainingArguments):
     """TrainingArguments plus PPO's fields (TRL PPOConfig's names where they exist)."""
 
     rollout_batch_size: int = field(default=64, metadata={
@@ -93,6 +94,13 @@ class PPOConfig(DevicePrecision, ResumeFields, TrainingArguments):
                 "[prompt | response 1 | ... | response G] in the policy's and reference's "
                 "forwards, so the prompt is computed once per group (sdpa or eager "
                 "attention; minibatches then hold whole groups)."})
+    vllm_importance_sampling_correction: bool = field(default=True, metadata={
+        "help": "With use_vllm: weigh each token's policy loss by exp(old - sampler log-prob), "
+                "the gap between the trainer's and vLLM's kernels (ppo.sampler_correction)."})
+    vllm_importance_sampling_mode: str = field(default="sequence_mask", metadata={
+        "help": "token_truncate, token_mask, sequence_truncate or sequence_mask."})
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
     response_length: int = field(default=53, metadata={"help": "max_new_tokens of rollouts."})
     temperature: float = 0.7
     top_k: int = 0
@@ -167,9 +175,23 @@ class PPOConfig(DevicePrecision, ResumeFields, TrainingArguments):
         if self.delta is not None and self.delta <= 1 + high:
             raise ValueError(f"delta ({self.delta}) caps the unclipped ratio: it must exceed "
                              f"1 + epsilon_high ({1 + high})")
+        if self.use_vllm:
+            self._check_vllm()
         if self.dynamic_sampling and self.advantage_estimator not in core.GROUP_ESTIMATORS:
             raise ValueError("dynamic_sampling drops groups whose scores are all equal: it "
                              f"needs a group estimator ({', '.join(core.GROUP_ESTIMATORS)})")
+
+    def _check_vllm(self) -> None:
+        from .sampler_correction import MODES
+
+        self.check_vllm_mode()
+        if self.vllm_importance_sampling_mode not in MODES:
+            raise ValueError(f"vllm_importance_sampling_mode must be one of {', '.join(MODES)}, "
+                             f"got {self.vllm_importance_sampling_mode!r}")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({low}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({high})")
 
     def _check_estimator(self) -> None:
         name = self.advantage_estimator
@@ -222,7 +244,10 @@ class PPOConfig(DevicePrecision, ResumeFields, TrainingArguments):
     def needs_rollout_logps(self) -> bool:
         """False when each rollout is exactly one optimizer step (one epoch, one minibatch
         of it all) and no KL sits in the reward: the update's own log-probs are then the
-        old ones (ratio 1), and the rollout's policy forward is skipped."""
+        old ones (ratio 1), and the rollout's policy forward is skipped. With vLLM's
+        sampling corrected, always True."""
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            return True  # the correction weighs the sampler's log-probs against these
         one_step = self.num_ppo_epochs == 1 and self.rollout_batch_size == \
             self.per_device_train_batch_size * self.gradient_accumulation_steps
         return not (one_step and self.kl_coef == 0 and self.kl_target is None)

@@ -7,7 +7,7 @@ as in all our configs), and translate them into ``PPOConfig``'s: ``max_completio
 ``steps_per_generation`` micro-batches make one rollout, ``num_train_epochs`` counts
 passes over the prompts, GRPO's ``beta`` is the weight of a k3 KL loss term, RLOO's the
 weight of the summed k1 KL taken off the score, and ``loss_type`` picks the policy loss
-and how it is aggregated. A field asking for something not here (vLLM, tools, another
+and how it is aggregated. A field asking for something not here (tools, another
 engine) is refused when the config is built, with the reason.
 """
 
@@ -29,7 +29,8 @@ _SAMPLER = ("our sampler draws from softmax(logits / temperature) cut by top_k a
             "distribution")
 # field -> (the value we run, why another is refused)
 REFUSED = {
-    "use_vllm": (False, "vLLM generation is not available in rlhf_ext yet"),
+    "vllm_model_impl": ("vllm", "vLLM runs its own model implementation"),
+    "vllm_structured_outputs_regex": (None, "structured outputs are not implemented"),
     "use_transformers_continuous_batching": (False, "generation runs on rlhf_ext's sampler"),
     "use_transformers_paged": (False, "generation runs on rlhf_ext's sampler"),
     "transformers_continuous_batching_config": (None, "generation runs on rlhf_ext's sampler"),
@@ -83,19 +84,9 @@ class _TRLOnlineFields(PPOConfig):
     chat_template_kwargs: dict | str | None = None
     repetition_penalty: float = 1.0
     cache_implementation: str | None = None
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
     vllm_model_impl: str = "vllm"
-    vllm_enable_sleep_mode: bool = False
     vllm_structured_outputs_regex: str | None = None
-    vllm_server_base_url: str | None = None
-    vllm_server_host: str = "0.0.0.0"
-    vllm_server_port: int = 8000
-    vllm_server_timeout: float = 240.0
     vllm_group_port: int = 51216
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_max_model_length: int | None = None
-    vllm_tensor_parallel_size: int = 1
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (0: no reference)."})
     num_iterations: int = field(default=1, metadata={
         "help": "Updates per generation (our num_ppo_epochs)."})
@@ -123,6 +114,8 @@ class _TRLOnlineFields(PPOConfig):
         if self.pad_to_multiple_of not in ("auto", None):
             raise ValueError("pad_to_multiple_of is for Neuron's fixed shapes; leave it 'auto'")
         self.pad_to_multiple_of = None  # TRL: "auto" is None off Neuron
+        if getattr(self, "vllm_importance_sampling_cap", None) is not None:  # TRL: deprecated
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self.response_length = self.max_completion_length
         self.cliprange = self.epsilon
         self.num_ppo_epochs = self.num_iterations
@@ -178,10 +171,6 @@ class GRPOConfig(_TRLOnlineFields):
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2
     max_tool_calling_iterations: int | None = None
-    vllm_importance_sampling_correction: bool = True
-    vllm_importance_sampling_mode: str = "sequence_mask"
-    vllm_importance_sampling_clip_max: float | None = 3.0
-    vllm_importance_sampling_clip_min: float | None = None
     off_policy_mask_threshold: float | None = None
     use_bias_correction_kl: bool = True
     log_completions_hub_repo: str | None = None

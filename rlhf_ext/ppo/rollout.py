@@ -20,6 +20,7 @@ from ..shared_prefix import attention_inputs
 from . import core
 from .controllers import RunningMoments
 from .policy_value import PolicyValueHead
+from .sampler_correction import sampler_metrics, sampler_weights
 
 
 @dataclass
@@ -190,15 +191,18 @@ def render_prompt(tokenizer, prompt) -> str:
 
 
 def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: int,
-                            name: str = "train") -> None:
+                            name: str = "train") -> int:
     """Before any sampling: every prompt, rendered and tokenized as the rollout does, has
     token ids inside the model's vocabulary and leaves room for ``response_length`` new
-    tokens within its positions. Raises ``DataError`` naming the row."""
+    tokens within its positions. Raises ``DataError`` naming the row. Returns the longest
+    prompt's token count."""
     from ..data import DataError, check_in_vocabulary, model_limits
 
     vocab, positions = model_limits(model)
     texts = [render_prompt(tokenizer, p) for p in prompts]
+    longest = 0
     for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        longest = max(longest, len(ids))
         where = f"{name} dataset, row {row}, column 'prompt'"
         check_in_vocabulary(ids, vocab, where)
         if positions is not None and len(ids) + response_length > positions:
@@ -206,6 +210,7 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
                             f"response_length={response_length} exceed the model's {positions} "
                             "positions. Shorten or drop the prompt, or lower response_length "
                             "(max_completion_length in GRPOConfig and RLOOConfig).")
+    return longest
 
 
 def _metrics_to_host(local: dict[str, Tensor], everyone: dict[str, Tensor],
@@ -235,35 +240,40 @@ class Sampled:
     completions: list[str]
     ids: list[list[int]]
     finished: list[bool]
+    sampler_logps: list[list[float]] | None  # vLLM's log-prob of each of ids (else None)
     per_func: Tensor          # [B, F] raw scores per reward function (NaN: not scored)
     total: Tensor             # [B] their weighted sum (NaN: no function scored the row)
     scores: Tensor            # [B] total after the eos penalty and clipping
 
     def take(self, index: list[int]) -> Sampled:
         pick = torch.tensor(index, dtype=torch.long)
-        return Sampled(*[[getattr(self, k)[i] for i in index] for k in _LISTS],
-                       *[getattr(self, k)[pick] for k in _TENSORS])
+        lists = [[getattr(self, k)[i] for i in index] if getattr(self, k) is not None
+                 else None for k in _LISTS]
+        return Sampled(*lists, *[getattr(self, k)[pick] for k in _TENSORS])
 
 
-_LISTS = ("rows", "texts", "completions", "ids", "finished")
+_LISTS = ("rows", "texts", "completions", "ids", "finished", "sampler_logps")
 _TENSORS = ("per_func", "total", "scores")
 
 
-def sample_and_score(policy, tokenizer, rows: list[dict], score: ScoreFn, args, seed: int
-                     ) -> Sampled:
-    """Sample one response per row, score it with every reward function, apply the eos
-    penalty and the clip."""
+def sample_and_score(policy, tokenizer, rows: list[dict], score: ScoreFn, args, seed: int,
+                     engine=None) -> Sampled:
+    """Sample one response per row (with ``engine``, a ``vllm_engine`` one, else our
+    sampler), score it with every reward function, apply the eos penalty and the clip."""
     texts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
-    sampled = generate_completions(
-        policy, tokenizer, texts, max_new_tokens=args.response_length,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        batch_size=args.local_rollout_forward_batch_size, seed=seed)
+    decoding = dict(max_new_tokens=args.response_length, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=seed)
+    if engine is not None:
+        sampled = engine.generate(texts, **decoding)
+    else:
+        sampled = generate_completions(policy, tokenizer, texts, **decoding,
+                                       batch_size=args.local_rollout_forward_batch_size)
     per_func, total = score(rows, sampled.texts, sampled.ids)
     scores = core.penalize_missing_eos(total, torch.tensor(sampled.finished),
                                        args.missing_eos_penalty)
     scores = core.clip_scores(scores, args.score_bounds)
     return Sampled(list(rows), texts, sampled.texts, sampled.ids, list(sampled.finished),
-                   per_func, total, scores)
+                   sampled.logps if engine is not None else None, per_func, total, scores)
 
 
 def dynamic_sampling(first: Sampled, sample: Callable[[int, int], Sampled], group: int,
@@ -289,7 +299,9 @@ def dynamic_sampling(first: Sampled, sample: Callable[[int, int], Sampled], grou
 
 
 def _concat(parts: list[Sampled]) -> Sampled:
-    return Sampled(*[[x for p in parts for x in getattr(p, k)] for k in _LISTS],
+    lists = [[x for p in parts for x in getattr(p, k)] if getattr(parts[0], k) is not None
+             else None for k in _LISTS]
+    return Sampled(*lists,
                    *[torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS])
 
 
@@ -299,7 +311,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             moments: RunningMoments | None, seed: int,
             gather: Callable[[Tensor], Tensor] | None = None,
             more_rows: Callable[[int, int], list[dict]] | None = None,
-            reward_names: tuple[str, ...] = ()) -> RolloutResult:
+            reward_names: tuple[str, ...] = (), engine=None) -> RolloutResult:
     """One rollout: sample, score, compute the per-token KL penalty and the advantages
     (GAE with ``value_model``, else the critic-free ``args.advantage_estimator``; group
     estimators expect each prompt ``args.num_generations`` times in a row). ``reference``
@@ -308,15 +320,18 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     ``rows``: dataset rows ("prompt": a string or a conversation, plus the columns the
     reward functions read). ``gather`` (``accelerator.gather``) makes the score
     statistics and the logged metrics those of all processes' rollouts together.
-    ``more_rows(n_groups, round)``: further rows for ``args.dynamic_sampling``."""
+    ``more_rows(n_groups, round)``: further rows for ``args.dynamic_sampling``.
+    ``engine`` (``vllm_engine``): samples instead of the policy; with
+    ``args.vllm_importance_sampling_correction`` the experience gets each token's weight
+    for the gap between its log-probs and the policy's (``sampler_weights``)."""
     device = next(policy.parameters()).device
     group = args.num_generations
-    sampled = sample_and_score(policy, tokenizer, rows, score, args, seed)
+    sampled = sample_and_score(policy, tokenizer, rows, score, args, seed, engine)
     live = torch.ones(len(rows), dtype=torch.bool)
     if args.dynamic_sampling:
         def sample(n_groups: int, round_: int) -> Sampled:
             return sample_and_score(policy, tokenizer, more_rows(n_groups, round_), score,
-                                    args, seed + 7919 * round_)
+                                    args, seed + 7919 * round_, engine)
         sampled, live = dynamic_sampling(sampled, sample, group, args.dynamic_sampling_max_rounds)
     prompts = [r["prompt"] for r in sampled.rows]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampled.texts]
@@ -372,6 +387,16 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                       "objective/rlhf_reward": torch.nanmean(scores + non_score)})
     if scored.entropy is not None:
         local["objective/entropy"] = core.masked_mean(scored.entropy, mask)
+    weights = None
+    if engine is not None and args.vllm_importance_sampling_correction:
+        sampler_logps = torch.zeros_like(mask)
+        for i, row in enumerate(sampled.sampler_logps):
+            sampler_logps[i, :len(row)] = torch.tensor(row, dtype=mask.dtype)
+        mode = args.vllm_importance_sampling_mode
+        weights = sampler_weights(scored.old_logps, sampler_logps, mask, mode,
+                                  args.vllm_importance_sampling_clip_min,
+                                  args.vllm_importance_sampling_clip_max)
+        local.update(sampler_metrics(scored.old_logps, sampler_logps, weights, mask, mode))
     metrics = _metrics_to_host(
         local, {**_score_metrics(sampled, every, group, reward_names, device),
                 **_length_metrics(every(mask.sum(1)), every(finished))}, gather, device)
@@ -388,6 +413,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         world = 1 if gather is None else every(torch.ones(1, device=device)).numel()
         tokens = every(loss_mask.sum().reshape(1)).sum() / world / args.steps_per_rollout
         experience["step_tokens"] = tokens.expand(len(prompts)).clone()
+    if weights is not None:
+        experience["sampler_weights"] = weights
     for key in ("old_logps", "ref_logps"):
         if getattr(scored, key) is not None:
             experience[key] = getattr(scored, key)

@@ -143,8 +143,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
-        check_prompts_fit_model(model, processing_class, list(train_dataset["prompt"]),
-                                args.response_length)
+        self._longest_prompt = check_prompts_fit_model(
+            model, processing_class, list(train_dataset["prompt"]), args.response_length)
         if args.value_head_on_policy and value_model is not None:
             raise ValueError("value_head_on_policy=True puts the value head on the policy: "
                              "pass no value_model (or set value_head_on_policy=False)")
@@ -207,6 +207,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         # the rewards of two tiny completions now, not after the first rollout's sampling
         first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
         self.rewards.score_rows(first, ["ok"] * len(first), [[0]] * len(first), self.state)
+        self.engine, self._synced_step = None, 0  # vLLM, started by the first rollout
 
     # -----------------------------------------------------------------------------------
     # experience
@@ -254,6 +255,7 @@ class PPOTrainer(CheckedTraining, Trainer):
             self._experience = resumed                        # rollout, not a new one
             return {k: v.to(self.args.device) for k, v in resumed["tensors"].items()}
         rows = self._iteration_rows(epoch)
+        self._sync_engine()
         was_training = self.model.training
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
@@ -265,7 +267,7 @@ class PPOTrainer(CheckedTraining, Trainer):
                              args=self.args, kl_coef=self.kl_ctl.value, moments=self.moments,
                              seed=self.args.seed * 1000 + epoch, gather=gather,
                              more_rows=lambda n, r: self._more_rows(epoch, n, r),
-                             reward_names=tuple(self.rewards.names))
+                             reward_names=tuple(self.rewards.names), engine=self.engine)
         self.model.train(was_training)
         for key, value in {**result.metrics, "kl_coef": self.kl_ctl.value}.items():
             self._metrics.host("train", key, value)  # reduced over processes already
@@ -274,6 +276,42 @@ class PPOTrainer(CheckedTraining, Trainer):
         self._maybe_keep_samples(epoch, result)
         self._experience = {"epoch": epoch, "tensors": result.experience}
         return result.experience
+
+    def _sync_engine(self) -> None:
+        """With ``use_vllm``: start vLLM from the policy's current weights (first rollout
+        of a ``train`` call), or give it the weights when an optimizer step changed them
+        since the last sync."""
+        if not self.args.use_vllm:
+            return
+        import time
+
+        start = time.perf_counter()
+        if self.engine is None:  # a server is sent the weights (main process)
+            from ..vllm_engine import make_engine
+
+            self.engine = make_engine(self.policy, self.processing_class, self.args,
+                                      self._longest_prompt + self.args.response_length,
+                                      self.args.rollout_batch_size)
+            name = "timing/vllm_start"
+        elif self._synced_step != self.state.global_step:
+            self.engine.sync(self.policy)
+            name = "timing/sync"
+        else:
+            return
+        if self.args.world_size > 1:  # the server has the weights before anyone samples
+            self.accelerator.wait_for_everyone()
+        self._synced_step = self.state.global_step
+        self._metrics.host("train", name, time.perf_counter() - start)
+
+    def train(self, *args, **kwargs):
+        """The Trainer's loop; a vLLM engine it started is shut down at the end (its
+        process group and memory released)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
 
     def _maybe_keep_samples(self, epoch: int, result) -> None:
         every = max(1, int(self.args.num_train_epochs) // max(1, self.args.num_sample_generations))
@@ -303,13 +341,17 @@ class PPOTrainer(CheckedTraining, Trainer):
                 live, pad_index=-1.0)) if args.world_size > 1 else live
             keep = core.high_entropy_mask(entropy.detach(), mask, args.top_entropy_quantile,
                                           every[every >= 0])
+        token_weights = keep
+        if "sampler_weights" in inputs:  # vLLM sampled: its kernels' gap, corrected
+            weights = inputs["sampler_weights"]
+            token_weights = weights if keep is None else keep * weights
         tokens = inputs["step_tokens"][0] if "step_tokens" in inputs else None
         pg_loss, pg = core.policy_loss(
             logps, old_logps, inputs["advantages"], mask, args.cliprange, args.loss_aggregation,
             args.response_length, clip_high=args.epsilon_high, dual_clip=args.delta,
             kind=args.policy_loss, level=args.importance_sampling_level,
             sapo_temperatures=(args.sapo_temperature_pos, args.sapo_temperature_neg),
-            token_weights=keep, tokens=tokens)
+            token_weights=token_weights, tokens=tokens)
         loss, logged = pg_loss, {"policy/approxkl_avg": pg["approxkl"],
                                  "policy/clipfrac_avg": pg["clipfrac"],
                                  "clip_ratio/low_mean": pg["clipfrac_low"],
