@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rlhf_ext
-from rlhf_ext.ppo.sampler_correction import sampler_metrics, sampler_weights
+from rlhf_ext.ppo.sampler_correction import sampler_gaps, sampler_weights
 
 T = torch.tensor
 # two responses: 3 real tokens, then 2 real tokens and padding
@@ -42,24 +42,18 @@ def test_a_token_the_sampler_did_not_score_counts_as_no_gap():
     sampler[0, 1] = float("nan")
     w = sampler_weights(OLD, sampler, MASK, "token_truncate", None, None)
     torch.testing.assert_close(w[0], T([math.exp(0.5), 1.0, 1.0]))
-    stats = sampler_metrics(OLD, sampler, w, MASK, "token_truncate")
-    assert stats["sampling/sampling_logp_difference/max"].item() == pytest.approx(1.0)  # row 1
+    gaps, _ = sampler_gaps(OLD, sampler, w, MASK, "token_truncate")
+    torch.testing.assert_close(gaps, T([0.5, 0.0, 1.0, 0.0]))  # the NaN token left out
 
 
-def test_metrics_are_trls_gap_and_ratio_statistics():
+def test_metrics_read_the_gaps_of_real_tokens_and_one_ratio_per_token_or_sequence():
     w = sampler_weights(OLD, SAMPLER, MASK, "token_truncate", None, None)
-    stats = sampler_metrics(OLD, SAMPLER, w, MASK, "token_truncate")
-    gaps = [0.5, 1.0, 0.0, 1.0, 0.0]
-    assert stats["sampling/sampling_logp_difference/mean"].item() == pytest.approx(sum(gaps) / 5)
-    assert stats["sampling/sampling_logp_difference/max"].item() == pytest.approx(1.0)
-    ratios = [math.exp(x) for x in (0.5, -1.0, 0.0, 1.0, 0.0)]
-    assert stats["sampling/importance_sampling_ratio/min"].item() == pytest.approx(min(ratios))
-    assert stats["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(
-        sum(ratios) / 5)
+    gaps, ratios = sampler_gaps(OLD, SAMPLER, w, MASK, "token_truncate")
+    torch.testing.assert_close(gaps, T([0.5, 1.0, 0.0, 1.0, 0.0]))  # padding's 9 left out
+    torch.testing.assert_close(ratios, torch.exp(T([0.5, -1.0, 0.0, 1.0, 0.0])))
     w = sampler_weights(OLD, SAMPLER, MASK, "sequence_truncate", None, None)
-    stats = sampler_metrics(OLD, SAMPLER, w, MASK, "sequence_truncate")  # one per sequence
-    assert stats["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(
-        (math.exp(-0.5) + math.exp(1.0)) / 2)
+    _, ratios = sampler_gaps(OLD, SAMPLER, w, MASK, "sequence_truncate")
+    torch.testing.assert_close(ratios, torch.exp(T([-0.5, 1.0])))
 
 
 def test_the_correction_multiplies_the_policy_loss_per_token():
@@ -84,11 +78,10 @@ def test_vllm_fields_are_checked_when_the_config_is_built():
                            vllm_importance_sampling_clip_max=1.5)
     with pytest.raises(ValueError, match="vllm_mode must be colocate or server"):
         rlhf_ext.GRPOConfig(**base, vllm_mode="remote")
-    # the correction compares vLLM's log-probs with the policy's: the rollout computes them
+    # one optimizer step per rollout: the update's own log-probs are the old ones, for
+    # the correction too (no scoring forward of the policy in the rollout)
     args = rlhf_ext.GRPOConfig(**base, per_device_train_batch_size=8, num_generations=8)
-    assert args.needs_rollout_logps
-    assert not rlhf_ext.GRPOConfig(**{**base, "use_vllm": False}, per_device_train_batch_size=8,
-                                   num_generations=8).needs_rollout_logps
+    assert not args.needs_rollout_logps
     assert rlhf_ext.GRPOConfig(**base, vllm_importance_sampling_cap=2.5
                                ).vllm_importance_sampling_clip_max == 2.5
 

@@ -244,10 +244,8 @@ class PPOConfig(DevicePrecision, ResumeFields, VLLMFields, TrainingArguments):
     def needs_rollout_logps(self) -> bool:
         """False when each rollout is exactly one optimizer step (one epoch, one minibatch
         of it all) and no KL sits in the reward: the update's own log-probs are then the
-        old ones (ratio 1), and the rollout's policy forward is skipped. With vLLM's
-        sampling corrected, always True."""
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            return True  # the correction weighs the sampler's log-probs against these
+        old ones (ratio 1), and the rollout's policy forward is skipped (the sampling
+        correction then reads the update's own log-probs as the old ones)."""
         one_step = self.num_ppo_epochs == 1 and self.rollout_batch_size == \
             self.per_device_train_batch_size * self.gradient_accumulation_steps
         return not (one_step and self.kl_coef == 0 and self.kl_target is None)

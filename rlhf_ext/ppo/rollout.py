@@ -20,7 +20,6 @@ from ..shared_prefix import attention_inputs
 from . import core
 from .controllers import RunningMoments
 from .policy_value import PolicyValueHead
-from .sampler_correction import sampler_metrics, sampler_weights
 
 
 @dataclass
@@ -322,8 +321,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     statistics and the logged metrics those of all processes' rollouts together.
     ``more_rows(n_groups, round)``: further rows for ``args.dynamic_sampling``.
     ``engine`` (``vllm_engine``): samples instead of the policy; with
-    ``args.vllm_importance_sampling_correction`` the experience gets each token's weight
-    for the gap between its log-probs and the policy's (``sampler_weights``)."""
+    ``args.vllm_importance_sampling_correction`` the experience keeps its log-probs
+    (``sampler_logps``) for the update's correction."""
     device = next(policy.parameters()).device
     group = args.num_generations
     sampled = sample_and_score(policy, tokenizer, rows, score, args, seed, engine)
@@ -387,16 +386,6 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                       "objective/rlhf_reward": torch.nanmean(scores + non_score)})
     if scored.entropy is not None:
         local["objective/entropy"] = core.masked_mean(scored.entropy, mask)
-    weights = None
-    if engine is not None and args.vllm_importance_sampling_correction:
-        sampler_logps = torch.zeros_like(mask)
-        for i, row in enumerate(sampled.sampler_logps):
-            sampler_logps[i, :len(row)] = torch.tensor(row, dtype=mask.dtype)
-        mode = args.vllm_importance_sampling_mode
-        weights = sampler_weights(scored.old_logps, sampler_logps, mask, mode,
-                                  args.vllm_importance_sampling_clip_min,
-                                  args.vllm_importance_sampling_clip_max)
-        local.update(sampler_metrics(scored.old_logps, sampler_logps, weights, mask, mode))
     metrics = _metrics_to_host(
         local, {**_score_metrics(sampled, every, group, reward_names, device),
                 **_length_metrics(every(mask.sum(1)), every(finished))}, gather, device)
@@ -413,8 +402,11 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         world = 1 if gather is None else every(torch.ones(1, device=device)).numel()
         tokens = every(loss_mask.sum().reshape(1)).sum() / world / args.steps_per_rollout
         experience["step_tokens"] = tokens.expand(len(prompts)).clone()
-    if weights is not None:
-        experience["sampler_weights"] = weights
+    if engine is not None and args.vllm_importance_sampling_correction:
+        sampler = torch.zeros_like(mask)  # for the correction the update computes
+        for i, row in enumerate(sampled.sampler_logps):
+            sampler[i, :len(row)] = torch.tensor(row, dtype=mask.dtype)
+        experience["sampler_logps"] = sampler
     for key in ("old_logps", "ref_logps"):
         if getattr(scored, key) is not None:
             experience[key] = getattr(scored, key)

@@ -40,25 +40,16 @@ def sampler_weights(old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, mode
     return weights * mask
 
 
-def sampler_metrics(old_logps: Tensor, sampler_logps: Tensor, weights: Tensor, mask: Tensor,
-                    mode: str) -> dict[str, Tensor]:
-    """TRL's names: the absolute log-prob gap between trainer and sampler over the real
-    tokens (mean, max) and the weights' min, mean and max (per sequence for sequence_*
-    modes). [B, C] each -> 0-dim tensors."""
+def sampler_gaps(old_logps: Tensor, sampler_logps: Tensor, weights: Tensor, mask: Tensor,
+                 mode: str) -> tuple[Tensor, Tensor]:
+    """What TRL's sampling metrics summarise: the absolute log-prob gap between trainer and
+    sampler on each real token the sampler scored ([N]; their mean and max are
+    ``sampling/sampling_logp_difference/{mean,max}``), and the weights, one per real token
+    or, for sequence_* modes, one per sequence ([M]; their min, mean and max are
+    ``sampling/importance_sampling_ratio/*``). [B, C] each."""
     live = mask.bool()
-    gap = (old_logps - sampler_logps).abs()[live]
-    gap = gap[~torch.isnan(gap)]
+    gaps = (old_logps - sampler_logps).abs()[live]
+    gaps = gaps[~torch.isnan(gaps)]
     if mode.startswith("sequence"):
-        ratio = weights.amax(-1)[live.any(-1)]  # one per sequence
-    else:
-        ratio = weights[live]
-    zero = torch.zeros((), device=mask.device)
-
-    def stat(x: Tensor, fn) -> Tensor:
-        return fn(x) if x.numel() else zero
-
-    return {"sampling/sampling_logp_difference/mean": stat(gap, torch.mean),
-            "sampling/sampling_logp_difference/max": stat(gap, torch.max),
-            "sampling/importance_sampling_ratio/min": stat(ratio, torch.min),
-            "sampling/importance_sampling_ratio/mean": stat(ratio, torch.mean),
-            "sampling/importance_sampling_ratio/max": stat(ratio, torch.max)}
+        return gaps, weights.amax(-1)[live.any(-1)]  # one per sequence
+    return gaps, weights[live]

@@ -48,6 +48,7 @@ from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .experience import ExperienceLoader
 from .policy_value import PolicyValueHead
 from .reward_funcs import build_reward_functions
+from .sampler_correction import sampler_gaps, sampler_weights
 from .rollout import (
     Batch,
     check_prompts_fit_model,
@@ -342,8 +343,8 @@ class PPOTrainer(CheckedTraining, Trainer):
             keep = core.high_entropy_mask(entropy.detach(), mask, args.top_entropy_quantile,
                                           every[every >= 0])
         token_weights = keep
-        if "sampler_weights" in inputs:  # vLLM sampled: its kernels' gap, corrected
-            weights = inputs["sampler_weights"]
+        if "sampler_logps" in inputs:  # vLLM sampled: its kernels' gap, corrected
+            weights = self._sampler_weights(old_logps, inputs)
             token_weights = weights if keep is None else keep * weights
         tokens = inputs["step_tokens"][0] if "step_tokens" in inputs else None
         pg_loss, pg = core.policy_loss(
@@ -381,6 +382,25 @@ class PPOTrainer(CheckedTraining, Trainer):
         for key, value in logged.items():
             self._metrics.mean("train", key, value)
         return loss
+
+    def _sampler_weights(self, old_logps: torch.Tensor, inputs) -> torch.Tensor:
+        """The importance-sampling correction's weights [B, C] (``sampler_correction``):
+        the old log-probs against vLLM's, with TRL's sampling/* metrics."""
+        args, mask = self.args, inputs["response_mask"]
+        mode = args.vllm_importance_sampling_mode
+        weights = sampler_weights(old_logps, inputs["sampler_logps"], mask, mode,
+                                  args.vllm_importance_sampling_clip_min,
+                                  args.vllm_importance_sampling_clip_max)
+        gaps, ratios = sampler_gaps(old_logps, inputs["sampler_logps"], weights, mask, mode)
+        gap, ratio = "sampling/sampling_logp_difference", "sampling/importance_sampling_ratio"
+        if gaps.numel():
+            self._metrics.mean("train", f"{gap}/mean", gaps)
+            self._metrics.extreme("train", f"{gap}/max", "max", gaps)
+        if ratios.numel():
+            self._metrics.extreme("train", f"{ratio}/min", "min", ratios)
+            self._metrics.mean("train", f"{ratio}/mean", ratios)
+            self._metrics.extreme("train", f"{ratio}/max", "max", ratios)
+        return weights
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         self._metrics.log_into(logs, self.accelerator.gather)
