@@ -10,14 +10,18 @@ model and a value model on SmolLM2's backbone with fresh heads, the reference a 
 the policy (ours also with the value as a head on the policy, ``value_head_on_policy``:
 no value model); GRPO: 4 samples per prompt, VADER as the reward function, KL to the
 reference as a loss term (beta 0.04), one optimizer step per rollout; ours also with
-prefix sharing (each group's prompt computed once). With ``--lora R`` every run trains a
+prefix sharing (each group's prompt computed once), and with prefix sharing sampling on
+vLLM in this process (``use_vllm``; the CPU build: TRL 1.16's GRPOTrainer cannot use it,
+its weight load fails on vLLM's CPU backend, and its ``vllm`` extra stops at vLLM 0.31);
+PPO with the value head also on vLLM. With ``--lora R`` every run trains a
 LoRA adapter of rank R on the policy, and both trainers use the policy without its adapter
 as the reference (TRL's value model stays a full model, as TRL 1.12 has it). TRL 1.12.0
 is installed (without dependencies, beside this environment's transformers) into a folder
 of its own under the rlhf_ext cache the first time.
 Printed: seconds per iteration (median after the first), rollout tokens per second
 (response tokens sampled per second of iteration), peak resident memory of the process,
-and the ratios ours / TRL.
+the ratios ours / TRL, and, for ours, where an iteration's time goes: sampling with the
+reward functions, the rollout's scoring forwards, the update (the rest), the weight sync.
 """
 
 from __future__ import annotations
@@ -106,16 +110,25 @@ def ours(a) -> dict:
 
     torch.manual_seed(0)
     path = str(smollm2_path())
-    tokens = []
-    sample = rollout_module.generate_completions
+    tokens, parts = [], {"sampling": [], "scoring": []}
+    sample, forwards = rollout_module.sample_and_score, rollout_module.scoring_forwards
 
-    def counted(*args, **kwargs):
-        out = sample(*args, **kwargs)
-        tokens.append(sum(len(ids) for ids in out.ids))
-        return out
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            parts[name].append(time.perf_counter() - start)
+            if name == "sampling":
+                tokens.append(sum(len(ids) for ids in out.ids))
+            return out
+        return wrapper
 
-    rollout_module.generate_completions = counted
+    # sampling: the sampler and the reward functions; scoring: the policy's, reference's
+    # and value forwards of the rollout
+    rollout_module.sample_and_score = timed("sampling", sample)
+    rollout_module.scoring_forwards = timed("scoring", forwards)
     grpo = a.mode.startswith("grpo")
+    vllm = a.mode.endswith("-vllm")
     args = PPOConfig(
         output_dir=a.out, rollout_batch_size=a.rollout, per_device_train_batch_size=a.minibatch,
         gradient_accumulation_steps=a.rollout // a.minibatch, num_ppo_epochs=1,
@@ -126,8 +139,9 @@ def ours(a) -> dict:
         logging_steps=1, num_sample_generations=0, use_cpu=True, disable_tqdm=True,
         **(dict(advantage_estimator="grpo", num_generations=a.group, kl_coef=0.0,
                 kl_loss_coef=0.04, loss_aggregation="token_mean",
-                prefix_sharing=a.mode == "grpo-ours-shared") if grpo
-           else dict(value_head_on_policy=a.mode == "ppo-ours-head")))
+                prefix_sharing=a.mode.startswith("grpo-ours-shared")) if grpo
+           else dict(value_head_on_policy=a.mode.startswith("ppo-ours-head"))),
+        use_vllm=vllm)
     policy = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     n = a.rollout // (a.group if grpo else 1) * a.iterations
@@ -142,7 +156,13 @@ def ours(a) -> dict:
     clock = Clock()
     trainer.add_callback(clock.callback)
     trainer.train()
-    return summary(clock, tokens, a.iterations)
+    out = summary(clock, tokens, a.iterations)
+    syncs = [log["timing/sync"] for log in trainer.state.log_history if "timing/sync" in log]
+    steady = slice(1, None) if a.iterations > 1 else slice(None)
+    out["parts"] = {name: statistics.median(times[steady]) for name, times in parts.items()}
+    out["parts"]["sync"] = statistics.median(syncs) if syncs else 0.0
+    out["parts"]["update"] = out["seconds_per_iteration"] - sum(out["parts"].values())
+    return out
 
 
 def lora(a):
@@ -248,8 +268,9 @@ def trl_grpo(a) -> dict:
     return out
 
 
-CHILDREN = {"ppo-trl": trl_ppo, "ppo-ours": ours, "ppo-ours-head": ours, "grpo-trl": trl_grpo,
-            "grpo-ours": ours, "grpo-ours-shared": ours}
+CHILDREN = {"ppo-trl": trl_ppo, "ppo-ours": ours, "ppo-ours-head": ours,
+            "ppo-ours-head-vllm": ours, "grpo-trl": trl_grpo, "grpo-ours": ours,
+            "grpo-ours-shared": ours, "grpo-ours-shared-vllm": ours}
 
 
 # -------------------------------------------------------------------------------------
@@ -295,18 +316,23 @@ def main() -> None:
             r = results[run]
             print(f"{run:10s} {r['seconds_per_iteration']:7.1f} s/iteration "
                   f"{r['tokens_per_second']:7.1f} tokens/s  peak {r['peak_mib']:7.0f} MiB",
+                  " ".join(f"{k} {v:.1f} s" for k, v in r.get("parts", {}).items()),
                   flush=True)
     print(f"\nSmolLM2-135M-Instruct, one thread, float32, rollout {a.rollout}, minibatch "
           f"{a.minibatch}, forward chunk {a.chunk}, response {a.response}, gradient "
           f"checkpointing {'on' if a.checkpointing else 'off'}, "
           + (f"LoRA r {a.lora} on the policy" if a.lora else "full fine-tuning"))
     print("| algorithm | trainer | s / iteration | rollout tokens / s | peak MiB | speed vs TRL "
-          "| memory vs TRL |\n|---|---|---|---|---|---|---|")
+          "| memory vs TRL | sampling + rewards / scoring / update / sync, s |"
+          "\n|---|---|---|---|---|---|---|---|")
     for algo in ("ppo", "grpo"):
         trl_r = results.get(f"{algo}-trl")
         for name, r in (("TRL", trl_r), ("rlhf_ext", results.get(f"{algo}-ours")),
                         ("rlhf_ext, value head on the policy", results.get(f"{algo}-ours-head")),
-                        ("rlhf_ext, prefix sharing", results.get(f"{algo}-ours-shared"))):
+                        ("rlhf_ext, value head, vLLM", results.get(f"{algo}-ours-head-vllm")),
+                        ("rlhf_ext, prefix sharing", results.get(f"{algo}-ours-shared")),
+                        ("rlhf_ext, prefix sharing, vLLM",
+                         results.get(f"{algo}-ours-shared-vllm"))):
             if r is None:
                 continue
             speed = memory = ""
@@ -315,8 +341,11 @@ def main() -> None:
                 memory = f"{r['peak_mib'] / trl_r['peak_mib']:.2f}x"
             label = f"TRL {TRL_PPO_VERSION if algo == 'ppo' else r.get('trl', '')}" \
                 if name == "TRL" else name
+            parts = " / ".join(f"{r['parts'][k]:.1f}" for k in
+                               ("sampling", "scoring", "update", "sync")) if "parts" in r else ""
             print(f"| {algo} | {label} | {r['seconds_per_iteration']:.1f} | "
-                  f"{r['tokens_per_second']:.1f} | {r['peak_mib']:.0f} | {speed} | {memory} |")
+                  f"{r['tokens_per_second']:.1f} | {r['peak_mib']:.0f} | {speed} | {memory} "
+                  f"| {parts} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"settings": vars(a), "results": results}, indent=1))
 
