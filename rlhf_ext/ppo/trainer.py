@@ -48,7 +48,6 @@ from .controllers import AdaptiveKLController, FixedKLController, RunningMoments
 from .experience import ExperienceLoader
 from .policy_value import PolicyValueHead
 from .reward_funcs import build_reward_functions
-from .sampler_correction import sampler_gaps, sampler_weights
 from .rollout import (
     Batch,
     check_prompts_fit_model,
@@ -56,6 +55,7 @@ from .rollout import (
     response_values,
     rollout,
 )
+from .sampler_correction import sampler_gaps, sampler_weights
 
 
 class PolicyAndValue(nn.Module):
