@@ -55,14 +55,19 @@ def import_vllm():
 @contextlib.contextmanager
 def contained():
     """Undo what vLLM does to this process while it starts and runs: it replaces
-    ``torch.set_num_threads`` with a no-op, sets its own thread count and reseeds the
-    global random generators (torch, Python, NumPy)."""
+    ``torch.set_num_threads`` with a no-op, sets its own thread count, reseeds the global
+    random generators (torch, Python, NumPy) and sets environment variables that every
+    process started later would inherit (``LD_PRELOAD``, ``LD_LIBRARY_PATH``,
+    ``LOCAL_WORLD_SIZE``, compile-thread counts...)."""
+    environment = dict(os.environ)
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
     finally:
+        os.environ.clear()
+        os.environ.update(environment)
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
         torch.set_rng_state(states[0])
@@ -230,12 +235,12 @@ class ColocateEngine:
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Completions:
         """One completion per rendered prompt (row i seeded ``seed + i``); ``logps``: the
         sampler's log-prob of each token at ``temperature``."""
-        vllm = import_vllm()
+        from vllm import SamplingParams  # imported by __init__ already
         from vllm.inputs import TokensPrompt
 
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        params = [vllm.SamplingParams(logprobs=0, **_sampling(
+        params = [SamplingParams(logprobs=0, **_sampling(
             temperature, top_k, top_p, max_new_tokens, eos, seed + i)) for i in range(len(ids))]
         with contained():
             if self.sleep:
@@ -253,7 +258,8 @@ class ColocateEngine:
 
     def close(self) -> None:
         """Shut the engine down: its memory and the process group vLLM set up go."""
-        self.llm.llm_engine.engine_core.shutdown()
+        with contained():
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
 
     def sync(self, model: nn.Module) -> None:

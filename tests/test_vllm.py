@@ -34,6 +34,11 @@ def policy_logps(model, tok, prompts, completions, temperature):
     return out
 
 
+def environment() -> dict:
+    """os.environ but torch's inductor cache folder (torch sets it when first asked)."""
+    return {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+
+
 def largest_gap(model, tok, completions, temperature=0.7):
     ours = policy_logps(model, tok, PROMPTS, completions.ids, temperature)
     return max((a - torch.tensor(b)).abs().max().item() for a, b in zip(ours, completions.logps))
@@ -45,11 +50,13 @@ def test_colocated_engine_samples_as_the_policy_and_follows_its_steps(tok, tmp_p
     model = build_model("tiny4bit", tok, seed=0)  # heads of 32
     args = rlhf_ext.PPOConfig(output_dir=str(tmp_path), use_cpu=True, use_vllm=True)
     torch.manual_seed(3)
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    threads, rng, env = torch.get_num_threads(), torch.get_rng_state(), environment()
     assert not dist.is_initialized()
     engine = ColocateEngine(model, tok, args, max_length=64, rows=len(PROMPTS))
-    # vLLM's side effects undone: the RNG state, the thread count, set_num_threads itself
+    # vLLM's side effects undone: the RNG state, the thread count, set_num_threads itself,
+    # the environment later processes would inherit (vLLM sets LD_PRELOAD, LOCAL_WORLD_SIZE...)
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    assert environment() == env
     torch.set_num_threads(threads + 1)
     assert torch.get_num_threads() == threads + 1
     torch.set_num_threads(threads)
@@ -72,6 +79,7 @@ def test_colocated_engine_samples_as_the_policy_and_follows_its_steps(tok, tmp_p
     assert largest_gap(model, tok, after) < 1e-5
     engine.close()
     assert not dist.is_initialized()  # vLLM's process group is gone with it
+    assert environment() == env
 
 
 def test_grpo_with_lora_samples_on_vllm_and_corrects_for_it(tok, tmp_path):
