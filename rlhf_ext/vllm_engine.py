@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -374,6 +375,35 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000,
 
 
 def serve(model: str, host: str, port: int, extra: list[str]) -> int:
-    """Run the server in the foreground until it exits (``rlhf-ext vllm-serve``)."""
+    """Run the server until it exits or this process is stopped (``rlhf-ext vllm-serve``).
+    vLLM's API server does not stop its engine processes when it gets SIGTERM, so the
+    server runs in a process group of its own and the whole group is stopped: on SIGTERM
+    or Ctrl-C here, and when the server exits."""
     cmd, env = serve_command(model, host, port, extra)
-    return subprocess.call(cmd, env=env)
+    server = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
+
+    def stop(signum, frame):
+        _stop_group(server.pid)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return server.wait()
+    finally:
+        _stop_group(server.pid)
+
+
+def _stop_group(group: int, grace: float = 10.0) -> None:
+    """SIGTERM to every process of ``group``, SIGKILL to those alive ``grace`` s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)

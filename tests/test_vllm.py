@@ -6,9 +6,11 @@ takes weights. One worker runs them all (vLLM's import, ~15 s, once)."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -178,7 +180,8 @@ def test_server_mode_serves_the_policy_and_takes_its_weights(world_dir, tok, tmp
     server = subprocess.Popen(
         [sys.executable, "-m", "rlhf_ext.cli", "vllm-serve", "--model", str(tmp_path / "policy"),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True)
     try:
         args = rlhf_ext.PPOConfig(output_dir=str(tmp_path), use_cpu=True, use_vllm=True,
                                   vllm_mode="server", vllm_server_host="127.0.0.1",
@@ -215,9 +218,15 @@ def test_server_mode_serves_the_policy_and_takes_its_weights(world_dir, tok, tmp
         for h in steps:  # both processes' samples, from the policy as it was at each rollout
             assert h["sampling/sampling_logp_difference/max"] < 1e-4
     finally:
-        server.terminate()
+        server.terminate()  # the command stops vLLM's engine processes with the server
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True,
+                              text=True).stdout.split()
+        for pid in left:  # whatever survived, before the assertion names it
+            os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"vLLM processes outlived the server: {left}"
