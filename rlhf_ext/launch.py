@@ -129,11 +129,11 @@ def run_facts(trainer) -> dict:
 def replica_drift(trainer) -> float | None:
     """The largest difference between processes in any trainable parameter's sum or norm:
     0 when DDP or ZeRO-1/2 kept the replicas in step (two unsynchronised copies drift at
-    once). None with one process, or when ZeRO-3 partitions the weights. Collective: every
-    process must call it."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    once). None with one process, or when ZeRO-3 or FSDP shards the weights. Collective:
+    every process must call it."""
+    from .sharding import weights_sharded
 
-    if trainer.args.world_size < 2 or is_deepspeed_zero3_enabled():
+    if trainer.args.world_size < 2 or weights_sharded(trainer.accelerator):
         return None
     params = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
     local = torch.stack([torch.stack([p.sum(), p.norm()]) for p in params]).reshape(1, -1)

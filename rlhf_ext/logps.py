@@ -145,6 +145,20 @@ def output_head(model):
     return unwrap(model).get_output_embeddings()
 
 
+def head_inputs(model, **inputs) -> tuple[Tensor, torch.nn.Module]:
+    """What ``head_logps`` takes for ``model``'s forward on ``inputs``: the final hidden
+    states [B, T, H] and the LM head; under FSDP the logits [B, T, V] and an identity.
+    FSDP frees a module's gathered weights when its forward returns (the head's and the
+    final norm's included), so a head applied after the forward reads freed memory (a
+    segfault in backward, seen with FSDP2 on CPU): there the head runs inside the
+    forward over every position, as in a plain ``model(...)`` call."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(unwrap(model), FSDPModule):
+        return final_hidden(model, **inputs), output_head(model)
+    return model(**inputs, use_cache=False).logits, torch.nn.Identity()
+
+
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
                    completion_mask: Tensor, position_ids: Tensor | None = None,
                    sequence_ids: Tensor | None = None, segment_ids: Tensor | None = None,
@@ -178,13 +192,13 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
         before = span_calls()
         layout = segment_ids if segment_ids is not None else torch.zeros_like(sequence_ids)
         attention = attention_inputs(implementation, layout, unwrap(model).dtype, sequence_ids)
-        hidden = final_hidden(model, input_ids=input_ids, position_ids=position_ids,
-                              **attention)
+        hidden, head = head_inputs(model, input_ids=input_ids, position_ids=position_ids,
+                                   **attention)
         if sequence_ids is not None and SPANS in attention:  # packed: spans are the only guard
             check_spans_used(before)
     else:
-        hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids)
+        hidden, head = head_inputs(model, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids)
     rows, cols = completion_mask.nonzero(as_tuple=True)       # [K] target tokens
     keep = cols > 0
     rows, cols = rows[keep], cols[keep]
@@ -204,7 +218,7 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor | None,
     else:
         index, n = rows, input_ids.shape[0]
     head_stats = tuple(name for name in stats if name != "logps")
-    logps = head_logps(hidden[rows, predictors], output_head(model), input_ids[rows, cols],
+    logps = head_logps(hidden[rows, predictors], head, input_ids[rows, cols],
                        stats=head_stats)
     per_token = {}
     if head_stats:

@@ -82,7 +82,11 @@ class ReferenceLogps:
         inference engine with the policy's precision (DeepSpeed casts the policy's weights
         to bf16 itself: a float32 reference beside it made DPO's first loss 0.69333, not
         log 2), ZeRO-3's partitioned weights gathered per layer on each forward, no
-        partitioning below stage 3; otherwise accelerate's evaluation-mode preparation."""
+        partitioning below stage 3; under FSDP2 sharded as the policy is (with
+        ``cpu_ram_efficient_loading`` only process 0 loaded real weights, which this
+        broadcasts: left alone, the other processes' reference held whatever memory the
+        empty model had, and DPO's first loss was 0.6966, not log 2); otherwise
+        accelerate's evaluation-mode preparation."""
         if self.model is None:
             return
         plugin = accelerator.state.deepspeed_plugin
@@ -96,6 +100,10 @@ class ReferenceLogps:
                 config.setdefault("zero_optimization", {})["stage"] = 0
             self.model = deepspeed.initialize(model=self.model, config=config)[0]
             self.model.eval()  # DeepSpeedEngine.eval returns None
+        elif accelerator.is_fsdp2:
+            from accelerate.utils import fsdp2_prepare_model
+
+            self.model = fsdp2_prepare_model(accelerator, self.model).eval()
         else:
             self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
 

@@ -40,17 +40,32 @@ def check_finite_loss(trainer, loss, hint: str) -> None:
             "from this step was applied or saved; the last checkpoint is intact.")
 
 
-def check_finite_weights(model, output_dir: str) -> None:
+def check_finite_weights(model, output_dir: str, state_dict: dict | None = None) -> None:
     """Before a save: refuse to write a model with a non-finite trained parameter. Only
     trained ones: they are what diverges, and a frozen 4-bit weight is packed bytes whose
-    storage dtype (bf16 with bnb_4bit_quant_storage) can read as NaN."""
+    storage dtype (bf16 with bnb_4bit_quant_storage) can read as NaN. Under ZeRO-3 and
+    FSDP the process's parameters are slices (a DTensor, or an empty ZeRO-3 placeholder)
+    and reading a whole one is a collective that the other processes never join: the
+    gathered ``state_dict`` the Trainer saves is what is checked there."""
     import torch
 
     for name, param in model.named_parameters():
-        if param.requires_grad and param.numel() and \
-                not bool(torch.isfinite(param.detach()).all()):
+        if not param.requires_grad:
+            continue
+        value = None if state_dict is None else state_dict.get(name)
+        if value is None:
+            if _sharded(param):
+                continue  # not in the saved state dict: not saved from here
+            value = param.detach()
+        if value.numel() and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(f"not saving to {output_dir}: parameter {name} holds NaN or "
                                  "infinite values (training diverged)")
+
+
+def _sharded(param) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
 
 
 def start_run(args) -> None:
@@ -309,6 +324,15 @@ class CheckedTraining:
         raise_if_preempted(stop, self.args.output_dir)
         return result
 
+    def create_accelerator_and_postprocess(self):
+        """The Trainer's accelerator, sharding with FSDP on CPU processes too
+        (``sharding.shard_on_cpu``: accelerate would replicate the model with DDP)."""
+        from .sharding import shard_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        if shard_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+
     def _get_grad_norm(self, model, grad_norm=None):
         import math
 
@@ -323,7 +347,7 @@ class CheckedTraining:
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         folder = output_dir or self.args.output_dir
-        check_finite_weights(self.model, folder)
+        check_finite_weights(self.model, folder, state_dict)
         with naming_failed_writes(folder):
             super()._save(output_dir, state_dict)
         usual_permissions(folder)

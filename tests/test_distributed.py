@@ -8,6 +8,7 @@ the batch the single process takes, so the losses agree up to float summation or
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -71,18 +72,24 @@ def dpo_single(world_dir, tmp_path_factory):
                   dpo_args(world_dir)), out
 
 
+SHARDED = ("zero3", "fsdp")  # each process holds a slice of every weight: no replicas
+
+
 @pytest.mark.parametrize("config, wrapper", [
     ("ddp", "DistributedDataParallel"), ("zero2", "DeepSpeedEngine"),
-    ("zero3", "DeepSpeedEngine")])
+    ("zero3", "DeepSpeedEngine"), ("fsdp", "FSDPLlamaForCausalLM")])
 def test_preference_two_processes_match_one(world_dir, dpo_single, tmp_path, config, wrapper):
+    """fsdp: FSDP2 sharding on CPU processes (``sharding.shard_on_cpu``; accelerate alone
+    falls back to DDP there), its reference sharded too: the first loss is log 2."""
     single, single_out = dpo_single
     summary = launch("recipes/preference.py", "preference_summary.json", tmp_path,
                      dpo_args(world_dir), config)
-    assert_two_processes(summary, wrapper, synced=config != "zero3")
+    assert_two_processes(summary, wrapper, synced=config not in SHARDED)
     assert summary["parameters"] == single["parameters"]  # ZeRO-3 counts whole tensors
     assert len(losses(summary)) == 3 and losses(summary)[-1] != losses(summary)[0]
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
-    if config == "zero3":  # the gathered 16-bit save is a whole model, the one-process one
+    assert losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)  # reference == policy
+    if config in SHARDED:  # the gathered save is a whole model, the one-process one
         got = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
         want = AutoModelForCausalLM.from_pretrained(single_out).state_dict()
         assert got.keys() == want.keys()
@@ -124,13 +131,14 @@ def reward_single(world_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("config, wrapper, lora", [
     ("ddp", "DistributedDataParallel", False), ("zero2", "DeepSpeedEngine", False),
-    ("zero3", "DeepSpeedEngine", False), ("zero3", "DeepSpeedEngine", True)])
+    ("zero3", "DeepSpeedEngine", False), ("zero3", "DeepSpeedEngine", True),
+    ("fsdp", "FSDPRewardModel", False)])
 def test_reward_two_processes_match_one(world_dir, reward_single, tmp_path, config, wrapper,
                                         lora):
     single = reward_single[lora]
     summary = launch("recipes/reward.py", "reward_summary.json", tmp_path,
                      reward_args(world_dir, *(LORA if lora else [])), config)
-    assert_two_processes(summary, wrapper, synced=config != "zero3")
+    assert_two_processes(summary, wrapper, synced=config not in SHARDED)
     assert summary["trainable_parameters"] == single["trainable_parameters"]
     assert len(losses(summary)) == 3
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)

@@ -91,6 +91,27 @@ def test_a_nan_loss_stops_training_and_nothing_is_saved(policy_dir, tok, tmp_pat
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_the_save_guard_reads_the_gathered_weights_of_a_sharded_model(tok):
+    """Under ZeRO-3 and FSDP a process holds slices: the guard checks the whole weights the
+    Trainer gathered for the save (``state_dict``), and never reads a slice as the whole
+    (reading a sharded one alone is a collective that waits forever)."""
+    from rlhf_ext.trainer_utils import check_finite_weights
+
+    model = build_model("tiny", tok, seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.norm.weight"][0] = math.nan  # diverged, as gathered from every process
+    with pytest.raises(NonFiniteError, match="parameter model.norm.weight holds NaN"):
+        check_finite_weights(model, "out", state)
+    check_finite_weights(model, "out", {k: v for k, v in state.items() if "norm" not in k})
+    model.model.norm.weight.ds_id = 0  # a ZeRO-3 placeholder: not in the state dict, skipped
+    with torch.no_grad():
+        model.model.norm.weight[0] = math.nan
+    check_finite_weights(model, "out", {})
+    del model.model.norm.weight.ds_id  # a whole local weight: checked where it is
+    with pytest.raises(NonFiniteError, match="parameter model.norm.weight holds NaN"):
+        check_finite_weights(model, "out", {})
+
+
 def ppo(policy_dir, tok, tmp_path, reward):
     policy = build_model("tiny", tok, seed=0)
     value = ValueModel.from_backbone(str(policy_dir), seed=1)

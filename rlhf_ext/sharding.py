@@ -1,0 +1,54 @@
+"""Sharded weights (DeepSpeed ZeRO-3, FSDP2): what the trainers need to know about them.
+
+- ``shard_on_cpu``: accelerate drops an FSDP config when its processes run on CPUs (the
+  state stays ``MULTI_CPU`` and the model gets DDP), although torch's ``fully_shard`` runs
+  there with gloo; this turns the state into the FSDP one the config asked for.
+- ``weights_sharded``: whether a process holds only a part of each weight, so that a
+  forward needs every process (a forward on one process alone waits forever).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def fsdp_requested() -> bool:
+    """An accelerate FSDP config (``accelerate launch --config_file fsdp.yaml``) is active."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_on_cpu(accelerator) -> bool:
+    """Make ``accelerator`` shard with FSDP when the launch asked for FSDP but its processes
+    are CPU ones. accelerate only reads the FSDP plugin for GPU-like device types
+    (``AcceleratorState.__init__``: ``MULTI_CPU`` is not in its list), so on a CPU the
+    model was silently replicated with DDP. True when the state was changed."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* variables
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    # every later AcceleratorState() copies PartialState's type over its own: set both, as
+    # accelerate's own set-up does
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def weights_sharded(accelerator) -> bool:
+    """ZeRO-3 or FSDP with several processes: each holds a slice of every weight."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if accelerator is None or accelerator.num_processes < 2:
+        return False
+    return is_deepspeed_zero3_enabled() or is_fsdp(accelerator)
