@@ -141,15 +141,65 @@ def replica_drift(trainer) -> float | None:
     return (every - every[0]).abs().max().item()
 
 
+def whole_model(trainer, model, kind: str):
+    """``model``, for process 0 to run alone after training. Under ZeRO-3 or FSDP with
+    several processes its weights are slices and every forward is a collective that the
+    other processes never join (they wait at the end of ``finish_run``: a hang): there it is
+    the whole model just saved to ``output_dir`` (``kind``: "causal_lm" or "reward"),
+    loaded again. Call after ``trainer.save_model``, inside ``sharding.whole_loading``."""
+    from .sharding import weights_sharded
+
+    if not weights_sharded(trainer.accelerator):
+        return model
+    folder, device = trainer.args.output_dir, trainer.args.device
+    if kind == "reward":
+        from .reward import load_reward_model
+
+        return load_reward_model(folder).to(device)
+    from .reward import adapter_base
+
+    if adapter_base(folder) is not None:
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(folder).to(device).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+
+
+def tiny_evaluation(trainer, recipe_args, world, reference_path: str | None, model) -> dict:
+    """The oracle's judgement of the policy's samples of held-out prompts, and their KL to
+    the model at ``reference_path``: summary entries ``tiny/*``. Process 0 alone."""
+    from .worlds.tiny.evaluate import evaluate_policy
+    from .worlds.tiny.world import load_split
+
+    prompts = load_split(world, "prompts_eval")["prompt"][: recipe_args.tiny_eval_prompts]
+    ref = None
+    if reference_path is not None:
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(reference_path).to(trainer.args.device)
+    policy = whole_model(trainer, model if model is not None else trainer.model, "causal_lm")
+    report = evaluate_policy(policy, trainer.processing_class, prompts, seed=trainer.args.seed,
+                             ref_model=ref)
+    out = {f"tiny/{k}": v for k, v in report.items() if k not in ("completions", "scores")}
+    out["tiny/examples"] = report["completions"][:3]
+    return out
+
+
 def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summary_name: str,
                dataset_name: str | None, extra: dict | None = None,
-               reference_path: str | None = None, model=None) -> dict:
+               reference_path: str | None = None, model=None, evaluate=None) -> dict:
     """After training, every recipe: save the model, write a summary (losses, time and, in
     the tiny world, the oracle's judgement of held-out samples, and their KL to the model
     at ``reference_path``) as ``summary_name``. ``model``: the policy, when the trainer
-    trains more than one module. Then the model card, the push when asked, the end."""
+    trains more than one module. ``evaluate``: more summary entries from process 0 alone,
+    given the saved model (``whole_model``). Then the model card, the push when asked,
+    the end."""
     import json
     import time
+
+    from .sharding import whole_loading
 
     trainer.save_model(trainer.args.output_dir)
     summary = {"train_seconds": time.time() - start, **run_facts(trainer), **(extra or {})}
@@ -157,22 +207,12 @@ def finish_run(trainer, recipe_args: RecipeArguments, world, start: float, summa
     if losses:
         summary["first_logged_loss"], summary["last_logged_loss"] = losses[0], losses[-1]
     summary["log_history"] = trainer.state.log_history
-    if world is not None and recipe_args.tiny_eval_prompts and trainer.is_world_process_zero():
-        from .worlds.tiny.evaluate import evaluate_policy
-        from .worlds.tiny.world import load_split
-
-        prompts = load_split(world, "prompts_eval")["prompt"][: recipe_args.tiny_eval_prompts]
-        ref = None
-        if reference_path is not None:
-            from transformers import AutoModelForCausalLM
-
-            ref = AutoModelForCausalLM.from_pretrained(reference_path).to(trainer.args.device)
-        report = evaluate_policy(model if model is not None else trainer.model,
-                                 trainer.processing_class, prompts, seed=trainer.args.seed,
-                                 ref_model=ref)
-        summary.update({f"tiny/{k}": v for k, v in report.items()
-                        if k not in ("completions", "scores")})
-        summary["tiny/examples"] = report["completions"][:3]
+    if trainer.is_world_process_zero():
+        with whole_loading():  # process 0 alone loads models here: ZeRO-3 must not split them
+            summary.update(evaluate() if evaluate is not None else {})
+            if world is not None and recipe_args.tiny_eval_prompts:
+                summary.update(tiny_evaluation(trainer, recipe_args, world, reference_path,
+                                               model))
     if trainer.is_world_process_zero():
         path = os.path.join(trainer.args.output_dir, summary_name)
         with open(path, "w") as f:

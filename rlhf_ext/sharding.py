@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -52,3 +53,19 @@ def weights_sharded(accelerator) -> bool:
     if accelerator is None or accelerator.num_processes < 2:
         return False
     return is_deepspeed_zero3_enabled() or is_fsdp(accelerator)
+
+
+@contextlib.contextmanager
+def whole_loading():
+    """``from_pretrained`` in one process while ZeRO-3 is configured: transformers builds
+    every model under ``deepspeed.zero.Init`` then, which partitions each weight at
+    construction with a broadcast the other processes never join (a hang). Inside this,
+    a model loads whole, as without DeepSpeed."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # what is_deepspeed_zero3_enabled reads
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

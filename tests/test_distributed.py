@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import MULTIPROCESS, load_recipe, run_recipe
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 from rlhf_ext.launch import with_machine_args
@@ -39,7 +39,8 @@ def launch(recipe, summary, out, args, config=None):
     else:
         run_recipe(["--config_file", f"accelerate_configs/{config}.yaml", "--num_processes",
                     "2", recipe, *args, "--per_device_train_batch_size", "4",
-                    "--output_dir", str(out)], launcher="accelerate_config")
+                    "--output_dir", str(out)], launcher="accelerate_config",
+                   timeout=240)  # 10-40 s each (a hang fails here, not at the default 600)
     return json.loads((out / summary).read_text())
 
 
@@ -52,6 +53,23 @@ def assert_two_processes(summary, wrapper, synced=True):
     assert summary["wrapper"] == wrapper, summary["wrapper"]
     if synced:  # replicated weights are identical on both processes after training
         assert summary["replica_drift"] == 0.0
+
+
+def saved_model_samples(world_dir, out, prompts: int) -> list[str]:
+    """What the recipe's evaluation samples from the model saved in ``out`` (one thread,
+    as in the launched processes, so the sums and hence the samples are the same)."""
+    from rlhf_ext.worlds.tiny.evaluate import evaluate_policy
+    from rlhf_ext.worlds.tiny.world import load_split
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_policy(AutoModelForCausalLM.from_pretrained(out),
+                               AutoTokenizer.from_pretrained(out),
+                               load_split(world_dir, "prompts_eval")["prompt"][:prompts],
+                               seed=0)["completions"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dpo_args(world_dir):
@@ -82,9 +100,12 @@ def test_preference_two_processes_match_one(world_dir, dpo_single, tmp_path, con
     """fsdp: FSDP2 sharding on CPU processes (``sharding.shard_on_cpu``; accelerate alone
     falls back to DDP there), its reference sharded too: the first loss is log 2."""
     single, single_out = dpo_single
+    evaluated = ["--tiny_eval_prompts", "4"] if config in SHARDED else []
     summary = launch("recipes/preference.py", "preference_summary.json", tmp_path,
-                     dpo_args(world_dir), config)
+                     [*dpo_args(world_dir), *evaluated], config)
     assert_two_processes(summary, wrapper, synced=config not in SHARDED)
+    if config in SHARDED:  # process 0 alone samples after training: from the saved model
+        assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path, 4)[:3]
     assert summary["parameters"] == single["parameters"]  # ZeRO-3 counts whole tensors
     assert len(losses(summary)) == 3 and losses(summary)[-1] != losses(summary)[0]
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)

@@ -12,7 +12,7 @@ import time
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from rlhf_ext.launch import RecipeArguments, finish_run, run_main
+from rlhf_ext.launch import RecipeArguments, finish_run, run_main, whole_model
 from rlhf_ext.models import model_init_kwargs
 from rlhf_ext.reward import RewardConfig, RewardTrainer, load_reward_model, score
 
@@ -45,14 +45,15 @@ def main(script_args, training_args, model_args, recipe_args):
                             eval_dataset=evaluation, processing_class=tokenizer,
                             peft_config=get_peft_config(model_args))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    extra = {}
-    if evaluation is not None:
-        extra.update(trainer.evaluate())
-        if world is not None and trainer.is_world_process_zero():
-            extra.update(oracle_agreement(trainer.model, tokenizer, evaluation))
+    extra = trainer.evaluate() if evaluation is not None else {}
+    oracle = None
+    if evaluation is not None and world is not None:  # process 0, on the saved model
+        def oracle():
+            return oracle_agreement(whole_model(trainer, trainer.model, "reward"), tokenizer,
+                                    evaluation)
     recipe_args.tiny_eval_prompts = 0  # a reward model samples nothing
     finish_run(trainer, recipe_args, world, start, "reward_summary.json",
-               script_args.dataset_name, extra)
+               script_args.dataset_name, extra, evaluate=oracle)
 
 
 if __name__ == "__main__":
