@@ -136,11 +136,14 @@ class PPOTrainer(CheckedTraining, Trainer):
                  optimizers=(None, None), peft_config=None):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        if is_deepspeed_zero3_enabled():
-            raise ValueError("PPOTrainer does not run under DeepSpeed ZeRO-3 yet (its rollout "
-                             "samples from the policy, which ZeRO-3 partitions): launch with "
-                             "accelerate_configs/zero2.yaml or ddp.yaml, and for a large "
-                             "model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
+        from ..sharding import fsdp_requested
+
+        if is_deepspeed_zero3_enabled() or fsdp_requested():
+            strategy = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else "FSDP"
+            raise ValueError(f"PPOTrainer does not run under {strategy} yet (its rollout "
+                             f"samples from the policy, whose weights {strategy} shards): "
+                             "launch with accelerate_configs/zero2.yaml or ddp.yaml, and for "
+                             "a large model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
