@@ -69,3 +69,23 @@ def whole_loading():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def broadcast_module(module) -> None:
+    """Every process's ``module`` gets process 0's weights and buffers. Collective. Under
+    FSDP with ``cpu_ram_efficient_loading`` only process 0's ``from_pretrained`` (and
+    copies made from it) hold real weights; a frozen model kept whole on each process
+    (a reference, a reward model) needs them."""
+    import torch.distributed as dist
+
+    with __import__("torch").no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def full_state_dict(model) -> dict:
+    """The whole weights of an FSDP-sharded ``model`` on every process (not only process 0,
+    as for a save). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

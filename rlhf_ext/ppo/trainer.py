@@ -35,6 +35,7 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
+from ..sharding import broadcast_module, full_state_dict, is_fsdp
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -138,12 +139,18 @@ class PPOTrainer(CheckedTraining, Trainer):
 
         from ..sharding import fsdp_requested
 
-        if is_deepspeed_zero3_enabled() or fsdp_requested():
-            strategy = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else "FSDP"
-            raise ValueError(f"PPOTrainer does not run under {strategy} yet (its rollout "
-                             f"samples from the policy, whose weights {strategy} shards): "
-                             "launch with accelerate_configs/zero2.yaml or ddp.yaml, and for "
-                             "a large model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("PPOTrainer does not run under DeepSpeed ZeRO-3 yet (its rollout "
+                             "samples from the policy, which ZeRO-3 partitions): launch with "
+                             "accelerate_configs/fsdp.yaml, zero2.yaml or ddp.yaml, and for a "
+                             "large model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
+        if fsdp_requested() and (peft_config is not None or is_peft_model(model)
+                                 or value_model is not None or args.value_head_on_policy
+                                 or args.use_vllm):
+            raise ValueError("PPOTrainer under FSDP trains a full policy without a value "
+                             "model for now (a critic-free advantage_estimator: grpo, rloo, "
+                             "reinforce_pp), sampling with transformers: launch LoRA, value "
+                             "models and vLLM with accelerate_configs/zero2.yaml or ddp.yaml")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
@@ -191,6 +198,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
+        # FSDP: the rollout samples from a whole copy, refreshed from the shards each time
+        self._sampler = copy.deepcopy(model).eval() if fsdp_requested() else None
         self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
                                               model.dtype)
         self.reward_model = next(iter(self.rewards.modules), None)
@@ -208,6 +217,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         for m in (self.ref_model, *self.rewards.modules):
             if m is not None:
                 m.to(self.args.device)
+                if is_fsdp(self.accelerator):  # whole on each process, process 0's weights
+                    broadcast_module(m)
         # the rewards of two tiny completions now, not after the first rollout's sampling
         first = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
         self.rewards.score_rows(first, ["ok"] * len(first), [[0]] * len(first), self.state)
@@ -264,7 +275,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
             reference = self._reference_logps if self.args.needs_reference else None
-            result = rollout(policy=self.policy, reference=reference,
+            result = rollout(policy=self._sampling_policy(), reference=reference,
                              value_model=self.value_model, tokenizer=self.processing_class,
                              rows=rows, score=lambda r, c, ids: self.rewards.score_rows(
                                  r, c, ids, self.state),
@@ -280,6 +291,20 @@ class PPOTrainer(CheckedTraining, Trainer):
         self._maybe_keep_samples(epoch, result)
         self._experience = {"epoch": epoch, "tensors": result.experience}
         return result.experience
+
+    def _sampling_policy(self):
+        """The policy the rollout samples and scores with: the policy itself, or under FSDP
+        a whole copy loaded with the sharded policy's current weights (gathered on every
+        process). Sampled from the shards, each token's forward would be a collective per
+        layer that every process must join in step, and processes stop sampling at
+        different lengths; the copy costs one more policy's memory per process."""
+        if self._sampler is None:
+            return self.policy
+        prefix = "policy."
+        state = full_state_dict(self.model)
+        self._sampler.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                       if k.startswith(prefix)})
+        return self._sampler
 
     def _sync_engine(self) -> None:
         """With ``use_vllm``: start vLLM from the policy's current weights (first rollout
@@ -422,9 +447,13 @@ class PPOTrainer(CheckedTraining, Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         wrapper = self.accelerator.unwrap_model(self.model)
-        check_finite_weights(wrapper, output_dir)
+        check_finite_weights(wrapper, output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)
-        wrapper.policy.save_pretrained(output_dir)
+        if state_dict and is_fsdp(self.accelerator):  # gathered from the shards: the policy's
+            wrapper.policy.save_pretrained(output_dir, state_dict={
+                k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")})
+        else:
+            wrapper.policy.save_pretrained(output_dir)
         if wrapper.value_model is not None:
             wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
         if self.processing_class is not None:
