@@ -47,12 +47,13 @@ def is_fsdp(accelerator) -> bool:
 
 
 def weights_sharded(accelerator) -> bool:
-    """ZeRO-3 or FSDP with several processes: each holds a slice of every weight."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
+    """ZeRO-3 or FSDP with several processes: each holds a slice of every weight. Read
+    from the accelerator's own state (transformers' ZeRO-3 flag is off inside
+    ``whole_loading``)."""
     if accelerator is None or accelerator.num_processes < 2:
         return False
-    return is_deepspeed_zero3_enabled() or is_fsdp(accelerator)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return (plugin is not None and plugin.zero_stage == 3) or is_fsdp(accelerator)
 
 
 @contextlib.contextmanager
@@ -89,3 +90,35 @@ def full_state_dict(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under ZeRO-3, ``model``'s weights whole on every process inside (collective: every
+    process enters); a no-op otherwise."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield
+
+
+def whole_copy(model):
+    """A copy of ``model`` whose weights are whole on this process: a deepcopy, or under
+    ZeRO-3 (weights partitioned since loading) a model built outside ZeRO-3 and loaded with
+    the gathered weights. Collective under ZeRO-3."""
+    import copy
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return copy.deepcopy(model)
+    with whole_loading():
+        twin = type(model)._from_config(model.config, dtype=model.dtype)
+    with gathered(model):
+        twin.load_state_dict(model.state_dict())
+    return twin

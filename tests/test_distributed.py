@@ -235,21 +235,24 @@ def test_sft_fsdp_matches_one_process(world_dir, tmp_path):
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path / "two", 2)[:2]
 
 
-def test_grpo_under_fsdp(world_dir, tmp_path):
-    """GRPO with FSDP2 sharding the policy on two CPU processes: each rollout samples from
-    a whole copy gathered from the shards (whose log-probs equal the sharded forward's:
-    the first step's ratio is 1), the reference is process 0's initial policy on both
-    (the first rollout's KL is 0; with cpu_ram_efficient_loading process 1's copy held no
-    real weights), and the saved policy is the whole trained one. Per-process sampling
-    makes the losses incomparable with one process (as test_ppo_two_processes says)."""
+@pytest.mark.parametrize("config, wrapper", [("fsdp", "FSDPPolicyAndValue"),
+                                             ("zero3", "DeepSpeedEngine")])
+def test_grpo_with_sharded_weights(world_dir, tmp_path, config, wrapper):
+    """GRPO with FSDP2 or ZeRO-3 sharding the policy on two CPU processes: each rollout
+    samples from a whole copy gathered from the shards (whose log-probs equal the sharded
+    forward's: the first step's ratio is 1), the reference is the initial policy, whole,
+    on both (the first rollout's KL is 0; under FSDP with cpu_ram_efficient_loading
+    process 1's copy held no real weights), and the saved policy is the whole trained
+    one. Per-process sampling makes the losses incomparable with one process (as
+    test_ppo_two_processes says)."""
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
         "--config", "recipes/tiny/grpo_oracle.yaml", "--tiny_world_dir", str(world_dir),
         "--model_name_or_path", str(world_dir / "base"),
         "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
         "--rollout_batch_size", "8", "--per_device_train_batch_size", "4",
         "--logging_steps", "1", "--tiny_eval_prompts", "2", "--num_sample_generations", "0"],
-        "fsdp")
-    assert_two_processes(summary, "FSDPPolicyAndValue", synced=False)
+        config)
+    assert_two_processes(summary, wrapper, synced=False)
     assert len(losses(summary)) == 4  # 2 iterations x (8 samples / minibatches of 4)
     first = summary["log_history"][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)

@@ -12,7 +12,6 @@ and resume from any of them, push_to_hub.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -35,7 +34,7 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
-from ..sharding import broadcast_module, full_state_dict, is_fsdp
+from ..sharding import broadcast_module, full_state_dict, gathered, is_fsdp, whole_copy
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -139,18 +138,18 @@ class PPOTrainer(CheckedTraining, Trainer):
 
         from ..sharding import fsdp_requested
 
-        if is_deepspeed_zero3_enabled():
-            raise ValueError("PPOTrainer does not run under DeepSpeed ZeRO-3 yet (its rollout "
-                             "samples from the policy, which ZeRO-3 partitions): launch with "
-                             "accelerate_configs/fsdp.yaml, zero2.yaml or ddp.yaml, and for a "
-                             "large model use LoRA on a 4-bit base (load_in_4bit, use_peft).")
-        if fsdp_requested() and (peft_config is not None or is_peft_model(model)
-                                 or value_model is not None or args.value_head_on_policy
-                                 or args.use_vllm):
-            raise ValueError("PPOTrainer under FSDP trains a full policy without a value "
-                             "model for now (a critic-free advantage_estimator: grpo, rloo, "
-                             "reinforce_pp), sampling with transformers: launch LoRA, value "
-                             "models and vLLM with accelerate_configs/zero2.yaml or ddp.yaml")
+        sharded = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else \
+            "FSDP" if fsdp_requested() else None
+        reward_models = any(isinstance(r, (nn.Module, str)) for r in _as_list(reward))
+        if sharded and (peft_config is not None or is_peft_model(model)
+                        or value_model is not None or args.value_head_on_policy
+                        or args.use_vllm or (reward_models and sharded != "FSDP")):
+            raise ValueError(f"PPOTrainer under {sharded} trains a full policy without a "
+                             "value model for now (a critic-free advantage_estimator: grpo, "
+                             "rloo, reinforce_pp), sampling with transformers, and under "
+                             "ZeRO-3 with reward functions (not models): launch LoRA, value "
+                             "and reward models and vLLM with accelerate_configs/zero2.yaml "
+                             "or ddp.yaml")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
@@ -194,12 +193,12 @@ class PPOTrainer(CheckedTraining, Trainer):
         if not args.needs_reference:
             ref_model = None  # no KL asked for: no reference kept or run
         elif ref_model is None and not is_peft_model(model):
-            ref_model = copy.deepcopy(model)
+            ref_model = whole_copy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
-        # FSDP: the rollout samples from a whole copy, refreshed from the shards each time
-        self._sampler = copy.deepcopy(model).eval() if fsdp_requested() else None
+        # ZeRO-3, FSDP: the rollout samples from a whole copy, refreshed from the shards
+        self._sampler = whole_copy(model).eval() if sharded else None
         self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
                                               model.dtype)
         self.reward_model = next(iter(self.rewards.modules), None)
@@ -300,6 +299,10 @@ class PPOTrainer(CheckedTraining, Trainer):
         different lengths; the copy costs one more policy's memory per process."""
         if self._sampler is None:
             return self.policy
+        if not is_fsdp(self.accelerator):  # ZeRO-3: gathered whole on every process
+            with gathered(self.policy):
+                self._sampler.load_state_dict(self.policy.state_dict())
+            return self._sampler
         prefix = "policy."
         state = full_state_dict(self.model)
         self._sampler.load_state_dict({k[len(prefix):]: v for k, v in state.items()
@@ -449,7 +452,7 @@ class PPOTrainer(CheckedTraining, Trainer):
         wrapper = self.accelerator.unwrap_model(self.model)
         check_finite_weights(wrapper, output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)
-        if state_dict and is_fsdp(self.accelerator):  # gathered from the shards: the policy's
+        if state_dict and self._sampler is not None:  # gathered from the shards: the policy's
             wrapper.policy.save_pretrained(output_dir, state_dict={
                 k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")})
         else:
@@ -523,6 +526,10 @@ class PPOTrainer(CheckedTraining, Trainer):
                 "response_length", "temperature", "per_device_train_batch_size")},
             model=self.policy, kind="ppo" if self.value_model is not None else "causal-lm",
             papers=[estimator])
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _experience_file(process_index: int) -> str:
