@@ -61,6 +61,13 @@ def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool = F
     trainer.add_callback(Pace(out, rank, trainer))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))
+    if world > 1:  # leave as rlhf_ext.launch.run_main does: in interpreter teardown gloo's
+        # threads can abort a finished run ("terminate called without an active exception",
+        # SIGABRT: seen once in the suite on 2026-12-06)
+        trainer.accelerator.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
