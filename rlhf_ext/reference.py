@@ -128,6 +128,7 @@ class ReferenceLogps:
         if trained:  # the reference is the policy as it was: only its cache can answer
             fingerprint = self.initial_fingerprint
         else:
+            _process_0_weights(self.model or trainer.model, trainer.accelerator)
             with _gathered_if_zero3(self.model or trainer.model):  # hash the real weights
                 fingerprint = model_fingerprint(self.model or trainer.model)
             if self.mode == "initial_policy":
@@ -320,6 +321,21 @@ def _frozen_copy(policy):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype)
+
+
+def _process_0_weights(model, accelerator) -> None:
+    """Before the precompute, which runs before the trainer shards anything: under FSDP
+    with ``cpu_ram_efficient_loading`` only process 0 loaded real weights, so the others'
+    share of the reference log-probs came from uninitialised memory (DPO's first loss
+    0.6948, not log 2). They get process 0's weights first (accelerate's FSDP preparation
+    broadcasts them again later)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .sharding import broadcast_module, fsdp_requested
+
+    if fsdp_requested() and accelerator.num_processes > 1 and \
+            not any(isinstance(m, FSDPModule) for m in model.modules()):
+        broadcast_module(model)
 
 
 def _gathered_if_zero3(model):

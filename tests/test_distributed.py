@@ -118,13 +118,22 @@ def test_preference_two_processes_match_one(world_dir, dpo_single, tmp_path, con
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
 
 
-def test_preference_zero3_lora_matches_one_process(world_dir, tmp_path):
+@pytest.mark.parametrize("config, wrapper, precompute", [
+    ("zero3", "DeepSpeedEngine", False), ("fsdp", "FSDPPeftModelForCausalLM", True)])
+def test_preference_sharded_lora_matches_one_process(world_dir, tmp_path, config, wrapper,
+                                                     precompute):
+    """fsdp with the reference precomputed (each run its own cache): the precompute runs
+    before anything is sharded, when under cpu_ram_efficient_loading only process 0 holds
+    real weights (the other half of the reference log-probs made the first loss 0.6948)."""
     args = [*dpo_args(world_dir), *LORA, "--learning_rate", "1e-2"]
-    single = launch("recipes/preference.py", "preference_summary.json", tmp_path / "one", args)
+    cache = ["--precompute_ref_log_probs", "true", "--ref_logps_cache_dir"]
+    single = launch("recipes/preference.py", "preference_summary.json", tmp_path / "one",
+                    [*args, *cache, str(tmp_path / "c1")] if precompute else args)
     summary = launch("recipes/preference.py", "preference_summary.json", tmp_path / "two",
-                     args, "zero3")
-    assert_two_processes(summary, "DeepSpeedEngine", synced=False)
+                     [*args, *cache, str(tmp_path / "c2")] if precompute else args, config)
+    assert_two_processes(summary, wrapper, synced=False)
     assert summary["trainable_parameters"] == single["trainable_parameters"] > 0
+    assert losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
     out = tmp_path / "two"
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
