@@ -244,24 +244,30 @@ def test_sft_fsdp_matches_one_process(world_dir, tmp_path):
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path / "two", 2)[:2]
 
 
-@pytest.mark.parametrize("config, wrapper", [("fsdp", "FSDPPolicyAndValue"),
-                                             ("zero3", "DeepSpeedEngine")])
-def test_grpo_with_sharded_weights(world_dir, tmp_path, config, wrapper):
-    """GRPO with FSDP2 or ZeRO-3 sharding the policy on two CPU processes: each rollout
-    samples from a whole copy gathered from the shards (whose log-probs equal the sharded
-    forward's: the first step's ratio is 1), the reference is the initial policy, whole,
-    on both (the first rollout's KL is 0; under FSDP with cpu_ram_efficient_loading
-    process 1's copy held no real weights), and the saved policy is the whole trained
-    one. Per-process sampling makes the losses incomparable with one process (as
+SHARDED_WRAPPER = {"fsdp": "FSDPPolicyAndValue", "zero3": "DeepSpeedEngine"}
+
+
+@pytest.mark.parametrize("config, estimator", [("fsdp", "grpo"), ("fsdp", "gae"),
+                                               ("zero3", "gae")])
+def test_online_rl_with_sharded_weights(world_dir, tmp_path, config, estimator):
+    """GRPO, and PPO with a value model, with FSDP2 or ZeRO-3 sharding the policy (and the
+    value model) on two CPU processes: each rollout samples and scores with whole copies
+    gathered from the shards (whose log-probs equal the sharded forward's: the first
+    step's ratio is 1), the reference is the initial policy, whole, on both (the first
+    rollout's KL is 0; under FSDP with cpu_ram_efficient_loading process 1's copy held no
+    real weights), and the saved policy and value model are the whole trained ones.
+    Per-process sampling makes the losses incomparable with one process (as
     test_ppo_two_processes says)."""
+    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml",
+                       "--per_device_train_batch_size", "4"],
+              "gae": ["--config", "recipes/tiny/ppo_oracle.yaml", "--num_ppo_epochs", "1"]}
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
-        "--config", "recipes/tiny/grpo_oracle.yaml", "--tiny_world_dir", str(world_dir),
+        *recipe[estimator], "--tiny_world_dir", str(world_dir),
         "--model_name_or_path", str(world_dir / "base"),
         "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
-        "--rollout_batch_size", "8", "--per_device_train_batch_size", "4",
-        "--logging_steps", "1", "--tiny_eval_prompts", "2", "--num_sample_generations", "0"],
-        config)
-    assert_two_processes(summary, wrapper, synced=False)
+        "--rollout_batch_size", "8", "--logging_steps", "1", "--tiny_eval_prompts", "2",
+        "--num_sample_generations", "0"], config)
+    assert_two_processes(summary, SHARDED_WRAPPER[config], synced=False)
     assert len(losses(summary)) == 4  # 2 iterations x (8 samples / minibatches of 4)
     first = summary["log_history"][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
@@ -272,3 +278,11 @@ def test_grpo_with_sharded_weights(world_dir, tmp_path, config, wrapper):
     assert trained.keys() == base.keys()
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path, 2)[:2]
+    if estimator == "gae":  # the value head starts at zero: trained, whole, reloadable
+        from rlhf_ext.heads import ValueModel
+
+        value = ValueModel.from_pretrained(tmp_path / "value_model")
+        assert value.score.weight.abs().max() > 0
+        assert "loss/value_avg" in {k for h in summary["log_history"] for k in h}
+    else:
+        assert not (tmp_path / "value_model").exists()

@@ -425,8 +425,8 @@ def test_ppo_under_fsdp_refuses_what_it_cannot_shard_yet(tok, tmp_path, monkeypa
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets
     args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4,
                      per_device_train_batch_size=2, value_head_on_policy=True, **BASE)
-    with pytest.raises(ValueError, match="PPOTrainer under FSDP trains a full policy "
-                                         "without a value model"):
+    with pytest.raises(ValueError, match="PPOTrainer under FSDP trains a full policy \\(and a separate "
+                                         "value model\\)"):
         PPOTrainer(build_model("tiny", tok, seed=0), args, tok, prompt_dataset(8),
                    reward=lambda p, c: [0.0] * len(c))
 

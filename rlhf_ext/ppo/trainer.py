@@ -142,14 +142,13 @@ class PPOTrainer(CheckedTraining, Trainer):
             "FSDP" if fsdp_requested() else None
         reward_models = any(isinstance(r, (nn.Module, str)) for r in _as_list(reward))
         if sharded and (peft_config is not None or is_peft_model(model)
-                        or value_model is not None or args.value_head_on_policy
-                        or args.use_vllm or (reward_models and sharded != "FSDP")):
-            raise ValueError(f"PPOTrainer under {sharded} trains a full policy without a "
-                             "value model for now (a critic-free advantage_estimator: grpo, "
-                             "rloo, reinforce_pp), sampling with transformers, and under "
-                             "ZeRO-3 with reward functions (not models): launch LoRA, value "
-                             "and reward models and vLLM with accelerate_configs/zero2.yaml "
-                             "or ddp.yaml")
+                        or args.value_head_on_policy or args.use_vllm
+                        or (reward_models and sharded != "FSDP")):
+            raise ValueError(f"PPOTrainer under {sharded} trains a full policy (and a "
+                             "separate value model) for now, sampling with transformers, and "
+                             "under ZeRO-3 with reward functions (not models): launch LoRA, "
+                             "value_head_on_policy, reward models under ZeRO-3 and vLLM with "
+                             "accelerate_configs/zero2.yaml or ddp.yaml")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
@@ -197,8 +196,10 @@ class PPOTrainer(CheckedTraining, Trainer):
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
-        # ZeRO-3, FSDP: the rollout samples from a whole copy, refreshed from the shards
-        self._sampler = whole_copy(model).eval() if sharded else None
+        # ZeRO-3, FSDP: the rollout runs whole copies, refreshed from the shards
+        self._whole = {name: whole_copy(m).eval() for name, m in
+                       (("policy", model), ("value_model", value_model))
+                       if m is not None} if sharded else None
         self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
                                               model.dtype)
         self.reward_model = next(iter(self.rewards.modules), None)
@@ -274,8 +275,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
             reference = self._reference_logps if self.args.needs_reference else None
-            result = rollout(policy=self._sampling_policy(), reference=reference,
-                             value_model=self.value_model, tokenizer=self.processing_class,
+            policy, value_model = self._rollout_models()
+            result = rollout(policy=policy, reference=reference,
+                             value_model=value_model, tokenizer=self.processing_class,
                              rows=rows, score=lambda r, c, ids: self.rewards.score_rows(
                                  r, c, ids, self.state),
                              args=self.args, kl_coef=self.kl_ctl.value, moments=self.moments,
@@ -291,23 +293,23 @@ class PPOTrainer(CheckedTraining, Trainer):
         self._experience = {"epoch": epoch, "tensors": result.experience}
         return result.experience
 
-    def _sampling_policy(self):
-        """The policy the rollout samples and scores with: the policy itself, or under FSDP
-        a whole copy loaded with the sharded policy's current weights (gathered on every
-        process). Sampled from the shards, each token's forward would be a collective per
-        layer that every process must join in step, and processes stop sampling at
-        different lengths; the copy costs one more policy's memory per process."""
-        if self._sampler is None:
-            return self.policy
-        if not is_fsdp(self.accelerator):  # ZeRO-3: gathered whole on every process
-            with gathered(self.policy):
-                self._sampler.load_state_dict(self.policy.state_dict())
-            return self._sampler
-        prefix = "policy."
-        state = full_state_dict(self.model)
-        self._sampler.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                       if k.startswith(prefix)})
-        return self._sampler
+    def _rollout_models(self):
+        """The policy and value model the rollout runs: themselves, or under ZeRO-3 and
+        FSDP whole copies loaded with their current weights, gathered from the shards on
+        every process. Sampled from the shards, each token's forward would be a collective
+        per layer that every process must join in step, and processes stop sampling at
+        different lengths; the copies cost one more policy (and value model) per process."""
+        if self._whole is None:
+            return self.policy, self.value_model
+        if is_fsdp(self.accelerator):  # one gathered state dict, "policy.*", "value_model.*"
+            state = full_state_dict(self.model)
+            for name, copy_ in self._whole.items():
+                copy_.load_state_dict(_part(state, name))
+        else:  # ZeRO-3: each gathered whole on every process in turn
+            for name, copy_ in self._whole.items():
+                with gathered(getattr(self, name)):
+                    copy_.load_state_dict(getattr(self, name).state_dict())
+        return self._whole["policy"], self._whole.get("value_model")
 
     def _sync_engine(self) -> None:
         """With ``use_vllm``: start vLLM from the policy's current weights (first rollout
@@ -452,13 +454,13 @@ class PPOTrainer(CheckedTraining, Trainer):
         wrapper = self.accelerator.unwrap_model(self.model)
         check_finite_weights(wrapper, output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)
-        if state_dict and self._sampler is not None:  # gathered from the shards: the policy's
-            wrapper.policy.save_pretrained(output_dir, state_dict={
-                k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")})
-        else:
-            wrapper.policy.save_pretrained(output_dir)
+        whole = bool(state_dict) and self._whole is not None  # gathered from the shards
+        wrapper.policy.save_pretrained(
+            output_dir, **({"state_dict": _part(state_dict, "policy")} if whole else {}))
         if wrapper.value_model is not None:
-            wrapper.value_model.save_pretrained(os.path.join(output_dir, "value_model"))
+            wrapper.value_model.save_pretrained(
+                os.path.join(output_dir, "value_model"),
+                **({"state_dict": _part(state_dict, "value_model")} if whole else {}))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         state = {"kl_ctl": self.kl_ctl.state_dict(),
@@ -526,6 +528,13 @@ class PPOTrainer(CheckedTraining, Trainer):
                 "response_length", "temperature", "per_device_train_batch_size")},
             model=self.policy, kind="ppo" if self.value_model is not None else "causal-lm",
             papers=[estimator])
+
+
+def _part(state: dict, name: str) -> dict:
+    """The entries of PolicyAndValue's ``state`` under ``name`` ("policy", "value_model"),
+    without the prefix."""
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _as_list(value) -> list:
