@@ -11,8 +11,9 @@ logging, checkpoints and model card); its samples (``samples.json``), labels
 (``labels.jsonl``, appended batch by batch) and the trained model are kept there, and
 ``rounds.json`` and the final policy are written to ``output_dir`` itself. ``train(resume_from_checkpoint=True)``
 skips finished rounds (loading the last one's weights), reuses a round's samples and labels,
-and resumes its training from the newest checkpoint. One process: the sampling and judging
-do not shard across processes yet.
+and resumes its training from the newest checkpoint. With several processes (DDP, ZeRO-2)
+each samples and judges its share of a round's prompts (``samples-<process>.json``,
+``labels-<process>.jsonl``) and all train on every process's pairs.
 """
 
 from __future__ import annotations
@@ -93,8 +94,15 @@ class OnlineDPOTrainer:
                             f"RewardModelJudge, or FunctionJudge around a scoring function), "
                             f"got {type(judge).__name__}")
         if args.world_size > 1:
-            raise ValueError("OnlineDPOTrainer samples and judges in one process; launch it "
-                             "with one process")
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            from .sharding import fsdp_requested
+
+            if is_deepspeed_zero3_enabled() or fsdp_requested() or args.use_vllm:
+                raise ValueError("OnlineDPOTrainer on several processes samples from each "
+                                 "process's whole policy: launch it with "
+                                 "accelerate_configs/ddp.yaml or zero2.yaml, without vLLM "
+                                 "(or with one process)")
         if train_dataset is None:
             raise DataError("train_dataset is required: a 'prompt' column to sample from")
         validate_prompt_dataset(train_dataset)
@@ -125,13 +133,21 @@ class OnlineDPOTrainer:
             return self.prompts
         return random.Random(self.args.seed + r).sample(self.prompts, n)
 
+    def _file(self, folder: Path, name: str) -> Path:
+        """``folder/name``; with several processes each writes its own (``samples-1.json``)."""
+        if self.args.world_size == 1:
+            return folder / name
+        stem, suffix = name.split(".", 1)
+        return folder / f"{stem}-{self.args.process_index}.{suffix}"
+
     def sample(self, prompts: list, r: int, folder: Path) -> list[list[str]]:
         """``num_generations`` completions of each prompt from the current policy, saved to
-        (and on resume read from) ``folder/samples.json``."""
+        (and on resume read from) ``folder/samples.json`` (this process's share:
+        ``samples-<process>.json``)."""
         from .ppo.rollout import render_prompt
         from .sampling import generate_completions
 
-        path = folder / "samples.json"
+        path = self._file(folder, "samples.json")
         if path.exists():
             try:
                 return json.loads(path.read_text())
@@ -211,7 +227,8 @@ class OnlineDPOTrainer:
                 self._load_round(finished)
                 finished = None
             self.rounds.append(self._round(r, folder, resume))
-            (out / "rounds.json").write_text(json.dumps(self.rounds, indent=2))
+            if self.args.process_index == 0:
+                (out / "rounds.json").write_text(json.dumps(self.rounds, indent=2))
         if finished is not None:  # every round was already done
             self._load_round(finished)
         elif self.trainer is not None:  # the final policy in output_dir itself too
@@ -221,11 +238,15 @@ class OnlineDPOTrainer:
     def _round(self, r: int, folder: Path, resume: bool) -> dict:
         args = self.args
         if not resume:
-            _discard_stale(folder)
-        prompts = self.round_prompts(r)
+            _discard_stale(folder, [self._file(folder, n) for n in ("samples.json",
+                                                                    "labels.jsonl")])
+        # each process samples and judges its share of the round's prompts; all train on all
+        prompts = self.round_prompts(r)[args.process_index::args.world_size]
         samples = self.sample(prompts, r, folder)
         data = label_samples(self.judge, prompts, samples, args.pairing, args.judge_batch_size,
-                             folder / "labels.jsonl")
+                             self._file(folder, "labels.jsonl"))
+        if args.world_size > 1:
+            data = _gathered_rows(data)
         summary = {"round": r, "pairs": len(data),
                    "judge/chosen_probability": mean(data[SOFT_LABEL]),
                    "judge/order_agreement": mean(map(float, data["order_agreement"]))}
@@ -241,7 +262,9 @@ class OnlineDPOTrainer:
         summary["train_loss"] = result.training_loss
         self.trainer.log({k: v for k, v in summary.items() if k != "pairs"})
         self.trainer.save_model(str(folder))
-        (folder / DONE).write_text(json.dumps(summary, indent=2))
+        if self.trainer.is_world_process_zero():
+            (folder / DONE).write_text(json.dumps(summary, indent=2))
+        self.trainer.accelerator.wait_for_everyone()
         return summary
 
     def save_model(self, output_dir: str | None = None) -> None:
@@ -258,15 +281,24 @@ class OnlineDPOTrainer:
         return self.trainer
 
 
-def _discard_stale(folder: Path) -> None:
-    """A fresh start (no resume) in a folder an earlier run wrote: its samples, labels and
-    done marker belong to that run (another policy, maybe another judge), so they are
-    removed, with a warning naming them, and made anew; only a resume reuses them."""
-    stale = [folder / name for name in ("samples.json", "labels.jsonl", DONE)
-             if (folder / name).exists()]
+def _gathered_rows(data):
+    """Every process's judged pairs, in process order, on every process. Collective."""
+    from accelerate.utils import gather_object
+    from datasets import Dataset
+
+    rows = [row for part in gather_object([data.to_list()]) for row in part]
+    return Dataset.from_list(rows)
+
+
+def _discard_stale(folder: Path, files: list[Path]) -> None:
+    """A fresh start (no resume) in a folder an earlier run wrote: its samples, labels
+    (``files``: this process's) and done marker belong to that run (another policy, maybe
+    another judge), so they are removed, with a warning naming them, and made anew; only a
+    resume reuses them."""
+    stale = [path for path in (*files, folder / DONE) if path.exists()]
     if stale:
         warnings.warn(f"not resuming: removing {', '.join(map(str, stale))} from an earlier "
                       "run; they are sampled and judged again (pass resume_from_checkpoint="
                       "True to continue that run instead)", stacklevel=3)
         for path in stale:
-            path.unlink()
+            path.unlink(missing_ok=True)  # another process may have removed the marker

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import MULTIPROCESS, run_recipe
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf_ext.judges import FunctionJudge
@@ -173,3 +174,25 @@ def test_files_cut_short_by_a_kill_are_handled_on_resume(policy_dir, tok, tmp_pa
     samples.write_text(samples.read_text()[:-10])
     with pytest.raises(ValueError, match=r"samples.json is not valid JSON.*delete it"):
         one_round(policy_dir, tok, tmp_path, judge, resume=True)
+
+
+@MULTIPROCESS
+def test_two_processes_share_the_sampling_and_the_judging(policy_dir, tmp_path):
+    """Launched on two processes (DDP), each samples and judges half of each round's
+    prompts (its own files), and both train on all the pairs: as many as one process
+    judges, one model on both."""
+    run_recipe(["--config_file", "accelerate_configs/ddp.yaml", "--num_processes", "2",
+                "tests/online_dpo_driver.py", str(policy_dir), str(tmp_path)],
+               launcher="accelerate_config", timeout=240)
+    report = json.loads((tmp_path / "driver.json").read_text())
+    assert report["world_size"] == 2 and report["wrapper"] == "DistributedDataParallel"
+    # 8 prompts x 3 samples, every two judged: 4 prompts x 3 pairs per process per round
+    assert report["judged"] == [24, 24]
+    assert [r["pairs"] for r in report["rounds"]] == [24, 24]
+    assert report["replica_drift"] == 0.0
+    for r in range(2):
+        folder = tmp_path / f"round-{r}"
+        shares = [json.loads((folder / f"samples-{i}.json").read_text()) for i in range(2)]
+        assert [len(s) for s in shares] == [4, 4] and not (folder / "samples.json").exists()
+        assert all(len(group) == 3 for s in shares for group in s)
+        assert (folder / "round.json").exists() and (folder / "model.safetensors").exists()
