@@ -21,13 +21,15 @@ from rlhf_ext.trainer_utils import checkpoint_problem
 DRIVER = str(ROOT / "tests" / "preempt_driver.py")
 
 
-def stopped_run(kind, policy_dir, out, steps, processes, after_step=1, resume=False):
-    """Launch the run; with ``after_step``, send SIGTERM to every training process once
-    that step is done (as Slurm signals every task of a job); wait for it to end."""
+def stopped_run(kind, policy_dir, out, steps, processes, after_step=1, resume=False,
+                config="ddp"):
+    """Launch the run (two processes: under accelerate_configs/``config``.yaml); with
+    ``after_step``, send SIGTERM to every training process once that step is done (as
+    Slurm signals every task of a job); wait for it to end."""
     launch = [sys.executable]
     if processes == 2:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  "accelerate_configs/ddp.yaml", "--num_processes", "2"]
+                  f"accelerate_configs/{config}.yaml", "--num_processes", "2"]
     cmd = launch + [DRIVER, kind, str(policy_dir), str(out), str(steps),
                     *(["resume"] if resume else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -90,5 +92,29 @@ def test_sigterm_stops_two_processes_together(policy_dir, tmp_path):
     code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=None, resume=True)
     assert code == 0, stderr[-3000:]
     expected, got = weights(full), weights(cut)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+@MULTIPROCESS
+def test_ppo_under_zero3_stopped_mid_iteration_resumes_to_the_uninterrupted_run(policy_dir,
+                                                                                 tmp_path):
+    """PPO with a value model, weights partitioned by ZeRO-3 on two processes, stopped by
+    SIGTERM inside an iteration (each process's rollout kept beside the checkpoint) and
+    resumed: the saved policy equals an uninterrupted two-process run's."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    code, stderr = stopped_run("ppo", policy_dir, full, 6, 2, after_step=None, config="zero3")
+    assert code == 0, stderr[-3000:]
+    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, config="zero3")
+    assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
+    (step,) = checkpoints(cut)
+    assert step == 1 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
+    for rank in range(2):  # 4 optimizer steps an iteration: stopped inside one
+        assert (cut / f"checkpoint-{step}" / f"ppo_experience_{rank}.pt").exists()
+    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, after_step=None, resume=True,
+                               config="zero3")
+    assert code == 0, stderr[-3000:]
+    expected, got = weights(full), weights(cut)
+    assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)

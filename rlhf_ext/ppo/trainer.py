@@ -503,11 +503,20 @@ class PPOTrainer(CheckedTraining, Trainer):
             wrapper.value_model.load_checkpoint(value_dir)
         else:
             _load_weights(wrapper.value_model, os.path.join(value_dir, "model.safetensors"))
-        experience = os.path.join(resume_from_checkpoint,
-                                  _experience_file(self.args.process_index))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """With the optimizer, what PPO keeps beside the weights: this process's rollout of
+        an unfinished iteration, the KL controller and the score statistics. Here, not in
+        ``_load_from_checkpoint``: under DeepSpeed the Trainer restores the weights with
+        the engine's own checkpoint and never calls that (a ZeRO-3 run resumed with a new
+        rollout, its weights 4e-3 from the uninterrupted run's)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        experience = os.path.join(checkpoint, _experience_file(self.args.process_index))
         if os.path.exists(experience):
             self._resumed_experience = torch.load(experience, weights_only=True)
-        with open(os.path.join(resume_from_checkpoint, "ppo_state.json")) as f:
+        with open(os.path.join(checkpoint, "ppo_state.json")) as f:
             state = json.load(f)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         if self.moments is not None and state["moments"]:
