@@ -31,6 +31,7 @@ from ..models import (
     add_adapters,
     disable_dropout,
     is_peft_model,
+    is_quantized,
     keep_4bit_differentiable,
     load_tokenizer,
 )
@@ -214,9 +215,16 @@ class PPOTrainer(CheckedTraining, Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        for m in (self.ref_model, *self.rewards.modules):
+        # DeepSpeed trains the policy's weights in bf16/fp16 themselves (no autocast): the
+        # frozen models and the rollout's copies compute in that precision too (a float32
+        # reference made the first KL 2e-3, not 0, under ZeRO-2 + bf16)
+        cast = (torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None) \
+            if self.is_deepspeed_enabled else None
+        for m in (self.ref_model, *self.rewards.modules, *(self._whole or {}).values()):
             if m is not None:
                 m.to(self.args.device)
+                if cast is not None and not is_quantized(m):
+                    m.to(cast)
                 if is_fsdp(self.accelerator):  # whole on each process, process 0's weights
                     broadcast_module(m)
         # the rewards of two tiny completions now, not after the first rollout's sampling
