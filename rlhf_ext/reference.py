@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .logps import batch_logps
 from .models import adapters_disabled, is_peft_model
+from .sharding import broadcast_module, fsdp_requested, gathered
 
 CACHE_VERSION = 2  # 2: the file holds a checksum beside the columns
 REFERENCE_FILE = "reference_model.safetensors"  # TR-DPO's moving reference, per checkpoint
@@ -129,7 +129,7 @@ class ReferenceLogps:
             fingerprint = self.initial_fingerprint
         else:
             _process_0_weights(self.model or trainer.model, trainer.accelerator)
-            with _gathered_if_zero3(self.model or trainer.model):  # hash the real weights
+            with gathered(self.model or trainer.model):  # hash the real weights
                 fingerprint = model_fingerprint(self.model or trainer.model)
             if self.mode == "initial_policy":
                 self.initial_fingerprint = fingerprint
@@ -172,7 +172,7 @@ class ReferenceLogps:
         was_training = policy.training
         policy.eval()
         out = defaultdict(list)
-        with _gathered_if_zero3(self.model or policy), trainer.compute_loss_context_manager():
+        with gathered(self.model or policy), trainer.compute_loss_context_manager():
             for batch in tqdm(loader, desc=f"reference log-probs ({name})",
                               disable=not trainer.accelerator.is_local_main_process):
                 self._collect(policy, batch, out, trainer.accelerator)
@@ -331,20 +331,6 @@ def _process_0_weights(model, accelerator) -> None:
     broadcasts them again later)."""
     from torch.distributed.fsdp import FSDPModule
 
-    from .sharding import broadcast_module, fsdp_requested
-
     if fsdp_requested() and accelerator.num_processes > 1 and \
             not any(isinstance(m, FSDPModule) for m in model.modules()):
         broadcast_module(model)
-
-
-def _gathered_if_zero3(model):
-    """Under DeepSpeed ZeRO-3 the weights are partitioned until the engine wraps the model;
-    the one pass before training gathers them (a full copy per process, briefly)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)

@@ -77,9 +77,10 @@ def broadcast_module(module) -> None:
     FSDP with ``cpu_ram_efficient_loading`` only process 0's ``from_pretrained`` (and
     copies made from it) hold real weights; a frozen model kept whole on each process
     (a reference, a reward model) needs them."""
+    import torch
     import torch.distributed as dist
 
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
 
@@ -122,3 +123,36 @@ def whole_copy(model):
     with gathered(model):
         twin.load_state_dict(model.state_dict())
     return twin
+
+
+def state_part(state: dict, name: str) -> dict:
+    """The entries of a state dict under submodule ``name``, without the prefix."""
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class RolloutCopies:
+    """Under ZeRO-3 and FSDP, whole copies of a model's submodules (PPO's "policy" and
+    "value_model") for the rollout, refreshed from the shards before each one: sampled
+    from the shards, each token's forward would be a collective per layer that every
+    process must join in step, and processes stop sampling at different lengths. Costs
+    one more copy of each per process."""
+
+    def __init__(self, modules: dict):
+        self.copies = {name: whole_copy(m).eval() for name, m in modules.items()
+                       if m is not None}
+
+    def refresh(self, model, accelerator) -> dict:
+        """The copies, loaded with ``model``'s current weights gathered on every process
+        (one full state dict under FSDP, each submodule gathered in turn under ZeRO-3).
+        Collective."""
+        if is_fsdp(accelerator):
+            state = full_state_dict(model)
+            for name, copy_ in self.copies.items():
+                copy_.load_state_dict(state_part(state, name))
+        else:
+            for name, copy_ in self.copies.items():
+                source = getattr(model, name)
+                with gathered(source):
+                    copy_.load_state_dict(source.state_dict())
+        return self.copies

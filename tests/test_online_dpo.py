@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import MULTIPROCESS, run_recipe
+from online_dpo_driver import CountingJudge as OracleJudge  # the oracle, counting
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf_ext.judges import FunctionJudge
@@ -15,18 +16,6 @@ from rlhf_ext.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from rlhf_ext.worlds.tiny import oracle_score, prompt_dataset
 
 PROMPTS = prompt_dataset(8, seed=3, split="online")
-
-
-class OracleJudge(FunctionJudge):
-    """The tiny world's oracle as a Bradley-Terry judge; counts the comparisons it judges."""
-
-    def __init__(self):
-        super().__init__(lambda prompts, texts: [oracle_score(t) for t in texts], scale=4.0)
-        self.judged = 0
-
-    def judgement(self, prompts, a, b):
-        self.judged += len(prompts)
-        return super().judgement(prompts, a, b)
 
 
 class Rounds(TrainerCallback):

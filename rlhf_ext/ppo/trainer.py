@@ -35,7 +35,7 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
-from ..sharding import broadcast_module, full_state_dict, gathered, is_fsdp, whole_copy
+from ..sharding import RolloutCopies, broadcast_module, is_fsdp, state_part, whole_copy
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -198,9 +198,8 @@ class PPOTrainer(CheckedTraining, Trainer):
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
         # ZeRO-3, FSDP: the rollout runs whole copies, refreshed from the shards
-        self._whole = {name: whole_copy(m).eval() for name, m in
-                       (("policy", model), ("value_model", value_model))
-                       if m is not None} if sharded else None
+        self._whole = RolloutCopies({"policy": model, "value_model": value_model}) \
+            if sharded else None
         self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
                                               model.dtype)
         self.reward_model = next(iter(self.rewards.modules), None)
@@ -220,7 +219,8 @@ class PPOTrainer(CheckedTraining, Trainer):
         # reference made the first KL 2e-3, not 0, under ZeRO-2 + bf16)
         cast = (torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None) \
             if self.is_deepspeed_enabled else None
-        for m in (self.ref_model, *self.rewards.modules, *(self._whole or {}).values()):
+        copies = self._whole.copies.values() if self._whole is not None else ()
+        for m in (self.ref_model, *self.rewards.modules, *copies):
             if m is not None:
                 m.to(self.args.device)
                 if cast is not None and not is_quantized(m):
@@ -303,21 +303,11 @@ class PPOTrainer(CheckedTraining, Trainer):
 
     def _rollout_models(self):
         """The policy and value model the rollout runs: themselves, or under ZeRO-3 and
-        FSDP whole copies loaded with their current weights, gathered from the shards on
-        every process. Sampled from the shards, each token's forward would be a collective
-        per layer that every process must join in step, and processes stop sampling at
-        different lengths; the copies cost one more policy (and value model) per process."""
+        FSDP whole copies holding their current weights (``sharding.RolloutCopies``)."""
         if self._whole is None:
             return self.policy, self.value_model
-        if is_fsdp(self.accelerator):  # one gathered state dict, "policy.*", "value_model.*"
-            state = full_state_dict(self.model)
-            for name, copy_ in self._whole.items():
-                copy_.load_state_dict(_part(state, name))
-        else:  # ZeRO-3: each gathered whole on every process in turn
-            for name, copy_ in self._whole.items():
-                with gathered(getattr(self, name)):
-                    copy_.load_state_dict(getattr(self, name).state_dict())
-        return self._whole["policy"], self._whole.get("value_model")
+        copies = self._whole.refresh(self.model, self.accelerator)
+        return copies["policy"], copies.get("value_model")
 
     def _sync_engine(self) -> None:
         """With ``use_vllm``: start vLLM from the policy's current weights (first rollout
@@ -464,11 +454,11 @@ class PPOTrainer(CheckedTraining, Trainer):
         os.makedirs(output_dir, exist_ok=True)
         whole = bool(state_dict) and self._whole is not None  # gathered from the shards
         wrapper.policy.save_pretrained(
-            output_dir, **({"state_dict": _part(state_dict, "policy")} if whole else {}))
+            output_dir, **({"state_dict": state_part(state_dict, "policy")} if whole else {}))
         if wrapper.value_model is not None:
             wrapper.value_model.save_pretrained(
                 os.path.join(output_dir, "value_model"),
-                **({"state_dict": _part(state_dict, "value_model")} if whole else {}))
+                **({"state_dict": state_part(state_dict, "value_model")} if whole else {}))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         state = {"kl_ctl": self.kl_ctl.state_dict(),
@@ -545,13 +535,6 @@ class PPOTrainer(CheckedTraining, Trainer):
                 "response_length", "temperature", "per_device_train_batch_size")},
             model=self.policy, kind="ppo" if self.value_model is not None else "causal-lm",
             papers=[estimator])
-
-
-def _part(state: dict, name: str) -> dict:
-    """The entries of PolicyAndValue's ``state`` under ``name`` ("policy", "value_model"),
-    without the prefix."""
-    prefix = name + "."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _as_list(value) -> list:
