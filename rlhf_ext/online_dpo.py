@@ -140,10 +140,13 @@ class OnlineDPOTrainer:
         stem, suffix = name.split(".", 1)
         return folder / f"{stem}-{self.args.process_index}.{suffix}"
 
-    def sample(self, prompts: list, r: int, folder: Path) -> list[list[str]]:
+    def sample(self, prompts: list, r: int, folder: Path,
+               positions: list[int] | None = None) -> list[list[str]]:
         """``num_generations`` completions of each prompt from the current policy, saved to
         (and on resume read from) ``folder/samples.json`` (this process's share:
-        ``samples-<process>.json``)."""
+        ``samples-<process>.json``). ``positions``: each prompt's place in the round
+        (default 0, 1, ...), which keys its samples' random streams: a prompt gets the
+        same samples whichever process draws it."""
         from .ppo.rollout import render_prompt
         from .sampling import generate_completions
 
@@ -157,7 +160,9 @@ class OnlineDPOTrainer:
         tok, args, k = self.processing_class, self.args, self.args.num_generations
         rendered = [p for p in (render_prompt(tok, p) for p in prompts) for _ in range(k)]
         decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed + 1000 * r)
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed + 1000 * r,
+                        row_keys=[p * k + g for p in (positions or range(len(prompts)))
+                                  for g in range(k)])
         if args.use_vllm:
             texts = self._vllm(rendered).generate(rendered, **decoding).texts
         else:
@@ -241,8 +246,10 @@ class OnlineDPOTrainer:
             _discard_stale(folder, [self._file(folder, n) for n in ("samples.json",
                                                                     "labels.jsonl")])
         # each process samples and judges its share of the round's prompts; all train on all
-        prompts = self.round_prompts(r)[args.process_index::args.world_size]
-        samples = self.sample(prompts, r, folder)
+        everyone = self.round_prompts(r)
+        share = range(args.process_index, len(everyone), args.world_size)
+        prompts = [everyone[i] for i in share]
+        samples = self.sample(prompts, r, folder, list(share))
         data = label_samples(self.judge, prompts, samples, args.pairing, args.judge_batch_size,
                              self._file(folder, "labels.jsonl"))
         if args.world_size > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +71,33 @@ def last_positive(weights: Tensor, index: Tensor) -> Tensor:
     return torch.where(weights.gather(1, index) > 0, index, last)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, key: int) -> int:
+    """The seed of one row's random stream, from the sampling's ``seed`` and the row's
+    ``key`` mixed by splitmix64: neighbouring seeds or keys share nothing (``seed + key``
+    would give row k + 1 of one rollout the stream of row k of the next). In [0, 2**63)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) >> 1
+
+
 class InverseCdfSampling(LogitsProcessor):
     """Sampling as a logits processor for greedy decoding: temperature, top-k and top-p
     (transformers' own warpers, in the order its sampling applies them), then one
-    ``inverse_cdf_sample`` draw per row from the global torch generator; the returned
-    scores are 0 at the drawn token and -inf elsewhere, so the argmax is the draw."""
+    ``inverse_cdf_sample`` draw per row; the returned scores are 0 at the drawn token and
+    -inf elsewhere, so the argmax is the draw.
+
+    Each row draws from a random stream of its own (``start(seed, keys)``), one uniform per
+    decoding step: a row's tokens depend on its key and the seed, never on which rows share
+    its batch or its process. A batch of 16 rows split over two processes samples what one
+    process sampling all 16 does."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
@@ -82,10 +105,19 @@ class InverseCdfSampling(LogitsProcessor):
             self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
+        self.streams: list[torch.Generator] = []
+
+    def start(self, seed: int, keys) -> None:
+        """The streams of the next batch's rows, in order: ``row_seed(seed, key)`` each."""
+        self.streams = [torch.Generator().manual_seed(row_seed(seed, k)) for k in keys]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if len(self.streams) != len(scores):
+            raise RuntimeError(f"{len(scores)} rows but {len(self.streams)} random streams: "
+                               "call start(seed, keys) with one key per row first")
         probs = torch.softmax(self.warpers(input_ids, scores), -1)
-        drawn = inverse_cdf_sample(probs, torch.rand(len(probs), device=probs.device))
+        uniform = torch.cat([torch.rand(1, generator=g) for g in self.streams])
+        drawn = inverse_cdf_sample(probs, uniform.to(probs.device))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, drawn[:, None], 0.0)
 
@@ -135,7 +167,8 @@ def shared_prompt_inputs(model, tokenizer, prompts: list[str]) -> dict:
 def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          batch_size: int = 64, seed: int = 0, progress: bool = False,
-                         return_logps: bool = False) -> Completions:
+                         return_logps: bool = False,
+                         row_keys: Sequence[int] | None = None) -> Completions:
     """Sample one completion per prompt (left-padded batches; greedy when temperature == 0).
 
     Prompts are plain strings, already rendered (apply a chat template before calling).
@@ -144,6 +177,11 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     softmax(logits / temperature) restricted by ``top_k``/``top_p`` alone, drawn by
     ``InverseCdfSampling``. Identical prompts are batched together and each is computed
     once per batch (``shared_prompt_inputs``); the results keep the order of ``prompts``.
+
+    Prompt i's tokens are drawn from its own random stream, keyed by ``seed`` and
+    ``row_keys[i]`` (default i): the same whatever the batches (``batch_size``) or the
+    processes that split the prompts, when each process passes the prompts' global
+    positions as keys. The global torch generator is neither read nor reseeded.
 
     ``return_logps``: also each sampled token's log-probability at temperature 1, read
     from the logits the sampling step computed (what ``sequence_kl`` needs of the
@@ -157,7 +195,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     out = Completions([], [], [], [] if return_logps else None)
     config, processors = decoding(tokenizer, max_new_tokens, temperature, top_k, top_p)
     config.output_logits = config.return_dict_in_generate = return_logps
-    torch.manual_seed(seed)
+    keys = list(range(len(prompts))) if row_keys is None else list(row_keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"row_keys has {len(keys)} keys for {len(prompts)} prompts")
     owners = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None),
                                                        GenerationConfig)]
     shipped = [m.generation_config for m in owners]
@@ -172,6 +212,8 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
         for start in tqdm(starts, desc="sampling", disable=not progress):
             where = order[start:start + batch_size]
             inputs = shared_prompt_inputs(model, tokenizer, [prompts[i] for i in where])
+            for processor in processors:
+                processor.start(seed, [keys[i] for i in where])
             generated = model.generate(**inputs, generation_config=config,
                                        logits_processor=processors)
             sequences = generated.sequences if return_logps else generated

@@ -25,14 +25,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import nn
 
-from .sampling import Completions
+from .sampling import Completions, row_seed
 
 # vLLM on a CPU machine (../shared/NOTES.md): threads left unbound (the colocated engine
 # sizes its KV cache itself; VLLM_CPU_KVCACHE_SPACE, in GiB, overrides that)
@@ -177,6 +177,14 @@ def _sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int,
             "repetition_penalty": 1.0, "min_p": 0.0, "skip_special_tokens": False}
 
 
+def _seeds(seed: int, row_keys: Sequence[int] | None, ids: list) -> list[int]:
+    """Each request's seed: its row's stream, as our sampler keys it (``row_seed``)."""
+    keys = range(len(ids)) if row_keys is None else list(row_keys)
+    if len(keys) != len(ids):
+        raise ValueError(f"row_keys has {len(keys)} keys for {len(ids)} prompts")
+    return [row_seed(seed, k) for k in keys]
+
+
 def _completions(tokenizer, rows: list[tuple[list[int], list[float]]]) -> Completions:
     """Completions from (token ids, log-probs) per row: ids stop after the first eos."""
     eos = tokenizer.eos_token_id
@@ -233,8 +241,10 @@ class ColocateEngine:
             self.llm.sleep(level=1)
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Completions:
-        """One completion per rendered prompt (row i seeded ``seed + i``); ``logps``: the
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 row_keys: Sequence[int] | None = None) -> Completions:
+        """One completion per rendered prompt (row i seeded ``row_seed(seed, row_keys[i])``,
+        keys by default 0, 1, ...: as ``sampling.generate_completions``); ``logps``: the
         sampler's log-prob of each token at ``temperature``."""
         from vllm import SamplingParams  # imported by __init__ already
         from vllm.inputs import TokensPrompt
@@ -242,7 +252,7 @@ class ColocateEngine:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         params = [SamplingParams(logprobs=0, **_sampling(
-            temperature, top_k, top_p, max_new_tokens, eos, seed + i)) for i in range(len(ids))]
+            temperature, top_k, top_p, max_new_tokens, eos, s)) for s in _seeds(seed, row_keys, ids)]
         with contained():
             if self.sleep:
                 self.llm.wake_up()
@@ -299,14 +309,16 @@ class ServerEngine:
         return json.loads(text) if text.strip() else {}
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Completions:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 row_keys: Sequence[int] | None = None) -> Completions:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
+        seeds = _seeds(seed, row_keys, ids)
 
         def one(i: int) -> tuple[list[int], list[float]]:
             body = {"model": self.model, "prompt": ids[i], "logprobs": 0,
                     "return_tokens_as_token_ids": True,
-                    **_sampling(temperature, top_k, top_p, max_new_tokens, eos, seed + i)}
+                    **_sampling(temperature, top_k, top_p, max_new_tokens, eos, seeds[i])}
             choice = self._post("/v1/completions", body)["choices"][0]
             tokens = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
             return tokens, choice["logprobs"]["token_logprobs"]

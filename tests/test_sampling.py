@@ -44,16 +44,18 @@ def test_processor_draws_from_the_warped_softmax():
     p = torch.softmax(warped, -1)[0]
     assert (p > 0).sum() == 2  # top-p keeps 2 of top-k's 3: hand-checkable support
     n = 40_000
-    scores = InverseCdfSampling(0.5, 3, 0.9)(None, logits.expand(n, -1).clone())
+    sampling = InverseCdfSampling(0.5, 3, 0.9)
+    sampling.start(0, range(n))  # n rows, n streams
+    scores = sampling(None, logits.expand(n, -1).clone())
     assert ((scores == 0).sum(1) == 1).all() and torch.isinf(scores).sum() == n * 5
     freq = torch.bincount(scores.argmax(1), minlength=6).double() / n
     se = (p * (1 - p) / n).sqrt().double()
     assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), (freq, p)
 
 
-def test_generate_completions_samples_the_models_next_token_distribution(tmp_path):
-    """One new token from a tiny Llama: the empirical next-token frequencies over 4,000
-    rows match the model's softmax; the same seed gives the same samples."""
+def tiny_lm():
+    """A one-layer Llama over 16 words ("t0" pad, "t1" eos) with a peaked next-token
+    distribution, and its tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(16)}, "t0"))
@@ -67,6 +69,14 @@ def test_generate_completions_samples_the_models_next_token_distribution(tmp_pat
                                          eos_token_id=1, bos_token_id=None)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # a peaked distribution, far from uniform
+    return model, tok
+
+
+def test_generate_completions_samples_the_models_next_token_distribution():
+    """One new token from a tiny Llama: the empirical next-token frequencies over 4,000
+    rows match the model's softmax; the same seed gives the same samples."""
+    model, tok = tiny_lm()
+    with torch.no_grad():
         p = torch.softmax(model(torch.tensor([[5, 6]])).logits[0, -1], -1)
     n = 4000
     out = generate_completions(model, tok, ["t5 t6"] * n, max_new_tokens=1, batch_size=n,
@@ -78,3 +88,27 @@ def test_generate_completions_samples_the_models_next_token_distribution(tmp_pat
     se = (p * (1 - p) / n).sqrt()
     assert p.max() < 0.9 and (p > 0.02).sum() >= 3  # several likely tokens to tell apart
     assert ((freq - p).abs() <= 5 * se + 1e-6).all(), (freq, p)
+
+
+def test_a_rows_samples_depend_on_its_key_not_its_batch():
+    """Six prompts of different lengths sampled at once, or split as two processes split
+    them (rows 0-2 and 3-5, keyed by their global positions) in batches of 2: the same
+    tokens; rows of one prompt differ (streams of their own); a key's stream is not a
+    shifted neighbour's (seed + key would make these equal)."""
+    from rlhf_ext.sampling import row_seed
+
+    model, tok = tiny_lm()
+    prompts = ["t5 t6", "t5 t6", "t7", "t9 t3 t4", "t7", "t2 t8"]
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=7)
+    whole = generate_completions(model, tok, prompts, **kw)
+    first = generate_completions(model, tok, prompts[:3], **kw, batch_size=2)
+    second = generate_completions(model, tok, prompts[3:], **kw, batch_size=2,
+                                  row_keys=range(3, 6))
+    assert first.ids + second.ids == whole.ids
+    unkeyed = generate_completions(model, tok, prompts[3:], **kw)  # keys 0-2: other draws
+    assert unkeyed.ids != second.ids
+    many = generate_completions(model, tok, ["t5 t6"] * 8, **kw)
+    assert len({tuple(ids) for ids in many.ids}) > 1
+    assert row_seed(7, 1) != row_seed(8, 0) and row_seed(7, 0) != row_seed(7, 1)
+    with pytest.raises(ValueError, match="2 keys for 6 prompts"):
+        generate_completions(model, tok, prompts, **kw, row_keys=[0, 1])
