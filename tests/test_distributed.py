@@ -182,10 +182,10 @@ def test_reward_two_processes_match_one(world_dir, reward_single, tmp_path, conf
 @pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
                                              ("zero2", "DeepSpeedEngine")])
 def test_ppo_two_processes(world_dir, tmp_path, config, wrapper):
-    """PPO samples its rollouts per process (from distinct prompts), so a split batch
-    samples differently from one process and the losses cannot be compared. The check is
-    that the two processes trained one model: unsynchronised copies fed different rollouts
-    would drift apart at the first step."""
+    """The statistics PPO keeps across iterations see both processes' rollouts (the score
+    moments, the adaptive KL controller), and the two processes trained one model:
+    unsynchronised copies fed different rollouts would drift apart at the first step.
+    (Equality with one process: ``test_online_rl_sharded_matches_one_process``.)"""
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
         "--config", "recipes/tiny/ppo_oracle.yaml", "--tiny_world_dir", str(world_dir),
         "--model_name_or_path", str(world_dir / "base"),
@@ -247,42 +247,81 @@ def test_sft_fsdp_matches_one_process(world_dir, tmp_path):
 SHARDED_WRAPPER = {"fsdp": "FSDPPolicyAndValue", "zero3": "DeepSpeedEngine"}
 
 
+def online_rl_args(world_dir, estimator, rollout):
+    """Two iterations of ``rollout`` samples per process, each learnt in two optimizer
+    steps over the whole rollout (2 PPO epochs x 2 accumulated micro-batches), with
+    loss aggregations that do not depend on how the rows are split: GRPO's sequence mean,
+    DAPO's step token mean for PPO (a per-process token mean would weigh each process's
+    tokens by its own count). SGD, as for DPO (``dpo_args``): Adam moved a weight whose
+    gradient is rounding-sized by up to its learning rate either way (3e-6 apart seen)."""
+    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml"],
+              "gae": ["--config", "recipes/tiny/ppo_oracle.yaml",
+                      "--loss_aggregation", "step_token_mean"]}
+    return [*recipe[estimator], "--tiny_world_dir", str(world_dir),
+            "--model_name_or_path", str(world_dir / "base"),
+            "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
+            "--rollout_batch_size", str(rollout), "--num_ppo_epochs", "2",
+            "--gradient_accumulation_steps", "2", "--logging_steps", "1",
+            "--num_sample_generations", "0", "--optim", "sgd", "--learning_rate", "0.1"]
+
+
+@pytest.fixture(scope="session")
+def online_rl_single(world_dir, tmp_path_factory):
+    """One process per estimator, 16 samples per rollout (the two processes' 8 + 8)."""
+    runs = {}
+
+    def run(estimator):
+        if estimator not in runs:
+            out = tmp_path_factory.mktemp(f"online1-{estimator}")
+            runs[estimator] = launch("recipes/ppo.py", "ppo_summary.json", out, [
+                *online_rl_args(world_dir, estimator, 16), "--tiny_eval_prompts", "0"]), out
+        return runs[estimator]
+    return run
+
+
 @pytest.mark.parametrize("config, estimator", [("fsdp", "grpo"), ("fsdp", "gae"),
-                                               ("zero3", "gae")])
-def test_online_rl_with_sharded_weights(world_dir, tmp_path, config, estimator):
+                                               ("zero3", "gae"), ("zero3", "grpo")])
+def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_path, config,
+                                               estimator):
     """GRPO, and PPO with a value model, with FSDP2 or ZeRO-3 sharding the policy (and the
-    value model) on two CPU processes: each rollout samples and scores with whole copies
-    gathered from the shards (whose log-probs equal the sharded forward's: the first
-    step's ratio is 1), the reference is the initial policy, whole, on both (the first
-    rollout's KL is 0; under FSDP with cpu_ram_efficient_loading process 1's copy held no
-    real weights), and the saved policy and value model are the whole trained ones.
-    Per-process sampling makes the losses incomparable with one process (as
-    test_ppo_two_processes says)."""
-    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml",
-                       "--per_device_train_batch_size", "4"],
-              "gae": ["--config", "recipes/tiny/ppo_oracle.yaml", "--num_ppo_epochs", "1"]}
+    value model) on two CPU processes equal one process given both processes' rows: each
+    process samples its half of the rollout from whole copies gathered from the shards,
+    every row from its own random stream keyed by its place in the whole rollout (so the
+    samples are the single process's), advantages are whitened over both halves, and the
+    losses of every step and the saved policy and value model are the single process's.
+    The reference is the initial policy, whole, on both processes (the first KL is 0;
+    under FSDP with cpu_ram_efficient_loading process 1's copy held no real weights)."""
+    single, single_out = online_rl_single(estimator)
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
-        *recipe[estimator], "--tiny_world_dir", str(world_dir),
-        "--model_name_or_path", str(world_dir / "base"),
-        "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
-        "--rollout_batch_size", "8", "--logging_steps", "1", "--tiny_eval_prompts", "2",
-        "--num_sample_generations", "0"], config)
+        *online_rl_args(world_dir, estimator, 8), "--tiny_eval_prompts", "2"], config)
     assert_two_processes(summary, SHARDED_WRAPPER[config], synced=False)
-    assert len(losses(summary)) == 4  # 2 iterations x (8 samples / minibatches of 4)
+    assert len(losses(summary)) == 4  # 2 iterations x 2 PPO epochs
     first = summary["log_history"][0]
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert summary["log_history"][2]["objective/kl"] > 0  # the second rollout moved
+    assert abs(summary["log_history"][2]["objective/kl"]) > 1e-4  # the policy moved
+    for key in ("objective/scores", "response_length"):  # the same samples
+        assert [h[key] for h in summary["log_history"] if key in h] == pytest.approx(
+            [h[key] for h in single["log_history"] if key in h], rel=RTOL)
+    # on-policy steps' losses cancel to about 0 (whitened advantages x ratio 1): there
+    # the summation order's rounding (3e-8 seen) is all there is to compare
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL, abs=1e-7)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(single_out).state_dict()
     base = AutoModelForCausalLM.from_pretrained(world_dir / "base").state_dict()
-    assert trained.keys() == base.keys()
-    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert trained.keys() == want.keys()
+    assert any(not torch.equal(want[k], base[k]) for k in base)
+    for name in want:
+        torch.testing.assert_close(trained[name], want[name], rtol=1e-5, atol=1e-7)
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path, 2)[:2]
     if estimator == "gae":  # the value head starts at zero: trained, whole, reloadable
         from rlhf_ext.heads import ValueModel
 
         value = ValueModel.from_pretrained(tmp_path / "value_model")
+        alone = ValueModel.from_pretrained(single_out / "value_model")
         assert value.score.weight.abs().max() > 0
+        torch.testing.assert_close(value.score.weight, alone.score.weight, rtol=1e-5,
+                                   atol=1e-7)
         assert "loss/value_avg" in {k for h in summary["log_history"] for k in h}
     else:
         assert not (tmp_path / "value_model").exists()

@@ -87,6 +87,10 @@ def test_value_loss_clipping_cases():
     assert stats["clipfrac"].item() == pytest.approx(0.5)
     unclipped, _ = core.value_loss(values, old, ret, torch.ones(1, 2), clip=None)
     assert unclipped.item() == pytest.approx(0.5 * (0.25 + 2.25) / 2)
+    # aggregated as the policy loss: DAPO's step token mean divides the sum by 4 tokens
+    step, _ = core.value_loss(values, old, ret, torch.ones(1, 2), clip=0.2,
+                              aggregation="step_token_mean", tokens=4.0)
+    assert step.item() == pytest.approx(0.5 * (0.64 + 2.25) / 4)
 
 
 def test_adaptive_kl_controller_one_update():
@@ -108,6 +112,23 @@ def test_masked_whiten_and_running_moments():
     mask = T([[1.0, 1, 1, 0]])
     w = core.masked_whiten(x, mask)
     torch.testing.assert_close(w, T([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=1e-4)  # var 1
+    # two processes' rows (of different widths) whitened together, as one process would:
+    # [1, 2] and [3, 4, 5] -> mean 3, Bessel var 2.5; each call of ``total`` adds what the
+    # other process contributes at that call (its count and sum, then its squares)
+    a, ma = T([[1.0, 2.0, 0.0]]), T([[1.0, 1, 0]])
+    b, mb = T([[3.0, 4.0], [5.0, 9.0]]), T([[1.0, 1], [1, 0]])
+    others = {id(a): [T([3.0, 12.0]), T([5.0])], id(b): [T([2.0, 3.0]), T([5.0])]}
+
+    def total(x):
+        def add(t):
+            return t + others[id(x)].pop(0)
+        return add
+
+    std = 2.5 ** 0.5
+    torch.testing.assert_close(core.masked_whiten(a, ma, total=total(a)),
+                               T([[-2 / std, -1 / std, 0.0]]))
+    torch.testing.assert_close(core.masked_whiten(b, mb, total=total(b)),
+                               T([[0.0, 1 / std], [2 / std, 0.0]]))
     m = controllers.RunningMoments()
     m.update(T([1.0, 3.0]))
     m.update(T([5.0, 7.0]))

@@ -44,7 +44,8 @@ class PPOConfig(DevicePrecision, ResumeFields, VLLMFields, TrainingArguments):
                 "every token, as in PPO) or score (critic-free only: the summed KL taken off "
                 "the score before the baseline, as TRL's RLOO)."})
     loss_aggregation: str = field(default="token_mean", metadata={
-        "help": "How per-token policy (and KL) losses become one: token_mean (TRL's bnpo), "
+        "help": "How per-token policy (and KL and value) losses become one: token_mean "
+                "(TRL's bnpo), "
                 "seq_mean_token_mean (GRPO), seq_mean_token_sum (Dr. GRPO: token sums / "
                 "response_length), step_token_mean (DAPO: the token mean of the whole "
                 "optimizer step, every process)."})

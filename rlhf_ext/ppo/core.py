@@ -8,6 +8,7 @@ tensors are aligned so that position t holds quantities of the t-th response tok
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,20 +26,20 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of x where mask is 1 (Bessel-corrected by default). -> scalar."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """(x - mean) / std over the masked entries; padding is set to 0. [B, T] -> [B, T].
-    With shift_mean=False the mean is added back (scale only, as for rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
+                  total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(x - mean) / std (Bessel) over the masked entries; padding is set to 0.
+    [B, T] -> [B, T]. With shift_mean=False the mean is added back (scale only, as for
+    rewards). ``total`` sums a [k] tensor over every process (None: this one alone): the
+    mean and std are then those of every process's entries together, what one process
+    holding all the rows computes (the rows' widths may differ between processes)."""
+    total = total or (lambda t: t)
+    m = mask.to(x.dtype)
+    count, summed = total(torch.stack([m.sum(), (x * m).sum()])).unbind()
+    mean = summed / count.clamp(min=1)
+    var = total(((x - mean) ** 2 * m).sum().reshape(1))[0] / count.clamp(min=1)
+    if count > 1:
+        var = var * count / (count - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -226,12 +227,14 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 def critic_free_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float,
                            estimator: str, group_size: int, gamma: float = 1.0,
                            scale_rewards: str = "group", kl_in_reward: str = "token",
-                           all_scores: Tensor | None = None) -> Tensor:
+                           all_scores: Tensor | None = None,
+                           total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Advantages without a value model.
 
     ``kl_in_reward`` "token": the baselined score (``group_baseline_scores``) on the last
     real token, -kl_coef * KL_t on every real token (``shape_rewards``), summed to go
-    (``returns_to_go``); REINFORCE++ then whitens them over the batch's tokens. With
+    (``returns_to_go``); REINFORCE++ then whitens them over the batch's tokens (every
+    process's, with ``total``: see ``masked_whiten``). With
     kl_coef = 0 every token of a response gets its baselined score.
     ``kl_in_reward`` "score" (TRL's RLOO): kl_coef times the response's summed KL is taken
     off its score before the baseline, and every token gets the result.
@@ -247,7 +250,7 @@ def critic_free_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: fl
                                       all_scores)
     advantages = returns_to_go(shape_rewards(baselined, kl, mask, kl_coef), mask, gamma)
     if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=total)
     return advantages
 
 
@@ -387,13 +390,16 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float,
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip: float | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """0.5 * mean max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, +-c).
-    Returns (loss, stats: clipfrac)."""
+               clip: float | None, aggregation: str = "token_mean", horizon: int | None = None,
+               tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5 * max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, +-c),
+    aggregated as the policy loss is (``aggregate``: by default the token mean).
+    Shapes: [B, T] each. Returns (loss, stats: clipfrac)."""
     err = (values - returns) ** 2
     if clip is None:
-        return 0.5 * masked_mean(err, mask), {"clipfrac": torch.zeros((), device=values.device)}
+        return 0.5 * aggregate(err, mask, aggregation, horizon, tokens), \
+            {"clipfrac": torch.zeros((), device=values.device)}
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     err_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * aggregate(torch.maximum(err, err_clipped), mask, aggregation, horizon, tokens)
     return loss, {"clipfrac": masked_mean((err_clipped > err).float(), mask).detach()}

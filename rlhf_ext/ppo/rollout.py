@@ -256,12 +256,14 @@ _TENSORS = ("per_func", "total", "scores")
 
 
 def sample_and_score(policy, tokenizer, rows: list[dict], score: ScoreFn, args, seed: int,
-                     engine=None) -> Sampled:
+                     engine=None, first_row: int = 0) -> Sampled:
     """Sample one response per row (with ``engine``, a ``vllm_engine`` one, else our
-    sampler), score it with every reward function, apply the eos penalty and the clip."""
+    sampler), score it with every reward function, apply the eos penalty and the clip.
+    Row i draws from the random stream of key ``first_row + i``."""
     texts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
     decoding = dict(max_new_tokens=args.response_length, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=seed)
+                    top_k=args.top_k, top_p=args.top_p, seed=seed,
+                    row_keys=range(first_row, first_row + len(rows)))
     if engine is not None:
         sampled = engine.generate(texts, **decoding)
     else:
@@ -310,7 +312,8 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
             moments: RunningMoments | None, seed: int,
             gather: Callable[[Tensor], Tensor] | None = None,
             more_rows: Callable[[int, int], list[dict]] | None = None,
-            reward_names: tuple[str, ...] = (), engine=None) -> RolloutResult:
+            reward_names: tuple[str, ...] = (), engine=None,
+            first_row: int = 0) -> RolloutResult:
     """One rollout: sample, score, compute the per-token KL penalty and the advantages
     (GAE with ``value_model``, else the critic-free ``args.advantage_estimator``; group
     estimators expect each prompt ``args.num_generations`` times in a row). ``reference``
@@ -322,15 +325,18 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     ``more_rows(n_groups, round)``: further rows for ``args.dynamic_sampling``.
     ``engine`` (``vllm_engine``): samples instead of the policy; with
     ``args.vllm_importance_sampling_correction`` the experience keeps its log-probs
-    (``sampler_logps``) for the update's correction."""
+    (``sampler_logps``) for the update's correction. ``first_row``: the position of
+    ``rows[0]`` among every process's rows (process rank x rows per process): row i samples
+    from the random stream of key ``first_row + i``, so two processes sample what one
+    process given all their rows does."""
     device = next(policy.parameters()).device
     group = args.num_generations
-    sampled = sample_and_score(policy, tokenizer, rows, score, args, seed, engine)
+    sampled = sample_and_score(policy, tokenizer, rows, score, args, seed, engine, first_row)
     live = torch.ones(len(rows), dtype=torch.bool)
     if args.dynamic_sampling:
         def sample(n_groups: int, round_: int) -> Sampled:
             return sample_and_score(policy, tokenizer, more_rows(n_groups, round_), score,
-                                    args, seed + 7919 * round_, engine)
+                                    args, seed + 7919 * round_, engine, first_row)
         sampled, live = dynamic_sampling(sampled, sample, group, args.dynamic_sampling_max_rounds)
     prompts = [r["prompt"] for r in sampled.rows]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampled.texts]
@@ -347,6 +353,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     scores = sampled.scores.to(device)
     finished = torch.tensor(sampled.finished, device=device)
     every = gather or (lambda x: x)
+    total = None if gather is None else (lambda t: gather(t[None]).sum(0))  # [k] summed
     if moments is not None:
         moments.update(every(scores))
         scores = moments.normalize(scores)
@@ -357,10 +364,10 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
     if args.advantage_estimator == "gae":
         rewards = core.shape_rewards(scores, kl, mask, kl_coef)
         if args.whiten_rewards:
-            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False, total=total)
         advantages, returns = core.gae(rewards, scored.values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask)
+            advantages = core.masked_whiten(advantages, mask, total=total)
     else:
         all_scores = None
         if args.scale_rewards == "batch" or args.normalize_advantages:
@@ -368,7 +375,7 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                                else scores)
         advantages = core.critic_free_advantages(
             scores, kl, mask, kl_coef, args.advantage_estimator, group, args.gamma,
-            args.scale_rewards, args.kl_in_reward, all_scores)
+            args.scale_rewards, args.kl_in_reward, all_scores, total)
         if args.normalize_advantages:
             seq = advantages[:, 0]
             everyone = every(seq)

@@ -96,6 +96,15 @@ class PolicyAndValue(nn.Module):
             names.update(getattr(m, "_no_split_modules", None) or ())
         return sorted(names)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Tie each model's tied weights again (the policy's LM head to its embedding).
+        accelerate's FSDP2 set-up moves the model to the meta device, which unties them,
+        and calls this of the model it wraps: without it the head and the embedding
+        trained as two weights under FSDP (gradients 0.7% off one process's at step 1)."""
+        for m in (self.policy, self.value_model):
+            if m is not None and hasattr(m, "tie_weights"):
+                m.tie_weights(*args, **kwargs)
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None,
                                       every_n_layers: int = 1, offload: bool = False):
         """What the Trainer calls for ``gradient_checkpointing``: both models recompute
@@ -291,7 +300,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                              args=self.args, kl_coef=self.kl_ctl.value, moments=self.moments,
                              seed=self.args.seed * 1000 + epoch, gather=gather,
                              more_rows=lambda n, r: self._more_rows(epoch, n, r),
-                             reward_names=tuple(self.rewards.names), engine=self.engine)
+                             reward_names=tuple(self.rewards.names), engine=self.engine,
+                             first_row=self.args.process_index * len(rows))
         self.model.train(was_training)
         for key, value in {**result.metrics, "kl_coef": self.kl_ctl.value}.items():
             self._metrics.host("train", key, value)  # reduced over processes already
@@ -392,7 +402,8 @@ class PPOTrainer(CheckedTraining, Trainer):
                                  "val/ratio": pg["ratio"], "loss/policy_avg": pg_loss}
         if values is not None:
             vf_loss, vf = core.value_loss(values, inputs["old_values"], inputs["returns"], mask,
-                                          args.cliprange_value)
+                                          args.cliprange_value, args.loss_aggregation,
+                                          args.response_length, tokens)
             loss = loss + args.vf_coef * vf_loss
             logged.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"]})
         if args.kl_loss_coef:
