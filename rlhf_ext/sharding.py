@@ -109,17 +109,28 @@ def gathered(model):
 
 
 def whole_copy(model):
-    """A copy of ``model`` whose weights are whole on this process: a deepcopy, or under
-    ZeRO-3 (weights partitioned since loading) a model built outside ZeRO-3 and loaded with
-    the gathered weights. Collective under ZeRO-3."""
+    """A copy of ``model`` (a transformers model, or a PeftModel with one adapter) whose
+    weights are whole on this process: a deepcopy, or under ZeRO-3 (weights partitioned
+    since loading) a model built outside ZeRO-3, with the same adapter, loaded with the
+    gathered weights. Collective under ZeRO-3."""
     import copy
 
+    import torch
+    from peft import PeftModel, get_peft_model
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if not is_deepspeed_zero3_enabled():
         return copy.deepcopy(model)
-    with whole_loading():
-        twin = type(model)._from_config(model.config, dtype=model.dtype)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    with whole_loading(), torch.random.fork_rng(devices=[]):  # LoRA's init draws
+        twin = type(base)._from_config(base.config, dtype=base.dtype)
+        if isinstance(model, PeftModel):
+            if len(model.peft_config) != 1:
+                raise ValueError(f"a whole copy under ZeRO-3 takes one adapter; the model "
+                                 f"has {sorted(model.peft_config)}")
+            name = model.active_adapter
+            twin = get_peft_model(twin, copy.deepcopy(model.peft_config[name]),
+                                  adapter_name=name)
     with gathered(model):
         twin.load_state_dict(model.state_dict())
     return twin
@@ -136,23 +147,39 @@ class RolloutCopies:
     "value_model") for the rollout, refreshed from the shards before each one: sampled
     from the shards, each token's forward would be a collective per layer that every
     process must join in step, and processes stop sampling at different lengths. Costs
-    one more copy of each per process."""
+    one more copy of each per process. A value head on the policy
+    (``PolicyValueHead``) is copied as a head on the policy's copy."""
 
     def __init__(self, modules: dict):
-        self.copies = {name: whole_copy(m).eval() for name, m in modules.items()
-                       if m is not None}
+        from .ppo.policy_value import PolicyValueHead
+
+        self.copies = {}
+        for name, m in modules.items():  # the policy first: a value head sits on its copy
+            if isinstance(m, PolicyValueHead):
+                self.copies[name] = m.on(self.copies["policy"])
+            elif m is not None:
+                self.copies[name] = whole_copy(m).eval()
+        self.loaded = False  # after the first refresh only trained weights change
 
     def refresh(self, model, accelerator) -> dict:
-        """The copies, loaded with ``model``'s current weights gathered on every process
-        (one full state dict under FSDP, each submodule gathered in turn under ZeRO-3).
-        Collective."""
+        """The copies, loaded with ``model``'s current weights gathered on every process:
+        every weight the first time, then the trained ones (LoRA's adapters, not the frozen
+        base). Collective."""
         if is_fsdp(accelerator):
-            state = full_state_dict(model)
+            state = full_state_dict(model) if not self.loaded else {
+                n: p.full_tensor() if hasattr(p, "full_tensor") else p
+                for n, p in model.named_parameters() if p.requires_grad}
             for name, copy_ in self.copies.items():
-                copy_.load_state_dict(state_part(state, name))
+                copy_.load_state_dict(state_part(state, name), strict=not self.loaded)
         else:
+            import deepspeed
+
             for name, copy_ in self.copies.items():
                 source = getattr(model, name)
-                with gathered(source):
-                    copy_.load_state_dict(source.state_dict())
+                named = [(n, p) for n, p in source.named_parameters()
+                         if p.requires_grad or not self.loaded]
+                with deepspeed.zero.GatheredParameters([p for _, p in named]):
+                    state = source.state_dict() if not self.loaded else dict(named)
+                    copy_.load_state_dict(state, strict=not self.loaded)
+        self.loaded = True
         return self.copies

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import MULTIPROCESS, load_recipe, run_recipe
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
@@ -254,9 +255,9 @@ def online_rl_args(world_dir, estimator, rollout):
     DAPO's step token mean for PPO (a per-process token mean would weigh each process's
     tokens by its own count). SGD, as for DPO (``dpo_args``): Adam moved a weight whose
     gradient is rounding-sized by up to its learning rate either way (3e-6 apart seen)."""
-    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml"],
-              "gae": ["--config", "recipes/tiny/ppo_oracle.yaml",
-                      "--loss_aggregation", "step_token_mean"]}
+    gae = ["--config", "recipes/tiny/ppo_oracle.yaml", "--loss_aggregation", "step_token_mean"]
+    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml"], "gae": gae,
+              "gae-head-lora": [*gae, "--value_head_on_policy", "true", *LORA]}
     return [*recipe[estimator], "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
             "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
@@ -279,12 +280,14 @@ def online_rl_single(world_dir, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("config, estimator", [("fsdp", "grpo"), ("fsdp", "gae"),
-                                               ("zero3", "gae"), ("zero3", "grpo")])
+@pytest.mark.parametrize("config, estimator", [
+    ("fsdp", "grpo"), ("fsdp", "gae"), ("zero3", "gae"), ("zero3", "grpo"),
+    ("zero3", "gae-head-lora"), ("fsdp", "gae-head-lora")])
 def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_path, config,
                                                estimator):
-    """GRPO, and PPO with a value model, with FSDP2 or ZeRO-3 sharding the policy (and the
-    value model) on two CPU processes equal one process given both processes' rows: each
+    """GRPO, and PPO with a value model (or a value head on a LoRA policy), with FSDP2 or
+    ZeRO-3 sharding the policy (and the value model) on two CPU processes equal one
+    process given both processes' rows: each
     process samples its half of the rollout from whole copies gathered from the shards,
     every row from its own random stream keyed by its place in the whole rollout (so the
     samples are the single process's), advantages are whitened over both halves, and the
@@ -306,11 +309,18 @@ def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_
     # on-policy steps' losses cancel to about 0 (whitened advantages x ratio 1): there
     # the summation order's rounding (3e-8 seen) is all there is to compare
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL, abs=1e-7)
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
-    want = AutoModelForCausalLM.from_pretrained(single_out).state_dict()
-    base = AutoModelForCausalLM.from_pretrained(world_dir / "base").state_dict()
+    if estimator.endswith("lora"):  # the adapter and the head on the policy
+        files = ["adapter_model.safetensors", "value_model/value_head.safetensors"]
+        trained, want = ({k: v for f in files for k, v in load_file(out / f).items()}
+                         for out in (tmp_path, single_out))
+        assert trained["weight"].abs().max() > 0  # the value head starts at zero
+        assert any("lora_B" in k and want[k].abs().max() > 0 for k in want)  # B too
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+        want = AutoModelForCausalLM.from_pretrained(single_out).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(world_dir / "base").state_dict()
+        assert any(not torch.equal(want[k], base[k]) for k in base)
     assert trained.keys() == want.keys()
-    assert any(not torch.equal(want[k], base[k]) for k in base)
     for name in want:
         torch.testing.assert_close(trained[name], want[name], rtol=1e-5, atol=1e-7)
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path, 2)[:2]
@@ -322,6 +332,7 @@ def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_
         assert value.score.weight.abs().max() > 0
         torch.testing.assert_close(value.score.weight, alone.score.weight, rtol=1e-5,
                                    atol=1e-7)
-        assert "loss/value_avg" in {k for h in summary["log_history"] for k in h}
-    else:
+    if estimator == "grpo":
         assert not (tmp_path / "value_model").exists()
+    else:
+        assert "loss/value_avg" in {k for h in summary["log_history"] for k in h}

@@ -419,14 +419,13 @@ def test_ppo_prompts_must_fit_the_policy(tok, tmp_path, policy_kwargs, response_
 
 
 def test_ppo_under_fsdp_refuses_what_it_cannot_shard_yet(tok, tmp_path, monkeypatch):
-    """Under FSDP PPO trains a full policy with a critic-free estimator; a value model, a
-    value head, LoRA or vLLM is refused at start (before: a DTensor error in the first
-    rollout)."""
+    """Under FSDP PPO samples with transformers from whole copies of the policy: vLLM is
+    refused at start, as are 4-bit and single-base policies."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets
     args = PPOConfig(output_dir=str(tmp_path), rollout_batch_size=4,
-                     per_device_train_batch_size=2, value_head_on_policy=True, **BASE)
-    with pytest.raises(ValueError, match="PPOTrainer under FSDP trains a full policy \\(and a separate "
-                                         "value model\\)"):
+                     per_device_train_batch_size=2, use_vllm=True, **BASE)
+    with pytest.raises(ValueError, match="PPOTrainer under FSDP samples with transformers "
+                                         "\\(not vLLM\\)"):
         PPOTrainer(build_model("tiny", tok, seed=0), args, tok, prompt_dataset(8),
                    reward=lambda p, c: [0.0] * len(c))
 

@@ -51,11 +51,20 @@ class PolicyValueHead(nn.Module):
         values = self.values(hidden)
         return ValueOutput(values=values, logits=values[..., None])
 
-    def save_pretrained(self, directory: str) -> None:
-        """The head alone (the policy is saved as the policy)."""
+    def on(self, policy) -> PolicyValueHead:
+        """A head like this one (same weights) on another policy: the whole rollout copy's
+        under ZeRO-3 and FSDP (``sharding.RolloutCopies``)."""
+        twin = PolicyValueHead(policy, self.head.in_features)
+        twin.head.to(dtype=self.head.weight.dtype)
+        return twin
+
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
+        """The head alone (the policy is saved as the policy); ``state_dict``: this
+        module's weights gathered from the shards (ZeRO-3, FSDP), else its own."""
         os.makedirs(directory, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
-                  os.path.join(directory, FILE))
+        state = self.state_dict() if state_dict is None else state_dict
+        save_file({k[len("head."):]: v.contiguous() for k, v in state.items()
+                   if k.startswith("head.")}, os.path.join(directory, FILE))
         with open(os.path.join(directory, CONFIG), "w") as f:
             json.dump({"kind": "value_head_on_policy",
                        "hidden_size": self.head.in_features}, f)

@@ -57,6 +57,7 @@ from .rollout import (
     rollout,
 )
 from .sampler_correction import sampler_gaps, sampler_weights
+from .single_base import AdapterHead
 
 
 class PolicyAndValue(nn.Module):
@@ -151,14 +152,14 @@ class PPOTrainer(CheckedTraining, Trainer):
         sharded = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else \
             "FSDP" if fsdp_requested() else None
         reward_models = any(isinstance(r, (nn.Module, str)) for r in _as_list(reward))
-        if sharded and (peft_config is not None or is_peft_model(model)
-                        or args.value_head_on_policy or args.use_vllm
+        if sharded and (args.use_vllm or is_quantized(model)
+                        or isinstance(value_model, AdapterHead)
                         or (reward_models and sharded != "FSDP")):
-            raise ValueError(f"PPOTrainer under {sharded} trains a full policy (and a "
-                             "separate value model) for now, sampling with transformers, and "
-                             "under ZeRO-3 with reward functions (not models): launch LoRA, "
-                             "value_head_on_policy, reward models under ZeRO-3 and vLLM with "
-                             "accelerate_configs/zero2.yaml or ddp.yaml")
+            raise ValueError(f"PPOTrainer under {sharded} samples with transformers (not "
+                             "vLLM), from a policy that is not quantized nor single-base, and "
+                             "under ZeRO-3 scores with reward functions (not models): launch "
+                             "vLLM, 4-bit and single-base policies and reward models under "
+                             "ZeRO-3 with accelerate_configs/zero2.yaml or ddp.yaml")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
@@ -274,12 +275,13 @@ class PPOTrainer(CheckedTraining, Trainer):
         picks = [rng.randrange(len(self.dataset)) for _ in range(n_groups)]
         return [self.dataset[i] for i in picks for _ in range(self.args.num_generations)]
 
-    def _reference_logps(self, batch: Batch) -> torch.Tensor:
+    def _reference_logps(self, batch: Batch, policy) -> torch.Tensor:
+        """The reference model's log-probs, or (LoRA) ``policy``'s with its adapters off."""
         temperature, group = self.args.temperature, self.args.shared_prompt_group
         if self.ref_model is not None:
             return response_logps(self.ref_model, batch, temperature, group=group)
-        with adapters_disabled(self.policy):
-            return response_logps(self.policy, batch, temperature, group=group)
+        with adapters_disabled(policy):
+            return response_logps(policy, batch, temperature, group=group)
 
     def make_experience(self, epoch: int) -> dict[str, torch.Tensor]:
         resumed, self._resumed_experience = self._resumed_experience, None
@@ -291,8 +293,9 @@ class PPOTrainer(CheckedTraining, Trainer):
         was_training = self.model.training
         gather = self.accelerator.gather if self.args.world_size > 1 else None
         with self.accelerator.autocast():  # the precision of the update's forward (bf16...)
-            reference = self._reference_logps if self.args.needs_reference else None
             policy, value_model = self._rollout_models()
+            reference = (lambda batch: self._reference_logps(batch, policy)) \
+                if self.args.needs_reference else None
             result = rollout(policy=policy, reference=reference,
                              value_model=value_model, tokenizer=self.processing_class,
                              rows=rows, score=lambda r, c, ids: self.rewards.score_rows(
