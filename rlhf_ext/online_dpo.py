@@ -18,6 +18,7 @@ each samples and judges its share of a round's prompts (``samples-<process>.json
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -28,10 +29,11 @@ from statistics import mean
 
 from .config_fields import VLLMFields, model_init
 from .data import SOFT_LABEL, DataError, validate_prompt_dataset
-from .judges import PairwiseJudge, label_samples
+from .judges import PairwiseJudge, comparisons, label_samples
 from .models import add_adapters, is_peft_model, is_quantized, load_causal_lm, load_tokenizer
 from .preference import PreferenceConfig, PreferenceTrainer
 from .reference import _frozen_copy
+from .sharding import sharding_requested, whole_everywhere
 from .trainer_utils import check_finite_fields, last_complete_checkpoint
 
 DONE = "round.json"  # written last in a round folder: the round is finished
@@ -93,16 +95,10 @@ class OnlineDPOTrainer:
             raise TypeError(f"judge must be a rlhf_ext.judges.PairwiseJudge (LMJudge, "
                             f"RewardModelJudge, or FunctionJudge around a scoring function), "
                             f"got {type(judge).__name__}")
-        if args.world_size > 1:
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            from .sharding import fsdp_requested
-
-            if is_deepspeed_zero3_enabled() or fsdp_requested() or args.use_vllm:
-                raise ValueError("OnlineDPOTrainer on several processes samples from each "
-                                 "process's whole policy: launch it with "
-                                 "accelerate_configs/ddp.yaml or zero2.yaml, without vLLM "
-                                 "(or with one process)")
+        if args.world_size > 1 and args.use_vllm:
+            raise ValueError("OnlineDPOTrainer on several processes samples with "
+                             "transformers, each process its share: launch it without vLLM "
+                             "(or with one process)")
         if train_dataset is None:
             raise DataError("train_dataset is required: a 'prompt' column to sample from")
         validate_prompt_dataset(train_dataset)
@@ -113,10 +109,17 @@ class OnlineDPOTrainer:
             ref_model = load_causal_lm(ref_model, **model_init(args))
         if peft_config is not None:
             model = add_adapters(model, peft_config, args.gradient_checkpointing, args.seed)
+        # ZeRO-3, FSDP: the policy and reference kept here stay whole on every process (they
+        # sample between rounds); each round trains copies of them, sharded by its Trainer
+        self._sharded = args.world_size > 1 and sharding_requested() is not None
+        if self._sharded:
+            model = whole_everywhere(model)
+            ref_model = whole_everywhere(ref_model) if ref_model is not None else None
         if not is_quantized(model) and getattr(model, "hf_device_map", None) is None:
             model.to(args.device)  # round 0 samples before a Trainer would place it
         if ref_model is None and not is_peft_model(model) and args.needs_reference:
-            ref_model = _frozen_copy(model).eval().requires_grad_(False)  # the initial policy
+            ref_model = (copy.deepcopy(model) if self._sharded else _frozen_copy(model)) \
+                .eval().requires_grad_(False)  # the initial policy
         self.model, self.ref_model, self.judge, self.args = model, ref_model, judge, args
         self.processing_class = load_tokenizer(processing_class, name)
         self.prompts = list(train_dataset["prompt"])
@@ -253,14 +256,19 @@ class OnlineDPOTrainer:
         data = label_samples(self.judge, prompts, samples, args.pairing, args.judge_batch_size,
                              self._file(folder, "labels.jsonl"))
         if args.world_size > 1:
-            data = _gathered_rows(data)
+            data = _gathered_rows(data, len(comparisons([range(args.num_generations)],
+                                                         args.pairing)))
         summary = {"round": r, "pairs": len(data),
                    "judge/chosen_probability": mean(data[SOFT_LABEL]),
                    "judge/order_agreement": mean(map(float, data["order_agreement"]))}
         if not args.soft_labels:
             data = data.remove_columns(SOFT_LABEL)
         round_args = replace(args, output_dir=str(folder), seed=args.seed + r)
-        self.trainer = PreferenceTrainer(self.model, self.ref_model, round_args,
+        trainee, reference = self.model, self.ref_model
+        if self._sharded:  # the Trainer shards its own copies
+            trainee = copy.deepcopy(self.model)
+            reference = copy.deepcopy(self.ref_model) if self.ref_model is not None else None
+        self.trainer = PreferenceTrainer(trainee, reference, round_args,
                                          train_dataset=data,
                                          processing_class=self.processing_class,
                                          callbacks=self.callbacks)
@@ -272,6 +280,8 @@ class OnlineDPOTrainer:
         if self.trainer.is_world_process_zero():
             (folder / DONE).write_text(json.dumps(summary, indent=2))
         self.trainer.accelerator.wait_for_everyone()
+        if self._sharded:  # the trained weights, whole, for the next round's sampling
+            self._load_round(folder)
         return summary
 
     def save_model(self, output_dir: str | None = None) -> None:
@@ -288,12 +298,17 @@ class OnlineDPOTrainer:
         return self.trainer
 
 
-def _gathered_rows(data):
-    """Every process's judged pairs, in process order, on every process. Collective."""
+def _gathered_rows(data, per_prompt: int):
+    """Every process's judged pairs on every process, in the round's prompt order (process
+    p judged prompts p, p + world, ..., ``per_prompt`` pairs each): the dataset one process
+    judging every prompt builds, so that training sees the same batches. Collective."""
     from accelerate.utils import gather_object
     from datasets import Dataset
 
-    rows = [row for part in gather_object([data.to_list()]) for row in part]
+    blocks = [[part[i:i + per_prompt] for i in range(0, len(part), per_prompt)]
+              for part in gather_object([data.to_list()])]
+    rows = [row for j in range(max(map(len, blocks))) for part in blocks if j < len(part)
+            for row in part[j]]
     return Dataset.from_list(rows)
 
 

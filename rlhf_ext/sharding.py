@@ -40,6 +40,15 @@ def shard_on_cpu(accelerator) -> bool:
     return True
 
 
+def sharding_requested() -> str | None:
+    """"DeepSpeed ZeRO-3" or "FSDP" when the launch shards every weight, else None. For
+    set-up code that runs before any accelerator exists."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else \
+        "FSDP" if fsdp_requested() else None
+
+
 def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -83,6 +92,19 @@ def broadcast_module(module) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def whole_everywhere(model):
+    """``model`` whole and the same on every process, before a Trainer shards anything:
+    under ZeRO-3 a whole copy of its (possibly partitioned) weights, under FSDP process 0's
+    weights broadcast (with ``cpu_ram_efficient_loading`` only process 0 loaded real ones).
+    Collective."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return whole_copy(model)
+    broadcast_module(model)
+    return model
 
 
 def full_state_dict(model) -> dict:

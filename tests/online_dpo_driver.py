@@ -1,6 +1,6 @@
-"""Online DPO launched on several processes (tests/test_online_dpo.py): two rounds on the
-tiny world with the oracle as judge; process 0 writes what each process did to
-``out/driver.json``."""
+"""Online DPO on the tiny world (tests/test_online_dpo.py), launched on several processes
+or run as one: two rounds with the oracle as judge; process 0 writes what each process
+did to ``out/driver.json``."""
 
 import json
 import os
@@ -31,7 +31,8 @@ def main(model_dir: str, out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = OnlineDPOConfig(
         output_dir=str(out), num_rounds=2, num_generations=3, max_new_tokens=16,
-        per_device_train_batch_size=6 // world, num_train_epochs=1, learning_rate=5e-4,
+        per_device_train_batch_size=6 // world, num_train_epochs=1, learning_rate=0.1,
+        optim="sgd",  # Adam would move rounding-sized gradients by its learning rate
         beta=0.1, max_length=64, logging_steps=1, report_to="none", use_cpu=True,
         save_strategy="no", disable_tqdm=True, seed=0,
         **({"ddp_backend": "gloo"} if world > 1 else {}))

@@ -165,23 +165,55 @@ def test_files_cut_short_by_a_kill_are_handled_on_resume(policy_dir, tok, tmp_pa
         one_round(policy_dir, tok, tmp_path, judge, resume=True)
 
 
+@pytest.fixture(scope="session")
+def online_dpo_single(policy_dir, tmp_path_factory):
+    """The driver's two rounds on one process (one thread, as each launched process)."""
+    import online_dpo_driver
+
+    out = tmp_path_factory.mktemp("online-dpo-1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        online_dpo_driver.main(str(policy_dir), out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @MULTIPROCESS
-def test_two_processes_share_the_sampling_and_the_judging(policy_dir, tmp_path):
-    """Launched on two processes (DDP), each samples and judges half of each round's
-    prompts (its own files), and both train on all the pairs: as many as one process
-    judges, one model on both."""
-    run_recipe(["--config_file", "accelerate_configs/ddp.yaml", "--num_processes", "2",
+@pytest.mark.parametrize("config, wrapper", [("ddp", "DistributedDataParallel"),
+                                             ("fsdp", "FSDPLlamaForCausalLM"),
+                                             ("zero3", "DeepSpeedEngine")])
+def test_two_processes_share_the_sampling_and_the_judging(policy_dir, online_dpo_single,
+                                                          tmp_path, config, wrapper):
+    """Launched on two processes, each samples and judges half of each round's prompts
+    (its own files: prompts 0, 2, ... and 1, 3, ...), both train on all the pairs, and the
+    run is the one-process run: the same samples (each prompt's random streams keyed by
+    its place in the round), the pairs in the same order, the same losses and weights.
+    Under FSDP2 and ZeRO-3 each round's Trainer shards a copy of the policy, and both
+    processes sample the next round from the whole weights it saved."""
+    run_recipe(["--config_file", f"accelerate_configs/{config}.yaml", "--num_processes", "2",
                 "tests/online_dpo_driver.py", str(policy_dir), str(tmp_path)],
                launcher="accelerate_config", timeout=240)
     report = json.loads((tmp_path / "driver.json").read_text())
-    assert report["world_size"] == 2 and report["wrapper"] == "DistributedDataParallel"
+    single = json.loads((online_dpo_single / "driver.json").read_text())
+    assert report["world_size"] == 2 and report["wrapper"] == wrapper
     # 8 prompts x 3 samples, every two judged: 4 prompts x 3 pairs per process per round
-    assert report["judged"] == [24, 24]
+    assert report["judged"] == [24, 24] and single["judged"] == [48]
     assert [r["pairs"] for r in report["rounds"]] == [24, 24]
-    assert report["replica_drift"] == 0.0
+    assert report["replica_drift"] == 0.0  # the policy that samples, the same on both
+    losses = [r["train_loss"] for r in report["rounds"]]
+    assert losses == pytest.approx([r["train_loss"] for r in single["rounds"]], rel=1e-4)
     for r in range(2):
         folder = tmp_path / f"round-{r}"
         shares = [json.loads((folder / f"samples-{i}.json").read_text()) for i in range(2)]
         assert [len(s) for s in shares] == [4, 4] and not (folder / "samples.json").exists()
-        assert all(len(group) == 3 for s in shares for group in s)
-        assert (folder / "round.json").exists() and (folder / "model.safetensors").exists()
+        alone = json.loads((online_dpo_single / f"round-{r}" / "samples.json").read_text())
+        assert [g for pair in zip(*shares) for g in pair] == alone
+        assert (folder / "round.json").exists()
+    trained, want, base = (AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder
+                           in (tmp_path / "round-1", online_dpo_single / "round-1", policy_dir))
+    assert trained.keys() == want.keys()
+    assert any(not torch.equal(want[k], base[k]) for k in want)
+    for name in want:
+        torch.testing.assert_close(trained[name], want[name], rtol=1e-5, atol=1e-7)

@@ -35,7 +35,14 @@ from ..models import (
     keep_4bit_differentiable,
     load_tokenizer,
 )
-from ..sharding import RolloutCopies, broadcast_module, is_fsdp, state_part, whole_copy
+from ..sharding import (
+    RolloutCopies,
+    broadcast_module,
+    is_fsdp,
+    sharding_requested,
+    state_part,
+    whole_copy,
+)
 from ..tables import log_table
 from ..trainer_utils import (
     CheckedTraining,
@@ -145,12 +152,7 @@ class PPOTrainer(CheckedTraining, Trainer):
                  reward: RewardModel | Callable | list, value_model: ValueModel | None = None,
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        from ..sharding import fsdp_requested
-
-        sharded = "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else \
-            "FSDP" if fsdp_requested() else None
+        sharded = sharding_requested()
         reward_models = any(isinstance(r, (nn.Module, str)) for r in _as_list(reward))
         if sharded and (args.use_vllm or is_quantized(model)
                         or isinstance(value_model, AdapterHead)
