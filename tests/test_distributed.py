@@ -248,7 +248,7 @@ def test_sft_fsdp_matches_one_process(world_dir, tmp_path):
 SHARDED_WRAPPER = {"fsdp": "FSDPPolicyAndValue", "zero3": "DeepSpeedEngine"}
 
 
-def online_rl_args(world_dir, estimator, rollout):
+def online_rl_args(world_dir, estimator, rollout, reward_model=None):
     """Two iterations of ``rollout`` samples per process, each learnt in two optimizer
     steps over the whole rollout (2 PPO epochs x 2 accumulated micro-batches), with
     loss aggregations that do not depend on how the rows are split: GRPO's sequence mean,
@@ -257,7 +257,8 @@ def online_rl_args(world_dir, estimator, rollout):
     gradient is rounding-sized by up to its learning rate either way (3e-6 apart seen)."""
     gae = ["--config", "recipes/tiny/ppo_oracle.yaml", "--loss_aggregation", "step_token_mean"]
     recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml"], "gae": gae,
-              "gae-head-lora": [*gae, "--value_head_on_policy", "true", *LORA]}
+              "gae-head-lora": [*gae, "--value_head_on_policy", "true", *LORA],
+              "gae-rm": [*gae, "--reward", "model", "--reward_model_path", str(reward_model)]}
     return [*recipe[estimator], "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
             "--dataset_name", str(world_dir / "data" / "prompts_rl"), "--num_train_epochs", "2",
@@ -271,21 +272,23 @@ def online_rl_single(world_dir, tmp_path_factory):
     """One process per estimator, 16 samples per rollout (the two processes' 8 + 8)."""
     runs = {}
 
-    def run(estimator):
+    def run(estimator, reward_model=None):
         if estimator not in runs:
             out = tmp_path_factory.mktemp(f"online1-{estimator}")
             runs[estimator] = launch("recipes/ppo.py", "ppo_summary.json", out, [
-                *online_rl_args(world_dir, estimator, 16), "--tiny_eval_prompts", "0"]), out
+                *online_rl_args(world_dir, estimator, 16, reward_model),
+                "--tiny_eval_prompts", "0"]), out
         return runs[estimator]
     return run
 
 
 @pytest.mark.parametrize("config, estimator", [
     ("fsdp", "grpo"), ("fsdp", "gae"), ("zero3", "gae"), ("zero3", "grpo"),
-    ("zero3", "gae-head-lora"), ("fsdp", "gae-head-lora")])
+    ("zero3", "gae-head-lora"), ("fsdp", "gae-head-lora"), ("zero3", "gae-rm")])
 def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_path, config,
-                                               estimator):
-    """GRPO, and PPO with a value model (or a value head on a LoRA policy), with FSDP2 or
+                                               estimator, request):
+    """GRPO, and PPO with a value model (or a value head on a LoRA policy; or scored by a
+    reward model, loaded partitioned under ZeRO-3 and copied whole), with FSDP2 or
     ZeRO-3 sharding the policy (and the value model) on two CPU processes equal one
     process given both processes' rows: each
     process samples its half of the rollout from whole copies gathered from the shards,
@@ -294,9 +297,11 @@ def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_
     losses of every step and the saved policy and value model are the single process's.
     The reference is the initial policy, whole, on both processes (the first KL is 0;
     under FSDP with cpu_ram_efficient_loading process 1's copy held no real weights)."""
-    single, single_out = online_rl_single(estimator)
+    reward_model = request.getfixturevalue("reward_run")[0] if estimator == "gae-rm" else None
+    single, single_out = online_rl_single(estimator, reward_model)
     summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path, [
-        *online_rl_args(world_dir, estimator, 8), "--tiny_eval_prompts", "2"], config)
+        *online_rl_args(world_dir, estimator, 8, reward_model), "--tiny_eval_prompts", "2"],
+        config)
     assert_two_processes(summary, SHARDED_WRAPPER[config], synced=False)
     assert len(losses(summary)) == 4  # 2 iterations x 2 PPO epochs
     first = summary["log_history"][0]

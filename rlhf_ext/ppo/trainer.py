@@ -42,6 +42,7 @@ from ..sharding import (
     sharding_requested,
     state_part,
     whole_copy,
+    whole_loading,
 )
 from ..tables import log_table
 from ..trainer_utils import (
@@ -153,15 +154,12 @@ class PPOTrainer(VLLMRollouts, CheckedTraining, Trainer):
                  ref_model=None, reward_tokenizer=None, eval_dataset=None, callbacks=None,
                  optimizers=(None, None), peft_config=None):
         sharded = sharding_requested()
-        reward_models = any(isinstance(r, (nn.Module, str)) for r in _as_list(reward))
         if sharded and (args.use_vllm or is_quantized(model)
-                        or isinstance(value_model, AdapterHead)
-                        or (reward_models and sharded != "FSDP")):
+                        or isinstance(value_model, AdapterHead)):
             raise ValueError(f"PPOTrainer under {sharded} samples with transformers (not "
-                             "vLLM), from a policy that is not quantized nor single-base, and "
-                             "under ZeRO-3 scores with reward functions (not models): launch "
-                             "vLLM, 4-bit and single-base policies and reward models under "
-                             "ZeRO-3 with accelerate_configs/zero2.yaml or ddp.yaml")
+                             "vLLM), from a policy that is not quantized nor single-base: "
+                             "launch vLLM, 4-bit and single-base policies with "
+                             "accelerate_configs/zero2.yaml or ddp.yaml")
         start_run(args)
         processing_class = load_tokenizer(processing_class, model.config._name_or_path)
         validate_prompt_dataset(train_dataset)
@@ -212,8 +210,12 @@ class PPOTrainer(VLLMRollouts, CheckedTraining, Trainer):
         # ZeRO-3, FSDP: the rollout runs whole copies, refreshed from the shards
         self._whole = RolloutCopies({"policy": model, "value_model": value_model}) \
             if sharded else None
-        self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class, args,
-                                              model.dtype)
+        if sharded == "DeepSpeed ZeRO-3":  # partitioned at loading: each process scores its
+            reward = [whole_copy(r) if isinstance(r, nn.Module) else r  # rows with a whole one
+                      for r in _as_list(reward)]
+        with whole_loading():  # a reward model's path loads whole (ZeRO-3 would partition it)
+            self.rewards = build_reward_functions(reward, reward_tokenizer, processing_class,
+                                                  args, model.dtype)
         self.reward_model = next(iter(self.rewards.modules), None)
         self.policy, self.value_model = model, value_model
         self.dataset = train_dataset
