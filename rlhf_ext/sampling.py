@@ -88,13 +88,22 @@ def row_seed(seed: int, key: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) >> 1
 
 
+def row_seeds(seed: int, row_keys: Sequence[int] | None, n: int) -> list[int]:
+    """The seeds of ``n`` rows' random streams: ``row_seed(seed, key)`` for each of
+    ``row_keys`` (default 0, 1, ..., n - 1). Our sampler and vLLM's requests both use them."""
+    keys = range(n) if row_keys is None else list(row_keys)
+    if len(keys) != n:
+        raise ValueError(f"row_keys has {len(keys)} keys for {n} prompts")
+    return [row_seed(seed, k) for k in keys]
+
+
 class InverseCdfSampling(LogitsProcessor):
     """Sampling as a logits processor for greedy decoding: temperature, top-k and top-p
     (transformers' own warpers, in the order its sampling applies them), then one
     ``inverse_cdf_sample`` draw per row; the returned scores are 0 at the drawn token and
     -inf elsewhere, so the argmax is the draw.
 
-    Each row draws from a random stream of its own (``start(seed, keys)``), one uniform per
+    Each row draws from a random stream of its own (``start(seeds)``), one uniform per
     decoding step: a row's tokens depend on its key and the seed, never on which rows share
     its batch or its process. A batch of 16 rows split over two processes samples what one
     process sampling all 16 does."""
@@ -107,14 +116,14 @@ class InverseCdfSampling(LogitsProcessor):
             self.warpers.append(TopPLogitsWarper(top_p))
         self.streams: list[torch.Generator] = []
 
-    def start(self, seed: int, keys) -> None:
-        """The streams of the next batch's rows, in order: ``row_seed(seed, key)`` each."""
-        self.streams = [torch.Generator().manual_seed(row_seed(seed, k)) for k in keys]
+    def start(self, seeds: Sequence[int]) -> None:
+        """The streams of the next batch's rows, in order (``row_seeds``)."""
+        self.streams = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if len(self.streams) != len(scores):
             raise RuntimeError(f"{len(scores)} rows but {len(self.streams)} random streams: "
-                               "call start(seed, keys) with one key per row first")
+                               "call start(seeds) with one seed per row first")
         probs = torch.softmax(self.warpers(input_ids, scores), -1)
         uniform = torch.cat([torch.rand(1, generator=g) for g in self.streams])
         drawn = inverse_cdf_sample(probs, uniform.to(probs.device))
@@ -195,9 +204,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     out = Completions([], [], [], [] if return_logps else None)
     config, processors = decoding(tokenizer, max_new_tokens, temperature, top_k, top_p)
     config.output_logits = config.return_dict_in_generate = return_logps
-    keys = list(range(len(prompts))) if row_keys is None else list(row_keys)
-    if len(keys) != len(prompts):
-        raise ValueError(f"row_keys has {len(keys)} keys for {len(prompts)} prompts")
+    seeds = row_seeds(seed, row_keys, len(prompts))
     owners = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None),
                                                        GenerationConfig)]
     shipped = [m.generation_config for m in owners]
@@ -213,7 +220,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
             where = order[start:start + batch_size]
             inputs = shared_prompt_inputs(model, tokenizer, [prompts[i] for i in where])
             for processor in processors:
-                processor.start(seed, [keys[i] for i in where])
+                processor.start([seeds[i] for i in where])
             generated = model.generate(**inputs, generation_config=config,
                                        logits_processor=processors)
             sequences = generated.sequences if return_logps else generated

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sampling import Completions, row_seed
+from .sampling import Completions, row_seeds
 
 # vLLM on a CPU machine (../shared/NOTES.md): threads left unbound (the colocated engine
 # sizes its KV cache itself; VLLM_CPU_KVCACHE_SPACE, in GiB, overrides that)
@@ -177,14 +177,6 @@ def _sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int,
             "repetition_penalty": 1.0, "min_p": 0.0, "skip_special_tokens": False}
 
 
-def _seeds(seed: int, row_keys: Sequence[int] | None, ids: list) -> list[int]:
-    """Each request's seed: its row's stream, as our sampler keys it (``row_seed``)."""
-    keys = range(len(ids)) if row_keys is None else list(row_keys)
-    if len(keys) != len(ids):
-        raise ValueError(f"row_keys has {len(keys)} keys for {len(ids)} prompts")
-    return [row_seed(seed, k) for k in keys]
-
-
 def _completions(tokenizer, rows: list[tuple[list[int], list[float]]]) -> Completions:
     """Completions from (token ids, log-probs) per row: ids stop after the first eos."""
     eos = tokenizer.eos_token_id
@@ -252,7 +244,7 @@ class ColocateEngine:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         params = [SamplingParams(logprobs=0, **_sampling(
-            temperature, top_k, top_p, max_new_tokens, eos, s)) for s in _seeds(seed, row_keys, ids)]
+            temperature, top_k, top_p, max_new_tokens, eos, s)) for s in row_seeds(seed, row_keys, len(ids))]
         with contained():
             if self.sleep:
                 self.llm.wake_up()
@@ -313,7 +305,7 @@ class ServerEngine:
                  row_keys: Sequence[int] | None = None) -> Completions:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        seeds = _seeds(seed, row_keys, ids)
+        seeds = row_seeds(seed, row_keys, len(ids))
 
         def one(i: int) -> tuple[list[int], list[float]]:
             body = {"model": self.model, "prompt": ids[i], "logprobs": 0,

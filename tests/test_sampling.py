@@ -6,7 +6,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from rlhf_ext.sampling import InverseCdfSampling, generate_completions, inverse_cdf_sample
+from rlhf_ext.sampling import (
+    InverseCdfSampling,
+    generate_completions,
+    inverse_cdf_sample,
+    row_seeds,
+)
 
 
 def test_inverse_cdf_at_hand_computed_points():
@@ -45,7 +50,7 @@ def test_processor_draws_from_the_warped_softmax():
     assert (p > 0).sum() == 2  # top-p keeps 2 of top-k's 3: hand-checkable support
     n = 40_000
     sampling = InverseCdfSampling(0.5, 3, 0.9)
-    sampling.start(0, range(n))  # n rows, n streams
+    sampling.start(row_seeds(0, None, n))  # n rows, n streams
     scores = sampling(None, logits.expand(n, -1).clone())
     assert ((scores == 0).sum(1) == 1).all() and torch.isinf(scores).sum() == n * 5
     freq = torch.bincount(scores.argmax(1), minlength=6).double() / n

@@ -20,6 +20,7 @@ from ..shared_prefix import attention_inputs
 from . import core
 from .controllers import RunningMoments
 from .policy_value import PolicyValueHead
+from .rollout_metrics import length_metrics, metrics_to_host, score_metrics
 
 
 @dataclass
@@ -212,20 +213,6 @@ def check_prompts_fit_model(model, tokenizer, prompts: list, response_length: in
     return longest
 
 
-def _metrics_to_host(local: dict[str, Tensor], everyone: dict[str, Tensor],
-                     gather: Callable[[Tensor], Tensor] | None, device) -> dict[str, float]:
-    """0-dim tensors as floats, in one copy from the device: ``local`` ones (this
-    process's rollout) averaged over the processes first, in one gather; ``everyone``
-    ones (computed over every process's rows already) as they are."""
-    def stack(values: dict[str, Tensor]) -> Tensor:
-        return torch.stack([v.to(device, torch.float32).reshape(()) for v in values.values()])
-
-    mine = stack(local)
-    if gather is not None:
-        mine = gather(mine[None]).reshape(-1, mine.numel()).mean(0)
-    return dict(zip([*local, *everyone], torch.cat([mine, stack(everyone)]).tolist()))
-
-
 # (dataset rows, completions, completion_ids) -> (per-function scores [B, F], total [B])
 ScoreFn = Callable[[list[dict], list[str], list[list[int]]], tuple[Tensor, Tensor]]
 
@@ -393,9 +380,10 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
                       "objective/rlhf_reward": torch.nanmean(scores + non_score)})
     if scored.entropy is not None:
         local["objective/entropy"] = core.masked_mean(scored.entropy, mask)
-    metrics = _metrics_to_host(
-        local, {**_score_metrics(sampled, every, group, reward_names, device),
-                **_length_metrics(every(mask.sum(1)), every(finished))}, gather, device)
+    metrics = metrics_to_host(
+        local, {**score_metrics(sampled.per_func, sampled.total, every, group, reward_names,
+                                device),
+                **length_metrics(every(mask.sum(1)), every(finished))}, gather, device)
 
     loss_mask = core.loss_mask(mask, live.to(device), finished,
                                args.mask_truncated_completions)
@@ -421,37 +409,3 @@ def rollout(*, policy, reference: Callable[[Batch], Tensor], value_model, tokeni
         experience.update(old_values=scored.values, returns=returns)
     return RolloutResult(experience, metrics, prompts, sampled.completions,
                          sampled.total.tolist())
-
-
-def _length_metrics(lengths: Tensor, finished: Tensor) -> dict[str, Tensor]:
-    """TRL's completion-length metrics over every process's responses (tokens, eos
-    included): all, and those that ended with eos ("terminated"); the clipped ratio is
-    the share cut at response_length."""
-    lengths = lengths.float()
-    ended = lengths[finished.bool()]
-    ended = ended if ended.numel() else torch.zeros(1, device=lengths.device)
-    return {"completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": 1 - finished.float().mean(),
-            "completions/mean_terminated_length": ended.mean(),
-            "completions/min_terminated_length": ended.min(),
-            "completions/max_terminated_length": ended.max()}
-
-
-def _score_metrics(sampled: Sampled, every: Callable[[Tensor], Tensor], group: int,
-                   names: tuple[str, ...], device) -> dict[str, Tensor]:
-    """TRL's reward metrics over every process's rows: each function's mean and std (of
-    the rows it scored), the weighted total's mean and std, and the share of groups whose
-    scores are all equal (no signal)."""
-    per_func = every(sampled.per_func.to(device))
-    totals = every(sampled.total.to(device))
-    out = {}
-    for i, name in enumerate(names):
-        out[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, i])
-        out[f"rewards/{name}/std"] = core.nanstd(per_func[:, i])
-    out["reward"] = torch.nanmean(totals)
-    out["reward_std"] = core.nanstd(totals)
-    if group > 1 and totals.numel() % group == 0:
-        out["frac_reward_zero_std"] = (~core.informative_groups(totals, group)).float().mean()
-    return out
