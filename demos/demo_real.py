@@ -2,6 +2,7 @@
 
     python demos/demo_real.py [--out outputs/demo_real] [--full] [--quick] [--fresh]
                                 [--methods dpo,ppo] [--eval_samples 3] [--seed 0] [--jobs 2]
+                                [--use_vllm auto|true|false]
 
 The instruct model is the reference (and the SFT stage). Its own reviews of made-up films,
 asked to be glowing or scathing, are paired and labelled by a Bradley-Terry model on VADER
@@ -28,6 +29,7 @@ tests. The report is written by demos/demo_real_report.py.
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import time
@@ -102,9 +104,11 @@ RLVR = {"rlvr_grpo": [], "rlvr_rloo": ["--advantage_estimator", "rloo"],
 RLAIF = {"dpo_rlaif": "pairs_rlaif", "dpo_rlaif_hard": "pairs_rlaif_hard"}
 
 
-def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str] | None):
+def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str] | None,
+               use_vllm: bool = False):
     """(name, recipe, config, summary file, extra args, family, knob value), in running
-    order; the reward model comes first (PPO and best-of-N use it)."""
+    order; the reward model comes first (PPO and best-of-N use it). ``use_vllm``: the
+    online stages (PPO, GRPO, RLOO) sample their rollouts on vLLM."""
     data = out / "data"
     plan = [("reward", "reward.py", "smollm2/reward.yaml", "reward_summary.json",
              ["--dataset_name", str(data / "pairs"), *size["reward"]], "reward", None)]
@@ -147,6 +151,8 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
                                                         f"--{knob}", str(value)], "dpo", value))
     for entry in plan:
         entry[4].extend(["--model_name_or_path", model])
+        if use_vllm and entry[1] == "ppo.py":
+            entry[4].extend(["--use_vllm", "true"])
     if methods is not None:
         plan = [p for p in plan if p[0] == "reward" or p[5] in methods or p[0] in methods
                 or (p[0] in RLAIF and "rlaif" in methods)]
@@ -156,7 +162,7 @@ def stage_plan(out: Path, model: str, size: dict, full: bool, methods: list[str]
     return plan
 
 
-def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
+def make_data(out: Path, model_path: str, size: dict, seed: int, use_vllm: bool) -> dict:
     """The pairs (train: noisy Bradley-Terry labels; test, on other films: VADER's order),
     the PPO prompts (every ask of every train film) and the held-out prompts."""
     done = out / "data" / "data.json"
@@ -177,7 +183,7 @@ def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
     n_test = max(2, len(pair_films) // 5)  # the reward model's held-out films
     pairs = {split: self_sampled_pairs(model, tokenizer, names, size["samples"],
                                        MAX_NEW_TOKENS, scale=None if split == "test" else 5.0,
-                                       seed=seed + i, progress=True)
+                                       seed=seed + i, progress=True, use_vllm=use_vllm)
              for i, (split, names) in enumerate((("train", pair_films[n_test:]),
                                                  ("test", pair_films[:n_test])))}
     DatasetDict(pairs).save_to_disk(str(out / "data" / "pairs"))
@@ -195,11 +201,13 @@ def make_data(out: Path, model_path: str, size: dict, seed: int) -> dict:
     return facts
 
 
-def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick: bool) -> list:
+def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick: bool,
+         use_vllm: bool = False) -> list:
     """Every training stage and evaluation as a stage_pool Job, longest first where the
     order is free: the reward model, the PPO and rlvr stages, the reference's evaluations
     (its best-of-N ranks by the reward model; every win rate reads its samples), the offline
-    losses, then each policy's evaluation after its training."""
+    losses, then each policy's evaluation after its training (sampled on vLLM with
+    ``use_vllm``)."""
     import sys
 
     from demo import stage_command
@@ -213,6 +221,7 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick:
                     ["reward"] if "--reward_model_path" in extra else [])
                 for name, recipe, config, summary, extra, _, _ in plan]
     rlvr = {p[0] for p in plan if p[5] == "rlvr"}
+    engine = ["--use_vllm"] if use_vllm else []
     logs = out / "logs"  # OUT/logs/eval_samples<n>_<name>.txt, OUT/logs/rlvr_eval_<name>.txt
     references, policies = [], []
     if any(j.name not in rlvr | {"reward"} for j in training):  # the sentiment rows
@@ -220,7 +229,7 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick:
         evaluate = [sys.executable, str(DEMOS / "demo_real_eval.py"), "--out", str(out),
                     "--samples", str(size["eval_samples"]), "--seed", str(seed),
                     "--reference_samples", str(size["reference_samples"]),
-                    "--best_of", ",".join(map(str, size["best_of"]))]
+                    "--best_of", ",".join(map(str, size["best_of"]))] + engine
         ranked = ["--reward_model"] if with_reward_model else []  # only best-of-N reads it
         references.append(Job("eval reference", evaluate + ranked + ["--name", "reference"],
                               folder / "reference.json", logs / f"{folder.name}_reference.txt",
@@ -232,7 +241,7 @@ def jobs(out: Path, plan, size: dict, seed: int, with_reward_model: bool, quick:
     if rlvr:
         folder = rlvr_folder(out, quick)
         evaluate = [sys.executable, str(DEMOS / "demo_real_rlvr.py"), "--out", str(out),
-                    "--seed", str(seed)] + (["--quick"] if quick else [])
+                    "--seed", str(seed)] + (["--quick"] if quick else []) + engine
         references.append(Job("eval rlvr reference", evaluate + ["--name", "reference"],
                               folder / "reference.json", logs / f"{folder.name}_reference.txt"))
         policies += [Job(f"eval {j.name}", evaluate + ["--name", j.name],
@@ -269,20 +278,36 @@ def main(argv=None):
                         help="samples per held-out prompt and policy (default 3, s.e. about "
                              "0.03 a policy; one sample's 0.05 is as large as most gains; 8 "
                              "take about 1.5 minutes a policy)")
+    parser.add_argument("--use_vllm", choices=["auto", "true", "false"], default="auto",
+                        help="sample the pairs, the online stages' rollouts and every "
+                             "evaluation on vLLM (auto: on a GPU where vLLM is installed; on "
+                             "a CPU vLLM samples these short replies slower than the "
+                             "package's sampler, which computes each prompt once for its "
+                             "copies: docs/demo-real.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2,
                         help="stages run at once, the CPU cores split among them (default 2: "
                              "on 2 cores, two one-thread stages side by side do 1.25-1.4x "
                              "the work of one two-thread stage)")
     args = parser.parse_args(argv)
+    import torch
+
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.eval_samples is not None and args.eval_samples < 1:
         parser.error(f"--eval_samples must be at least 1, got {args.eval_samples}")
+    use_vllm = args.use_vllm == "true" or (args.use_vllm == "auto" and torch.cuda.is_available()
+                                           and importlib.util.find_spec("vllm") is not None)
     out = Path(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
+    sampler = out / "sampler.json"  # what sampled the finished stages this run reuses
+    if sampler.exists() and json.loads(sampler.read_text())["use_vllm"] != use_vllm:
+        parser.error(f"{out} was sampled with use_vllm="
+                     f"{json.loads(sampler.read_text())['use_vllm']}; add --fresh, another "
+                     f"--out, or the same --use_vllm")
     out.mkdir(parents=True, exist_ok=True)
+    sampler.write_text(json.dumps({"use_vllm": use_vllm}))
     total = time.time()
 
     from demo import curves  # the tiny-world demo's
@@ -297,13 +322,13 @@ def main(argv=None):
     if args.eval_samples is not None:
         size["eval_samples"] = args.eval_samples
     methods = args.methods.split(",") if args.methods else None
-    plan = stage_plan(out, model, size, args.full, methods)
+    plan = stage_plan(out, model, size, args.full, methods, use_vllm)
     sentiment = [p[0] for p in plan if p[5] not in ("reward", "rlvr")]  # VADER-judged rows
     rlvr = [p[0] for p in plan if p[5] == "rlvr"]
     data = None
     if sentiment:
         print("pairs: sampling the reference (cached after the first run)")
-        data = make_data(out, model, size, args.seed)
+        data = make_data(out, model, size, args.seed, use_vllm)
     if rlvr:
         from demo_real_rlvr import make_problems
 
@@ -315,9 +340,10 @@ def main(argv=None):
         print("RLAIF: the model judges the pairs (cached after the first run)")
         rlaif = judge_pairs(out, model, args.seed)
     trained_reward = plan[0][0] == "reward"
-    todo = jobs(out, plan, size, args.seed, trained_reward, args.quick)
+    todo = jobs(out, plan, size, args.seed, trained_reward, args.quick, use_vllm)
     threads = threads_each(args.jobs)
-    print(f"stages and evaluations: {args.jobs} at a time, {threads} thread(s) each; "
+    print(f"stages and evaluations: {args.jobs} at a time, {threads} thread(s) each, "
+          f"sampling on {'vLLM' if use_vllm else 'generate_completions'}; "
           f"logs in {out}/<stage>/log.txt and {out}/logs/")
     with tqdm(total=len(todo), desc="demo-real stages", unit="stage") as bar:
         wall = run_jobs(todo, args.jobs, threads, bar)
@@ -345,7 +371,7 @@ def main(argv=None):
         "training": {name: curves(summaries[name]) for name in sentiment},
         "rlvr": rlvr_report(out, rlvr, summaries, args.quick) if rlvr else None,
         "stage_seconds": seconds, "eval_seconds": eval_seconds,
-        "parallel": {"jobs": args.jobs, "threads_each": threads},
+        "parallel": {"jobs": args.jobs, "threads_each": threads}, "use_vllm": use_vllm,
     }
     report["frontier"] = frontier(report)
     report["verdict"] = verdict(report)

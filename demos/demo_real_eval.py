@@ -3,6 +3,7 @@ stages): the reference with best-of-N, or one trained policy, sampled on the hel
 
     python demos/demo_real_eval.py --out OUT --name reference|<stage> --samples 3
                                      [--reference_samples 16] [--best_of 4,16] [--reward_model]
+                                     [--use_vllm]
 
 Writes OUT/eval_samples<n>/<name>.json (OUT/eval/ with one sample a prompt) with its seconds;
 a policy's win rate reads the reference's samples from that folder's reference.json.
@@ -40,14 +41,14 @@ class Judge:
     other statistics, like every policy's, come from ``samples`` samples per prompt."""
 
     def __init__(self, out: Path, model_path: str, prompts: list, seed: int, samples: int,
-                 reference_samples: int, with_reward_model: bool):
+                 reference_samples: int, with_reward_model: bool, use_vllm: bool = False):
         from transformers import AutoTokenizer
 
         from rlhf_ext.models import load_causal_lm
         from rlhf_ext.reward import load_reward_model
 
         self.out, self.seed, self.prompts, self.samples = out, seed, prompts, samples
-        self.reference_samples = reference_samples
+        self.reference_samples, self.use_vllm = reference_samples, use_vllm
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.rendered = [self.tokenizer.apply_chat_template(p, tokenize=False,
                                                             add_generation_prompt=True)
@@ -57,13 +58,18 @@ class Judge:
                              if with_reward_model else None)
 
     def sample(self, model, copies: int, seed_offset: int, return_logps: bool = False):
-        """``copies`` samples of every prompt, prompt-major within each copy."""
-        from rlhf_ext.sampling import generate_completions
+        """``copies`` samples of every prompt, prompt-major within each copy (on vLLM
+        with ``use_vllm``)."""
+        from rlhf_ext.vllm_engine import ModelSampler
 
-        return generate_completions(model, self.tokenizer, self.rendered * copies,
-                                    MAX_NEW_TOKENS, temperature=1.0, batch_size=176,
-                                    seed=self.seed + seed_offset, progress=True,
-                                    return_logps=return_logps)
+        longest = max(len(self.tokenizer(x, add_special_tokens=False)["input_ids"])
+                      for x in self.rendered)
+        sampler = ModelSampler(model, self.tokenizer, self.use_vllm, longest + MAX_NEW_TOKENS,
+                               batch_size=176)
+        out = sampler(self.rendered * copies, MAX_NEW_TOKENS, 1.0, seed=self.seed + seed_offset,
+                      return_logps=return_logps, progress=True)
+        sampler.close()
+        return out
 
     def stats(self, texts: list[str], lengths: list[int], kl: float,
               reference: list[list[float]]) -> dict:
@@ -146,13 +152,14 @@ def main(argv=None):
     parser.add_argument("--reward_model", action="store_true",
                         help="OUT/reward exists: best-of-N and its Spearman with VADER")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use_vllm", action="store_true", help="sample on vLLM")
     args = parser.parse_args(argv)
     out = Path(args.out)
     from rlhf_ext.worlds.smollm2 import smollm2_path
 
     prompts = json.loads((out / "data" / "data.json").read_text())["held_out_prompts"]
     judge = Judge(out, str(smollm2_path()), prompts, args.seed, args.samples,
-                  args.reference_samples, args.reward_model)
+                  args.reference_samples, args.reward_model, args.use_vllm)
     folder = eval_folder(out, args.samples)
     start = time.time()
     if args.name == "reference":

@@ -105,7 +105,10 @@ def markdown(report: dict, max_new_tokens: int) -> str:
               f"{'After the pairs, ' if data else ''}{par['jobs']} stage(s) ran at once with "
               f"{par['threads_each']} thread(s) each: each row is one stage's wall time (an "
               f"evaluation's without loading its models), so the rows add up to more than "
-              f"the run.", "", "| stage | seconds |", "|---|---|"]
+              f"the run. Sampling (the pairs, the online stages' rollouts, every "
+              f"evaluation) ran on "
+              f"{'vLLM' if report.get('use_vllm') else 'the package sampler (transformers)'}.",
+              "", "| stage | seconds |", "|---|---|"]
     if data is not None:
         lines.append(f"| pairs (sampling, VADER) | {data['seconds']:.0f} |")
     lines += [f"| train {k} | {v:.0f} |" for k, v in report["stage_seconds"].items()]

@@ -61,24 +61,29 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean(values), stdev(values) / len(values) ** 0.5
 
 
-def evaluate(model, reference, tokenizer, rows: list[dict], size: dict, seed: int) -> dict:
+def evaluate(model, reference, tokenizer, rows: list[dict], size: dict, seed: int,
+             use_vllm: bool = False) -> dict:
     """Greedy and sampled accuracy, pass@k, format rate, length and KL of ``model`` on
     ``rows`` (``reference`` None: the model is the reference, KL 0). ``size``: "samples" per
     problem at the training temperature (0: none; format and length then read the greedy
-    replies), the k of "pass_at", "kl_samples" per problem at temperature 1 (0: no KL)."""
+    replies), the k of "pass_at", "kl_samples" per problem at temperature 1 (0: no KL).
+    ``use_vllm``: sampled on vLLM (``ModelSampler``), the KL's reference forward ours."""
     from rlhf_ext.evaluation import sequence_kl
-    from rlhf_ext.sampling import generate_completions
+    from rlhf_ext.vllm_engine import ModelSampler
     from rlhf_ext.worlds.smollm2.rlvr import MAX_COMPLETION_TOKENS, final_number, format_reward
 
     prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False,
                                              add_generation_prompt=True) for r in rows]
     answers = [r["answer"] for r in rows]
     n, p = size["samples"], len(rows)
+    longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in prompts)
+    sampler = ModelSampler(model, tokenizer, use_vllm, longest + MAX_COMPLETION_TOKENS,
+                           batch_size=128)
 
     def sample(copies: int, temperature: float, offset: int, logps: bool = False):
-        return generate_completions(  # each problem's copies side by side (one prompt forward)
-            model, tokenizer, [x for x in prompts for _ in range(copies)], MAX_COMPLETION_TOKENS,
-            temperature=temperature, batch_size=128, seed=seed + offset, return_logps=logps)
+        return sampler(  # each problem's copies side by side (one prompt forward)
+            [x for x in prompts for _ in range(copies)], MAX_COMPLETION_TOKENS,
+            temperature, seed=seed + offset, return_logps=logps)
 
     greedy = sample(1, 0.0, 0)
     right = [float(final_number(t) == a) for t, a in zip(greedy.texts, answers)]
@@ -100,6 +105,7 @@ def evaluate(model, reference, tokenizer, rows: list[dict], size: dict, seed: in
         result["kl_to_reference"] = mean_se(sequence_kl(
             model, reference, tokenizer, [x for x in prompts for _ in range(m)], drawn.ids,
             logps=drawn.logps, group=m))[0]
+    sampler.close()
     result["examples"] = [{"question": rows[i]["prompt"][-1]["content"], "answer": answers[i],
                            "greedy": greedy.texts[i], "sampled": sampled.texts[i * max(n, 1)]}
                           for i in range(4)]
@@ -171,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--name", required=True, help="reference, or an rlvr stage's folder")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use_vllm", action="store_true", help="sample on vLLM")
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -185,10 +192,10 @@ def main(argv=None):
     reference = load_causal_lm(path, dtype=torch.float32).eval()
     start = time.time()
     if args.name == "reference":
-        result = evaluate(reference, None, tokenizer, rows, size, args.seed)
+        result = evaluate(reference, None, tokenizer, rows, size, args.seed, args.use_vllm)
     else:
         model = load_causal_lm(str(out / args.name), dtype=torch.float32).eval()
-        result = evaluate(model, reference, tokenizer, rows, size, args.seed)
+        result = evaluate(model, reference, tokenizer, rows, size, args.seed, args.use_vllm)
     result["seconds"] = time.time() - start
     folder = eval_folder(out, args.quick)
     folder.mkdir(exist_ok=True)

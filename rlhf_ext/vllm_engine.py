@@ -221,6 +221,10 @@ class ColocateEngine:
             cache = {}
             if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 cache["kv_cache_memory_bytes"] = kv_cache_bytes(model.config, dtype, rows, length)
+            if on_cpu:  # a prompt split over two steps rewinds its seeded generator, which
+                # a CPU generator cannot do ("CPU Generator does not use offset"): every
+                # step takes the whole prompts of all the rows it runs
+                cache.update(max_num_seqs=rows, max_num_batched_tokens=max(rows * length, 2048))
             self.llm = vllm.LLM(
                 model=self.folder, dtype=dtype, seed=args.seed, generation_config="vllm",
                 max_model_len=length, **cache,
@@ -334,6 +338,48 @@ class ServerEngine:
     def close(self) -> None:
         """The server keeps running (it is its own process); the sync folder goes."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ModelSampler:
+    """Samples one fixed model outside a trainer (evaluations, the demos): on a colocated
+    vLLM engine, loaded once, where ``use_vllm``; else with ``generate_completions``. Both
+    seed row i by (``seed``, i), so a rerun draws the same samples; the two draw different
+    ones. ``max_length``: the longest prompt plus the completion (vLLM's context); ``rows``:
+    the completions the engine's KV cache holds at once (more wait their turn)."""
+
+    def __init__(self, model: nn.Module, tokenizer, use_vllm: bool, max_length: int,
+                 rows: int = 256, batch_size: int = 64):
+        from .config_fields import VLLMFields
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.engine = None
+        if use_vllm:
+            args = VLLMFields()
+            args.world_size, args.seed = 1, 0
+            self.engine = ColocateEngine(model, tokenizer, args, max_length, rows)
+
+    def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float,
+                 seed: int = 0, return_logps: bool = False,
+                 progress: bool = False) -> Completions:
+        """One completion per rendered prompt (greedy at temperature 0); ``return_logps``:
+        each token's log-prob at temperature 1 (vLLM reports them at the sampling
+        temperature, so there only at temperature 1; it always returns them)."""
+        if self.engine is None:
+            from .sampling import generate_completions
+
+            return generate_completions(self.model, self.tokenizer, prompts, max_new_tokens,
+                                        temperature=temperature, batch_size=self.batch_size,
+                                        seed=seed, progress=progress,
+                                        return_logps=return_logps)
+        if return_logps and temperature != 1.0:
+            raise ValueError(f"vLLM's log-probs are at the sampling temperature "
+                             f"({temperature}); temperature-1 log-probs need temperature 1")
+        return self.engine.generate(prompts, max_new_tokens, temperature, seed=seed)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def wait_for_server(url: str, timeout: float) -> str:

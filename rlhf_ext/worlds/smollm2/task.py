@@ -100,24 +100,28 @@ def repeated_word_rate(texts: list[str]) -> float:
 
 def self_sampled_pairs(model, tokenizer, film_names: list[str], samples: int = 2,
                        max_new_tokens: int = 32, temperature: float = 0.7, min_gap: float = 0.3,
-                       scale: float | None = 5.0, seed: int = 0, progress: bool = False):
+                       scale: float | None = 5.0, seed: int = 0, progress: bool = False,
+                       use_vllm: bool = False):
     """Preference pairs of the model's own reviews, labelled on VADER (``label_pairs``
     within each film and steer of ``steered_requests``), under the plain prompt
     "Write a one-sentence review of <film>.".
 
     Returns a conversational prompt/chosen/rejected Dataset with ``film`` and the VADER
-    scores (``chosen_vader``, ``rejected_vader``) as extra columns.
+    scores (``chosen_vader``, ``rejected_vader``) as extra columns. ``use_vllm``: the
+    reviews sampled on vLLM (``ModelSampler``).
     """
     from datasets import Dataset
 
-    from ...sampling import generate_completions
+    from ...vllm_engine import ModelSampler
     from .vader import vader_scores
 
     requests = steered_requests(film_names, samples)
     rendered = [tokenizer.apply_chat_template(conversation(r), tokenize=False,
                                               add_generation_prompt=True) for _, r in requests]
-    texts = generate_completions(model, tokenizer, rendered, max_new_tokens, temperature,
-                                 batch_size=48, seed=seed, progress=progress).texts
+    longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in rendered)
+    sampler = ModelSampler(model, tokenizer, use_vllm, longest + max_new_tokens, batch_size=48)
+    texts = sampler(rendered, max_new_tokens, temperature, seed=seed, progress=progress).texts
+    sampler.close()
     scored = list(zip(texts, vader_scores(texts)))
     size = 2 * samples
     groups = [scored[i:i + size] for i in range(0, len(scored), size)]
