@@ -84,6 +84,34 @@ def test_colocated_engine_samples_as_the_policy_and_follows_its_steps(tok, tmp_p
     assert environment() == env
 
 
+def test_model_sampler_on_vllm_agrees_with_ours_on_more_prompts_than_a_step_holds(tok):
+    """The demos' sampler of a fixed model: on vLLM its greedy replies are ours and its
+    sampled tokens' log-probs the model's; 96 prompts of ~50 tokens are more than vLLM's
+    default 4096 tokens a step, which split a prompt over two steps and crashed the seeded
+    sampling on a CPU ("CPU Generator does not use offset") until the engine took whole
+    prompts only."""
+    from rlhf_ext.sampling import generate_completions
+    from rlhf_ext.vllm_engine import ModelSampler
+
+    model = build_model("tiny4bit", tok, seed=0)
+    words = "the film was good and the story was bad but the music was".split()
+    prompts = [" ".join(words[(i + j) % len(words)] for j in range(48)) for i in range(96)]
+    length = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert len(prompts) * length > 4096
+    sampler = ModelSampler(model, tok, True, length + 8, rows=len(prompts))
+    greedy = sampler(prompts, 8, 0.0)
+    assert greedy.ids == generate_completions(model, tok, prompts, 8, temperature=0.0).ids
+    drawn = sampler(prompts, 8, 1.0, seed=5, return_logps=True)
+    ours = policy_logps(model, tok, prompts[:8], drawn.ids[:8], 1.0)
+    assert max((a - torch.tensor(b)).abs().max().item()
+               for a, b in zip(ours, drawn.logps)) < 1e-5
+    assert sampler(prompts, 8, 1.0, seed=5).ids == drawn.ids  # seeded per row
+    with pytest.raises(ValueError, match="temperature-1 log-probs need temperature 1"):
+        sampler(prompts, 8, 0.7, return_logps=True)
+    sampler.close()
+    assert not dist.is_initialized()
+
+
 def test_grpo_with_lora_samples_on_vllm_and_corrects_for_it(tok, tmp_path):
     """Every rollout after the first samples from the LoRA policy its optimizer steps made:
     the gap between vLLM's log-probs and the policy's (TRL's
