@@ -110,9 +110,18 @@ class RecipeArguments(DatasetMixtureConfig):
                             WorldSpec(seed=self.tiny_world_seed, size=self.tiny_model_size))
 
 
+def stepping_optimizer(optimizer) -> str:
+    """The class of the optimizer that updates the weights, under accelerate's and
+    DeepSpeed's wrappers (ZeRO-Offload runs DeepSpeed's CPU Adam for torch's AdamW)."""
+    while getattr(optimizer, "optimizer", None) not in (None, optimizer):
+        optimizer = optimizer.optimizer
+    return type(optimizer).__name__
+
+
 def run_facts(trainer) -> dict:
     """How the run was laid out: processes, the wrapper around the model (DDP, DeepSpeed,
-    FSDP or none), and parameter counts (ZeRO-3 partitions report their full size)."""
+    FSDP or none), the optimizer that stepped, and parameter counts (ZeRO-3 partitions
+    report their full size)."""
     model = trainer.model
     params = list(model.parameters())
     size = [getattr(p, "ds_numel", p.numel()) for p in params]
@@ -120,6 +129,7 @@ def run_facts(trainer) -> dict:
     return {"world_size": trainer.args.world_size,
             "distributed_type": trainer.accelerator.distributed_type.value,
             "wrapper": type(trainer.model_wrapped).__name__,
+            "optimizer": stepping_optimizer(trainer.optimizer),
             "parameters": sum(size),
             "trainable_parameters": sum(n for n, p in zip(size, params) if p.requires_grad),
             "quantized_linear_layers": quantized,

