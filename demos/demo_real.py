@@ -49,7 +49,7 @@ PREFERENCE_LOSSES = ["dpo", "ipo", "kto", "orpo", "simpo"]
 LOSS_ARGS = {"orpo": ["--beta", "2.0"], "simpo": ["--learning_rate", "1e-4"]}
 # the frontier of --full: (family, knob, values); the first value is the default run's point
 FRONTIER = {"dpo": ("beta", [0.1, 0.05, 0.5]), "ppo": ("kl_coef", [0.05, 0.02, 0.2])}
-SIZES = {  # what --quick shrinks; the default: 27.0 minutes on a 2-core CPU (2026-12-03)
+SIZES = {  # what --quick shrinks; the default: 26.1 minutes on a 2-core CPU (2026-12-07)
     "default": dict(pair_films=30, samples=2, eval_asks=2, eval_samples=3, reference_samples=16,
                     best_of=[4, 16], reward=["--num_train_epochs", "1"],
                     preference=["--max_steps", "20"], ppo=["--num_train_epochs", "10"],
