@@ -246,18 +246,20 @@ def test_grpo_two_processes(world_dir, tmp_path):
     assert not (tmp_path / "value_model").exists()
 
 
-def test_sft_fsdp_matches_one_process(world_dir, tmp_path):
-    """TRL's SFTTrainer (with the package's guards) sharded by FSDP2 on two CPU processes:
-    the token-mean loss over the global batch equals one process's, and process 0's
-    evaluation after training samples from the saved whole model."""
+@pytest.mark.parametrize("config, wrapper, kind", [
+    ("fsdp", "FSDPLlamaForCausalLM", "FSDP"), ("zero3", "DeepSpeedEngine", "DEEPSPEED")])
+def test_sft_sharded_matches_one_process(world_dir, tmp_path, config, wrapper, kind):
+    """TRL's SFTTrainer (with the package's guards) sharded by FSDP2 or ZeRO-3 on two CPU
+    processes: the token-mean loss over the global batch equals one process's, and process
+    0's evaluation after training samples from the saved whole model."""
     args = ["--config", "recipes/tiny/sft.yaml", "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
             "--dataset_name", str(world_dir / "data" / "sft"), *STEPS]
     single = launch("recipes/sft.py", "sft_summary.json", tmp_path / "one", args)
     summary = launch("recipes/sft.py", "sft_summary.json", tmp_path / "two",
-                     [*args, "--tiny_eval_prompts", "2"], "fsdp")
-    assert_two_processes(summary, "FSDPLlamaForCausalLM", synced=False)
-    assert summary["distributed_type"] == "FSDP"
+                     [*args, "--tiny_eval_prompts", "2"], config)
+    assert_two_processes(summary, wrapper, synced=False)
+    assert summary["distributed_type"] == kind
     assert len(losses(summary)) == 3 and losses(summary)[-1] < losses(summary)[0]
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
     assert summary["tiny/examples"] == saved_model_samples(world_dir, tmp_path / "two", 2)[:2]
