@@ -57,6 +57,23 @@ def data_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
+
+def engine_precision_copy(trainer):
+    """The policy with its parameters cast as DeepSpeed's engine will cast them, for a
+    reference computed from the policy (adapters off, or as it starts) before ``train`` makes
+    that engine: under ZeRO-0/1/2 with bf16 or fp16 the engine casts the parameters (not the
+    buffers) to half precision, and a reference from the float32 ones started LoRA DPO at a
+    loss 2e-3 off log 2 under ZeRO-2 + bf16. None when nothing is cast (no DeepSpeed,
+    float32, or ZeRO-3, whose partitions are made in the engine's dtype)."""
+    args, plugin = trainer.args, trainer.accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage == 3 or not (args.bf16 or args.fp16):
+        return None
+    model = copy.deepcopy(trainer.model)
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.bfloat16 if args.bf16 else torch.float16)
+    return model
+
 class ReferenceLogps:
     def __init__(self, mode: str, model=None, ld_alpha: float | None = None):
         self.mode, self.model, self.ld_alpha = mode, model, ld_alpha
@@ -168,7 +185,8 @@ class ReferenceLogps:
                             batch_size=args.precompute_ref_batch_size
                             or args.per_device_train_batch_size)
         loader = trainer.accelerator.prepare(loader)
-        policy = trainer.model
+        policy = (None if self.model is not None else engine_precision_copy(trainer)) \
+            or trainer.model
         was_training = policy.training
         policy.eval()
         out = defaultdict(list)

@@ -162,6 +162,20 @@ def test_zero3_offload_starts_and_trains_as_one_process(world_dir, tmp_path):
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
 
 
+def test_precomputed_lora_reference_under_zero2_bf16_starts_at_log_2(world_dir, tmp_path):
+    """ZeRO-2 + bf16, LoRA, the reference (adapters off) precomputed when the trainer is
+    made, before DeepSpeed's engine casts the parameters to bf16: computed on a copy cast
+    the same way (a float32 reference: first loss 0.693208), and the precomputed column
+    kept in float32 on its way to the loss (the Trainer cast every floating batch tensor
+    to bf16 under DeepSpeed: 0.69097 with both faults)."""
+    summary = launch("recipes/preference.py", "preference_summary.json", tmp_path,
+                     [*dpo_args(world_dir), *LORA, "--bf16", "true", "--max_steps", "1",
+                      "--precompute_ref_log_probs", "true",
+                      "--ref_logps_cache_dir", str(tmp_path / "cache")], "zero2")
+    assert_two_processes(summary, "DeepSpeedEngine")
+    assert losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def reward_args(world_dir, *extra):
     return ["--config", "recipes/tiny/reward.yaml", "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
