@@ -290,7 +290,9 @@ def online_rl_args(world_dir, estimator, rollout, reward_model=None):
     tokens by its own count). SGD, as for DPO (``dpo_args``): Adam moved a weight whose
     gradient is rounding-sized by up to its learning rate either way (3e-6 apart seen)."""
     gae = ["--config", "recipes/tiny/ppo_oracle.yaml", "--loss_aggregation", "step_token_mean"]
-    recipe = {"grpo": ["--config", "recipes/tiny/grpo_oracle.yaml"], "gae": gae,
+    grpo = ["--config", "recipes/tiny/grpo_oracle.yaml"]
+    recipe = {"grpo": grpo, "gae": gae,
+              "reinforce_pp_baseline": [*grpo, "--advantage_estimator", "reinforce_pp_baseline"],
               "gae-head-lora": [*gae, "--value_head_on_policy", "true", *LORA],
               "gae-rm": [*gae, "--reward", "model", "--reward_model_path", str(reward_model)]}
     return [*recipe[estimator], "--tiny_world_dir", str(world_dir),
@@ -318,7 +320,9 @@ def online_rl_single(world_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("config, estimator", [
     ("fsdp", "grpo"), ("fsdp", "gae"), ("zero3", "grpo"), ("zero3", "gae-head-lora"),
-    ("fsdp", "gae-head-lora"), ("zero3", "gae-rm")])  # zero3-gae: in zero3-gae-rm
+    ("fsdp", "gae-head-lora"), ("zero3", "gae-rm"), ("zero3", "reinforce_pp_baseline")])
+# zero3-gae: in zero3-gae-rm; REINFORCE++ whitens over both processes' tokens; rloo is
+# grpo's path with another group baseline (unit-tested in test_ppo_core.py)
 def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_path, config,
                                                estimator, request):
     """GRPO, and PPO with a value model (or a value head on a LoRA policy; or scored by a
@@ -371,7 +375,7 @@ def test_online_rl_sharded_matches_one_process(world_dir, online_rl_single, tmp_
         assert value.score.weight.abs().max() > 0
         torch.testing.assert_close(value.score.weight, alone.score.weight, rtol=1e-5,
                                    atol=1e-7)
-    if estimator == "grpo":
+    if estimator in ("grpo", "reinforce_pp_baseline"):
         assert not (tmp_path / "value_model").exists()
     else:
         assert "loss/value_avg" in {k for h in summary["log_history"] for k in h}
