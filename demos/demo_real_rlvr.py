@@ -1,7 +1,7 @@
 """Verifiable rewards in make demo-real: SmolLM2-135M-Instruct learns two-digit addition
 from rewards a program computes (rlhf_ext.worlds.smollm2.rlvr), judged on held-out problems.
 
-    python demos/demo_real_rlvr.py --out OUT --name reference|<stage> [--seed 0] [--quick]
+    python demos/demo_real_rlvr.py --out OUT --name reference|<stage> [--seed 0] [--quick] [--use_vllm]
 
 The problems are made once (``make_problems``: OUT/data/rlvr for the recipe, the held-out
 split beside it). The rlvr stages are recipes/ppo.py runs of recipes/smollm2/rlvr.yaml (GRPO;
