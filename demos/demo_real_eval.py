@@ -62,10 +62,8 @@ class Judge:
         with ``use_vllm``)."""
         from rlhf_ext.vllm_engine import ModelSampler
 
-        longest = max(len(self.tokenizer(x, add_special_tokens=False)["input_ids"])
-                      for x in self.rendered)
-        sampler = ModelSampler(model, self.tokenizer, self.use_vllm, longest + MAX_NEW_TOKENS,
-                               batch_size=176)
+        sampler = ModelSampler(model, self.tokenizer, self.use_vllm, self.rendered,
+                               MAX_NEW_TOKENS, batch_size=176)
         out = sampler(self.rendered * copies, MAX_NEW_TOKENS, 1.0, seed=self.seed + seed_offset,
                       return_logps=return_logps, progress=True)
         sampler.close()

@@ -76,8 +76,7 @@ def evaluate(model, reference, tokenizer, rows: list[dict], size: dict, seed: in
                                              add_generation_prompt=True) for r in rows]
     answers = [r["answer"] for r in rows]
     n, p = size["samples"], len(rows)
-    longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in prompts)
-    sampler = ModelSampler(model, tokenizer, use_vllm, longest + MAX_COMPLETION_TOKENS,
+    sampler = ModelSampler(model, tokenizer, use_vllm, prompts, MAX_COMPLETION_TOKENS,
                            batch_size=128)
 
     def sample(copies: int, temperature: float, offset: int, logps: bool = False):

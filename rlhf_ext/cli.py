@@ -51,10 +51,10 @@ def resolve_config(argv: list[str]) -> list[str]:
 
 def vllm_serve(argv: list[str]) -> None:
     """``rlhf-ext vllm-serve``: vLLM's OpenAI-compatible server for ``vllm_mode="server"``
-    (``vllm_engine.serve_command``); flags it does not know go to vLLM."""
+    (``vllm_server.serve_command``); flags it does not know go to vLLM."""
     import argparse
 
-    from .vllm_engine import serve
+    from .vllm_server import serve
 
     parser = argparse.ArgumentParser(prog="rlhf-ext vllm-serve", description=vllm_serve.__doc__)
     parser.add_argument("--model", required=True, help="the policy's folder (or Hub id)")

@@ -185,7 +185,7 @@ class OnlineDPOTrainer:
         if self.engine is not None:
             self.engine.sync(self.model)
             return self.engine
-        from .vllm_engine import make_engine
+        from .vllm_server import make_engine
 
         longest = max(len(ids) for ids in self.processing_class(
             rendered, add_special_tokens=False)["input_ids"])

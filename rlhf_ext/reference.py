@@ -57,7 +57,6 @@ def data_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
-
 def engine_precision_copy(trainer):
     """The policy with its parameters cast as DeepSpeed's engine will cast them, for a
     reference computed from the policy (adapters off, or as it starts) before ``train`` makes
@@ -73,6 +72,7 @@ def engine_precision_copy(trainer):
         if param.is_floating_point():
             param.data = param.data.to(torch.bfloat16 if args.bf16 else torch.float16)
     return model
+
 
 class ReferenceLogps:
     def __init__(self, mode: str, model=None, ld_alpha: float | None = None):
@@ -185,8 +185,9 @@ class ReferenceLogps:
                             batch_size=args.precompute_ref_batch_size
                             or args.per_device_train_batch_size)
         loader = trainer.accelerator.prepare(loader)
-        policy = (None if self.model is not None else engine_precision_copy(trainer)) \
-            or trainer.model
+        policy = trainer.model  # a reference model of its own is an engine already
+        if self.model is None:
+            policy = engine_precision_copy(trainer) or policy
         was_training = policy.training
         policy.eval()
         out = defaultdict(list)

@@ -1,8 +1,9 @@
 """Rollouts on vLLM: one engine, in this process (``vllm_mode="colocate"``) or as vLLM's
 OpenAI-compatible server on another process (``"server"``, started with
-``rlhf-ext vllm-serve``). Both sample completions for rendered prompts and take the
-policy's weights after an optimizer step; the trainers above them only call
-``generate`` and ``sync``.
+``rlhf-ext vllm-serve``; its side is ``vllm_server``). Both sample completions for rendered prompts and
+take the policy's weights after an optimizer step; the trainers above them only call
+``generate`` and ``sync`` (``vllm_server.make_engine`` picks the mode). ``ModelSampler``
+samples a model that does not train (evaluations, the demos).
 
 The policy reaches vLLM as full weights: a LoRA policy's adapters merged into (a
 dequantized copy of) its base weights, the model itself untouched. vLLM reports each
@@ -14,19 +15,11 @@ sampled token's log-prob under its own kernels, after the temperature
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -168,7 +161,7 @@ def save_for_vllm(model: nn.Module, tokenizer, folder: str) -> torch.dtype:
     return dtype
 
 
-def _sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int, eos: int,
+def request_fields(temperature: float, top_k: int, top_p: float, max_new_tokens: int, eos: int,
               seed: int) -> dict:
     """The fields of one request: exactly our decoding (nothing from the model's own
     generation config), the sampled tokens' log-probs, a seed of its own."""
@@ -177,7 +170,7 @@ def _sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int,
             "repetition_penalty": 1.0, "min_p": 0.0, "skip_special_tokens": False}
 
 
-def _completions(tokenizer, rows: list[tuple[list[int], list[float]]]) -> Completions:
+def completions_from_rows(tokenizer, rows: list[tuple[list[int], list[float]]]) -> Completions:
     """Completions from (token ids, log-probs) per row: ids stop after the first eos."""
     eos = tokenizer.eos_token_id
     out = Completions([], [], [], [])
@@ -247,7 +240,7 @@ class ColocateEngine:
 
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        params = [SamplingParams(logprobs=0, **_sampling(
+        params = [SamplingParams(logprobs=0, **request_fields(
             temperature, top_k, top_p, max_new_tokens, eos, s)) for s in row_seeds(seed, row_keys, len(ids))]
         with contained():
             if self.sleep:
@@ -261,7 +254,7 @@ class ColocateEngine:
             sample = out.outputs[0]
             logps = [step[t].logprob for t, step in zip(sample.token_ids, sample.logprobs)]
             rows.append((sample.token_ids, logps))
-        return _completions(self.tokenizer, rows)
+        return completions_from_rows(self.tokenizer, rows)
 
     def close(self) -> None:
         """Shut the engine down: its memory and the process group vLLM set up go."""
@@ -281,74 +274,16 @@ class ColocateEngine:
                 self.llm.sleep(level=1)
 
 
-class ServerEngine:
-    """A vLLM server (``rlhf-ext vllm-serve``) at ``vllm_server_base_url`` or
-    host:port. Every process sends its own prompts; the main process sends the weights,
-    as a checkpoint folder the server reads (the server runs on this machine)."""
-
-    def __init__(self, tokenizer, args):
-        self.tokenizer, self.args = tokenizer, args
-        self.url = (args.vllm_server_base_url or
-                    f"http://{args.vllm_server_host}:{args.vllm_server_port}").rstrip("/")
-        self.model = wait_for_server(self.url, args.vllm_server_timeout)
-        self.folder = tempfile.mkdtemp(prefix="rlhf_ext-vllm-sync-")
-
-    def _post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.args.vllm_server_timeout) as r:
-                text = r.read().decode()
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"vLLM server {self.url}{path}: HTTP {err.code}: "
-                               f"{err.read().decode()[:500]}") from err
-        return json.loads(text) if text.strip() else {}
-
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 row_keys: Sequence[int] | None = None) -> Completions:
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        seeds = row_seeds(seed, row_keys, len(ids))
-
-        def one(i: int) -> tuple[list[int], list[float]]:
-            body = {"model": self.model, "prompt": ids[i], "logprobs": 0,
-                    "return_tokens_as_token_ids": True,
-                    **_sampling(temperature, top_k, top_p, max_new_tokens, eos, seeds[i])}
-            choice = self._post("/v1/completions", body)["choices"][0]
-            tokens = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
-            return tokens, choice["logprobs"]["token_logprobs"]
-
-        with ThreadPoolExecutor(max_workers=min(64, max(1, len(ids)))) as pool:
-            rows = list(pool.map(one, range(len(ids))))
-        return _completions(self.tokenizer, rows)
-
-    def sync(self, model: nn.Module) -> None:
-        """Write the merged weights, have the server reload them (main process only)."""
-        from safetensors.torch import save_file
-
-        if self.args.process_index == 0:
-            weights = checkpoint(model)
-            path = os.path.join(self.folder, "model.safetensors")
-            save_file(weights, path, metadata={"format": "pt"})
-            self._post("/collective_rpc", {"method": "reload_weights",
-                                           "kwargs": {"weights_path": self.folder}})
-            self._post("/reset_prefix_cache", {})
-
-    def close(self) -> None:
-        """The server keeps running (it is its own process); the sync folder goes."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 class ModelSampler:
     """Samples one fixed model outside a trainer (evaluations, the demos): on a colocated
     vLLM engine, loaded once, where ``use_vllm``; else with ``generate_completions``. Both
     seed row i by (``seed``, i), so a rerun draws the same samples; the two draw different
-    ones. ``max_length``: the longest prompt plus the completion (vLLM's context); ``rows``:
-    the completions the engine's KV cache holds at once (more wait their turn)."""
+    ones. vLLM's context is the longest of ``prompts`` (the rendered prompts it will be
+    asked, copies aside) plus ``max_new_tokens``; ``rows``: the completions the engine's KV
+    cache holds at once (more wait their turn)."""
 
-    def __init__(self, model: nn.Module, tokenizer, use_vllm: bool, max_length: int,
-                 rows: int = 256, batch_size: int = 64):
+    def __init__(self, model: nn.Module, tokenizer, use_vllm: bool, prompts: list[str],
+                 max_new_tokens: int, rows: int = 256, batch_size: int = 64):
         from .config_fields import VLLMFields
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -356,7 +291,9 @@ class ModelSampler:
         if use_vllm:
             args = VLLMFields()
             args.world_size, args.seed = 1, 0
-            self.engine = ColocateEngine(model, tokenizer, args, max_length, rows)
+            longest = max(len(ids) for ids in
+                          tokenizer(list(prompts), add_special_tokens=False)["input_ids"])
+            self.engine = ColocateEngine(model, tokenizer, args, longest + max_new_tokens, rows)
 
     def __call__(self, prompts: list[str], max_new_tokens: int, temperature: float,
                  seed: int = 0, return_logps: bool = False,
@@ -380,80 +317,3 @@ class ModelSampler:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
-
-def wait_for_server(url: str, timeout: float) -> str:
-    """Wait until the server at ``url`` answers /health; return the model name it serves."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
-                return json.loads(r.read())["data"][0]["id"]
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no vLLM server answered at {url} within {timeout:.0f} s: "
-                                   "start one with `rlhf-ext vllm-serve --model PATH`") from None
-            time.sleep(1.0)
-
-
-def make_engine(model: nn.Module, tokenizer, args, max_length: int, rows: int):
-    """The engine ``args.vllm_mode`` names (``ColocateEngine`` reads ``max_length`` and
-    ``rows``)."""
-    if args.vllm_mode == "colocate":
-        return ColocateEngine(model, tokenizer, args, max_length, rows)
-    if args.vllm_mode == "server":  # it serves what it was started with: send the policy
-        engine = ServerEngine(tokenizer, args)
-        engine.sync(model)
-        return engine
-    raise ValueError(f"vllm_mode must be colocate or server, got {args.vllm_mode!r}")
-
-
-def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000,
-                  extra: list[str] = ()) -> tuple[list[str], dict]:
-    """The command and environment of a vLLM server for ``rlhf-ext vllm-serve``: vLLM's
-    OpenAI-compatible server, sampler log-probs after the temperature, weight reloads
-    (``/collective_rpc``) and runtime LoRA adapters allowed."""
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    if not torch.cuda.is_available():
-        env.update({k: env.get(k, v) for k, v in {**CPU_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}.items()})
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", host, "--port", str(port), "--generation-config", "vllm",
-           "--logprobs-mode", "processed_logprobs"]
-    if not torch.cuda.is_available():
-        cmd.append("--enforce-eager")
-    return cmd + list(extra), env
-
-
-def serve(model: str, host: str, port: int, extra: list[str]) -> int:
-    """Run the server until it exits or this process is stopped (``rlhf-ext vllm-serve``).
-    vLLM's API server does not stop its engine processes when it gets SIGTERM, so the
-    server runs in a process group of its own and the whole group is stopped: on SIGTERM
-    or Ctrl-C here, and when the server exits."""
-    cmd, env = serve_command(model, host, port, extra)
-    server = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
-
-    def stop(signum, frame):
-        _stop_group(server.pid)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        return server.wait()
-    finally:
-        _stop_group(server.pid)
-
-
-def _stop_group(group: int, grace: float = 10.0) -> None:
-    """SIGTERM to every process of ``group``, SIGKILL to those alive ``grace`` s later."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(group, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)

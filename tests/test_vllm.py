@@ -98,7 +98,7 @@ def test_model_sampler_on_vllm_agrees_with_ours_on_more_prompts_than_a_step_hold
     prompts = [" ".join(words[(i + j) % len(words)] for j in range(48)) for i in range(96)]
     length = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     assert len(prompts) * length > 4096
-    sampler = ModelSampler(model, tok, True, length + 8, rows=len(prompts))
+    sampler = ModelSampler(model, tok, True, prompts, 8, rows=len(prompts))
     greedy = sampler(prompts, 8, 0.0)
     assert greedy.ids == generate_completions(model, tok, prompts, 8, temperature=0.0).ids
     drawn = sampler(prompts, 8, 1.0, seed=5, return_logps=True)
@@ -198,7 +198,7 @@ def test_server_mode_serves_the_policy_and_takes_its_weights(world_dir, tok, tmp
     samples from it: each process sends its own prompts, the main one the weights, at the
     start (the server holds other weights by then) and after every step. The server is
     stopped at the end."""
-    from rlhf_ext.vllm_engine import ServerEngine
+    from rlhf_ext.vllm_server import ServerEngine
 
     model = build_model("tiny4bit", tok, seed=0)
     model.save_pretrained(tmp_path / "policy")

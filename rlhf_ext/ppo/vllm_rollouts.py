@@ -24,7 +24,7 @@ class VLLMRollouts:
             return
         start = time.perf_counter()
         if self.engine is None:  # a server is sent the weights (main process)
-            from ..vllm_engine import make_engine
+            from ..vllm_server import make_engine
 
             self.engine = make_engine(self.policy, self.processing_class, self.args,
                                       self._longest_prompt + self.args.response_length,

@@ -118,8 +118,7 @@ def self_sampled_pairs(model, tokenizer, film_names: list[str], samples: int = 2
     requests = steered_requests(film_names, samples)
     rendered = [tokenizer.apply_chat_template(conversation(r), tokenize=False,
                                               add_generation_prompt=True) for _, r in requests]
-    longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in rendered)
-    sampler = ModelSampler(model, tokenizer, use_vllm, longest + max_new_tokens, batch_size=48)
+    sampler = ModelSampler(model, tokenizer, use_vllm, rendered, max_new_tokens, batch_size=48)
     texts = sampler(rendered, max_new_tokens, temperature, seed=seed, progress=progress).texts
     sampler.close()
     scored = list(zip(texts, vader_scores(texts)))
