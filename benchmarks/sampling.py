@@ -9,7 +9,9 @@ Shapes: ``eval``, 3 samples of each of 44 prompts in one batch of 132 (a policy'
 evaluation); ``reference``, 16 samples of each of 11 prompts in one batch of 176 (a
 quarter of the reference's 704). Both samplers draw from softmax(logits) and stop at eos,
 so their completions differ in tokens, not in distribution: new tokens per second is the
-fair column, seconds a batch the one a user sees.
+fair column, seconds a batch the one a user sees. The middle row of each shape is
+``generate_completions`` on transformers' own attention, without the package's
+``grouped_heads_sdpa`` (the same tokens, the keys and values copied per query head).
 """
 
 from __future__ import annotations
@@ -56,13 +58,34 @@ def main(argv=None):
         out = generate_completions(model, tok, prompts, 32, batch_size=len(prompts), seed=0)
         return sum(map(len, out.ids))
 
+    def with_transformers_attention(run):
+        """``run`` with transformers' own SDPA (which copies a grouped-query model's keys
+        and values to every query head under a mask), not the package's
+        ``grouped_heads_sdpa``, which ``generate_completions`` installs for the process."""
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        from rlhf_ext.shared_prefix import install_sdpa
+
+        def wrapped(prompts):
+            install_sdpa()  # first, so that the sampler's own call installs nothing
+            mapping = AttentionInterface._global_mapping
+            installed, mapping["sdpa"] = mapping["sdpa"], sdpa_attention_forward
+            try:
+                return run(prompts)
+            finally:
+                mapping["sdpa"] = installed
+        return wrapped
+
     print(f"{'shape':<10} {'sampler':<24} {'rows':>5} {'s':>7} {'new tok/s':>10} {'vs':>6}")
     for name in args.shapes.split(","):
         prompts, copies = shapes[name]
         rows = [p for p in prompts for _ in range(copies)]
         rates = {}
-        for label, run in (("transformers generate", transformers_generate),
-                           ("generate_completions", ours)):
+        for label, run in (
+                ("transformers generate", with_transformers_attention(transformers_generate)),
+                ("ours, their attention", with_transformers_attention(ours)),
+                ("generate_completions", ours)):
             start = time.perf_counter()
             tokens = run(rows)
             seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from .logps import token_logps
+from .shared_prefix import install_sdpa
 
 
 @dataclass
@@ -196,6 +197,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     from the logits the sampling step computed (what ``sequence_kl`` needs of the
     sampling policy, without a forward of its own).
     """
+    install_sdpa()  # a grouped-query model's decoding steps without copying its KV cache
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side

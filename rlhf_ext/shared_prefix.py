@@ -15,6 +15,10 @@ layers do not pass keyword arguments on still computes the right thing, only slo
 Packed rows (padding-free, several groups) get no dense mask: it would grow with the
 square of the whole batch's tokens. A model that drops the spans there is caught after
 its forward (``check_spans_used``).
+
+The same registered ``sdpa`` also runs masked inference of grouped-query models on a CPU
+without copying keys and values per query head (``grouped_heads_sdpa``): the sampler's
+decoding steps, where that copy is the whole KV cache per layer and step.
 """
 
 from __future__ import annotations
@@ -167,9 +171,37 @@ def check_spans_used(before: int) -> None:
                            "keyword arguments): set padding_free=False")
 
 
-def _install() -> None:
+def grouped_heads_sdpa(module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, dropout: float = 0.0,
+                       scaling: float | None = None, **kwargs) -> tuple[Tensor, None] | None:
+    """Masked attention of a grouped-query model (fewer key/value heads than query heads)
+    without copying the keys and values once per query head: torch's SDPA reads each
+    key/value head for its group of query heads (``enable_gqa``). transformers copies them
+    whenever a mask is given (a padded batch; every decoding step of ``generate``), since
+    on CUDA the masked grouped call leaves the fast kernels; on a CPU it is the same kernel
+    and the same numbers, without the copy of the whole KV cache per layer and step. Only
+    for that case: a CPU tensor, no gradient, a mask, no dropout and nothing else asked of
+    the attention; otherwise None (the caller runs transformers' own function).
+
+    Shapes: query [B, H, Lq, D], key and value [B, Hkv, Lk, D] with H a multiple of Hkv,
+    attention_mask broadcastable to [B, H, Lq, Lk] -> ([B, Lq, H, D], None).
+    """
+    plain = not kwargs.get("output_attentions") and all(
+        kwargs.get(name) is None for name in ("position_bias", "cache", "s_aux"))
+    if not (plain and attention_mask is not None and dropout == 0.0
+            and query.device.type == "cpu" and not torch.is_grad_enabled()
+            and key.shape[1] < query.shape[1] and query.shape[1] % key.shape[1] == 0):
+        return None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_sdpa() -> None:
     """Route transformers' ``sdpa`` through ``shared_prefix_sdpa`` when a forward carries
-    ``SPANS``; every other call goes to transformers' own function unchanged."""
+    ``SPANS``, through ``grouped_heads_sdpa`` where it applies (same outputs, fewer
+    copies), and every other call to transformers' own function unchanged. Once per
+    process; prefix sharing and the sampler install it."""
     global _installed
     if _installed:
         return
@@ -180,8 +212,10 @@ def _install() -> None:
         global _span_calls
         spans = kwargs.pop(SPANS, None)
         if spans is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          *args, **kwargs)
+            grouped = None if args else grouped_heads_sdpa(module, query, key, value,
+                                                           attention_mask, **kwargs)
+            return grouped if grouped is not None else sdpa_attention_forward(
+                module, query, key, value, attention_mask, *args, **kwargs)
         _span_calls += 1
         return shared_prefix_sdpa(module, query, key, value, spans, **kwargs)
 
@@ -199,7 +233,7 @@ def attention_inputs(implementation: str | None, segment_ids: Tensor,
     if implementation == "sdpa" and group_ids is not None:
         spans = segment_spans(segment_ids, group_ids)
         if spans is not None:
-            _install()
+            install_sdpa()
             stand_in = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=segment_ids.device)
             return {"attention_mask": stand_in, SPANS: spans}
     mask = prefix_sharing_mask(segment_ids, group_ids)
@@ -208,5 +242,5 @@ def attention_inputs(implementation: str | None, segment_ids: Tensor,
     spans = segment_spans(segment_ids, group_ids) if implementation == "sdpa" else None
     if spans is None:
         return {"attention_mask": mask}
-    _install()
+    install_sdpa()
     return {"attention_mask": mask, SPANS: spans}

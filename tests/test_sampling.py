@@ -117,3 +117,77 @@ def test_a_rows_samples_depend_on_its_key_not_its_batch():
     assert row_seed(7, 1) != row_seed(8, 0) and row_seed(7, 0) != row_seed(7, 1)
     with pytest.raises(ValueError, match="2 keys for 6 prompts"):
         generate_completions(model, tok, prompts, **kw, row_keys=[0, 1])
+
+
+def test_grouped_heads_attention_equals_transformers_without_copying_the_heads():
+    """A masked call of a grouped-query layer (6 query heads, 2 key/value heads, left
+    padding, a decoding step and a prefill): the same output as transformers' own SDPA,
+    which repeats each key/value head three times first. Cases it leaves to transformers
+    (None): with a gradient, without a mask, with dropout, with a position bias, equal heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf_ext.shared_prefix import grouped_heads_sdpa
+
+    layer = torch.nn.Module()
+    layer.num_key_value_groups, layer.is_causal = 3, True
+    g = torch.Generator().manual_seed(0)
+    for q_len, k_len in [(1, 9), (7, 7)]:
+        query = torch.randn(3, 6, q_len, 8, generator=g)
+        key, value = torch.randn(2, 3, 2, k_len, 8, generator=g)
+        real = torch.ones(3, k_len, dtype=torch.bool)
+        real[1, :2] = real[2, :4] = False  # left padding
+        mask = real[:, None, None, :] & torch.ones(q_len, k_len, dtype=torch.bool).tril(
+            k_len - q_len)
+        want, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=0.3)
+        with torch.no_grad():
+            got, none = grouped_heads_sdpa(layer, query, key, value, mask, scaling=0.3)
+        assert none is None and got.shape == (3, q_len, 6, 8)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert got.is_contiguous()
+    assert grouped_heads_sdpa(layer, query, key, value, mask) is None  # gradient mode
+    with torch.no_grad():
+        assert grouped_heads_sdpa(layer, query, key, value, None) is None
+        assert grouped_heads_sdpa(layer, query, key, value, mask, dropout=0.1) is None
+        assert grouped_heads_sdpa(layer, query, key, value, mask,
+                                  position_bias=torch.zeros(1)) is None
+        assert grouped_heads_sdpa(layer, query, key.repeat(1, 3, 1, 1),
+                                  value.repeat(1, 3, 1, 1), mask) is None
+
+
+def test_sampling_a_grouped_query_model_takes_the_copy_free_attention(monkeypatch):
+    """generate_completions on a two-layer Llama with 4 query and 2 key/value heads,
+    prompts of different lengths (left padding): every masked attention call of the
+    prefill and the decoding steps goes through grouped_heads_sdpa, and the tokens and
+    their log-probs are exactly those of transformers' own attention."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import rlhf_ext.shared_prefix as shared_prefix
+
+    # as in a fresh process: transformers' own sdpa, until the sampler installs ours
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
+    monkeypatch.setattr(shared_prefix, "_installed", False)
+    _, tok = tiny_lm()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=None,
+                                         attn_implementation="sdpa")).eval()
+    prompts = ["t5 t6", "t7", "t9 t3 t4 t2", "t5 t6"]
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=5, return_logps=True)
+    calls = []
+    grouped = shared_prefix.grouped_heads_sdpa
+
+    def counted(*args, **kwargs):
+        out = grouped(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(shared_prefix, "grouped_heads_sdpa", counted)
+    fast = generate_completions(model, tok, prompts, **kw)
+    assert len(calls) >= 2 * 8 and all(calls)  # 2 layers x (the prefill and 7 steps)
+    monkeypatch.setattr(shared_prefix, "grouped_heads_sdpa", lambda *a, **k: None)
+    plain = generate_completions(model, tok, prompts, **kw)
+    assert fast.ids == plain.ids and fast.logps == plain.logps
+    assert len({tuple(ids) for ids in fast.ids}) > 1
