@@ -103,6 +103,19 @@ def write_record(trainer, folder: str) -> None:
             json.dump(trainer._run_record, f, indent=1, default=str)
 
 
+def has_optimizer_state(folder: str) -> bool:
+    """Whether a checkpoint folder holds the optimizer's state in one of the forms the
+    Trainer loads: ``optimizer.pt`` (one process, DDP), ``optimizer.bin`` (FSDP, full
+    state dict), an ``optimizer*`` folder (FSDP, sharded state dict) or DeepSpeed's
+    ``global_step*`` folder."""
+    for name in os.listdir(folder):
+        if name in ("optimizer.pt", "optimizer.bin") or (
+                os.path.isdir(os.path.join(folder, name))
+                and name.startswith(("optimizer", "global_step"))):
+            return True
+    return False
+
+
 def check_resume(trainer, folder: str) -> None:
     """Refuse (or, with resume_allow_changes, warn about) a resume from ``folder`` with
     other things than it was trained with, or without its optimizer state."""
@@ -113,9 +126,7 @@ def check_resume(trainer, folder: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             problems = differences(json.load(f), trainer._run_record)
-    has_optimizer = os.path.exists(os.path.join(folder, "optimizer.pt")) or any(
-        name.startswith("global_step") for name in os.listdir(folder))
-    if not has_optimizer:
+    if not has_optimizer_state(folder):
         problems.append("optimizer state: missing (saved with save_only_model?), so the Adam "
                         "moments and the learning-rate schedule would start over")
     if not problems:

@@ -78,18 +78,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
 
 
 @MULTIPROCESS
-def test_sigterm_stops_two_processes_together(policy_dir, tmp_path):
+@pytest.mark.parametrize("config", ["ddp", "fsdp"])
+def test_sigterm_stops_two_processes_together(policy_dir, tmp_path, config):
     """Both processes stop after the same step and save one checkpoint; the launcher fails;
-    resumed with two processes, the run ends where an uninterrupted two-process run ends."""
+    resumed with two processes, the run ends where an uninterrupted two-process run ends.
+    Under DDP, and under FSDP2 (each process's optimizer shard and the sharded weights in
+    the checkpoint)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    code, stderr = stopped_run("dpo", policy_dir, full, 5, 2, after_step=None)
+    code, stderr = stopped_run("dpo", policy_dir, full, 5, 2, after_step=None, config=config)
     assert code == 0, stderr[-3000:]
-    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2)
+    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, config=config)
     assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
     (step,) = checkpoints(cut)
     assert step == 1 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
     assert stderr.count(f"SIGTERM received: stopped after step {step}") == 2  # each process
-    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=None, resume=True)
+    code, stderr = stopped_run("dpo", policy_dir, cut, 5, 2, after_step=None, resume=True,
+                               config=config)
     assert code == 0, stderr[-3000:]
     expected, got = weights(full), weights(cut)
     for name in expected:

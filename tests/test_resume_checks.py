@@ -1,6 +1,7 @@
 """Resuming with something other than what the checkpoint was trained with is refused,
 naming what differs (rlhf_ext.run_record), unless resume_allow_changes says to go on; a
-checkpoint without its optimizer state likewise; and extending max_steps continues the
+checkpoint without its optimizer state likewise (found in each layout the Trainer saves:
+one process, FSDP, DeepSpeed); and extending max_steps continues the
 learning-rate schedule where a longer run would be."""
 
 import pytest
@@ -106,6 +107,22 @@ def test_a_checkpoint_without_optimizer_state_is_refused(trained, policy_dir, to
     with pytest.raises(ValueError, match=r"optimizer state: missing \(saved with "
                                          r"save_only_model\?\)"):
         go()
+
+
+@pytest.mark.parametrize("layout, found", [
+    ({"optimizer.pt": "file"}, True),            # one process, DDP
+    ({"optimizer.bin": "file"}, True),           # FSDP, full state dict
+    ({"optimizer_0": "dir"}, True),              # FSDP, sharded state dict
+    ({"global_step4": "dir"}, True),             # DeepSpeed
+    ({"model.safetensors": "file", "scheduler.pt": "file"}, False),  # save_only_model
+    ({"optimizer_notes.txt": "file"}, False),    # a file is not a sharded state
+])
+def test_optimizer_state_is_found_in_each_layout_the_trainer_loads(tmp_path, layout, found):
+    from rlhf_ext.run_record import has_optimizer_state
+
+    for name, kind in layout.items():
+        (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("x")
+    assert has_optimizer_state(str(tmp_path)) is found
 
 
 class UsedRates(TrainerCallback):
