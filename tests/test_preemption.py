@@ -101,22 +101,23 @@ def test_sigterm_stops_two_processes_together(policy_dir, tmp_path, config):
 
 
 @MULTIPROCESS
-def test_ppo_under_zero3_stopped_mid_iteration_resumes_to_the_uninterrupted_run(policy_dir,
-                                                                                 tmp_path):
-    """PPO with a value model, weights partitioned by ZeRO-3 on two processes, stopped by
-    SIGTERM inside an iteration (each process's rollout kept beside the checkpoint) and
-    resumed: the saved policy equals an uninterrupted two-process run's."""
+@pytest.mark.parametrize("config", ["zero3", "fsdp"])
+def test_ppo_sharded_stopped_mid_iteration_resumes_to_the_uninterrupted_run(policy_dir,
+                                                                             tmp_path, config):
+    """PPO with a value model, weights partitioned by ZeRO-3 or sharded by FSDP2 on two
+    processes, stopped by SIGTERM inside an iteration (each process's rollout kept beside
+    the checkpoint) and resumed: the saved policy equals an uninterrupted two-process run's."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    code, stderr = stopped_run("ppo", policy_dir, full, 6, 2, after_step=None, config="zero3")
+    code, stderr = stopped_run("ppo", policy_dir, full, 6, 2, after_step=None, config=config)
     assert code == 0, stderr[-3000:]
-    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, config="zero3")
+    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, config=config)
     assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
     (step,) = checkpoints(cut)
     assert step == 1 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
     for rank in range(2):  # 4 optimizer steps an iteration: stopped inside one
         assert (cut / f"checkpoint-{step}" / f"ppo_experience_{rank}.pt").exists()
     code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, after_step=None, resume=True,
-                               config="zero3")
+                               config=config)
     assert code == 0, stderr[-3000:]
     expected, got = weights(full), weights(cut)
     assert expected.keys() == got.keys()

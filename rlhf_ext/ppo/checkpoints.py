@@ -61,6 +61,11 @@ class PPOCheckpoints:
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The policy and value model from the folder's files; under FSDP the Trainer's own
+        loading of the sharded model's state (``pytorch_model_fsdp.bin``, both models),
+        since the wrapped parameters are DTensors a plain state dict cannot be copied into."""
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         wrapper = self.accelerator.unwrap_model(model or self.model)
         if is_peft_model(wrapper.policy):
             from peft import set_peft_model_state_dict
