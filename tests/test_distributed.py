@@ -261,18 +261,20 @@ def test_grpo_two_processes(world_dir, tmp_path):
 
 
 @pytest.mark.parametrize("config, wrapper, kind", [
+    ("ddp", "DistributedDataParallel", "MULTI_CPU"), ("zero2", "DeepSpeedEngine", "DEEPSPEED"),
     ("fsdp", "FSDPLlamaForCausalLM", "FSDP"), ("zero3", "DeepSpeedEngine", "DEEPSPEED")])
 def test_sft_sharded_matches_one_process(world_dir, tmp_path, config, wrapper, kind):
-    """TRL's SFTTrainer (with the package's guards) sharded by FSDP2 or ZeRO-3 on two CPU
-    processes: the token-mean loss over the global batch equals one process's, and process
-    0's evaluation after training samples from the saved whole model."""
+    """TRL's SFTTrainer (with the package's guards) on two CPU processes, replicated (DDP,
+    ZeRO-2) or sharded (FSDP2, ZeRO-3): the token-mean loss over the global batch equals one
+    process's, and process 0's evaluation after training samples from the saved whole
+    model."""
     args = ["--config", "recipes/tiny/sft.yaml", "--tiny_world_dir", str(world_dir),
             "--model_name_or_path", str(world_dir / "base"),
             "--dataset_name", str(world_dir / "data" / "sft"), *STEPS]
     single = launch("recipes/sft.py", "sft_summary.json", tmp_path / "one", args)
     summary = launch("recipes/sft.py", "sft_summary.json", tmp_path / "two",
                      [*args, "--tiny_eval_prompts", "2"], config)
-    assert_two_processes(summary, wrapper, synced=False)
+    assert_two_processes(summary, wrapper, synced=config in ("ddp", "zero2"))
     assert summary["distributed_type"] == kind
     assert len(losses(summary)) == 3 and losses(summary)[-1] < losses(summary)[0]
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
