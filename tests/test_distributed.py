@@ -320,6 +320,29 @@ def online_rl_single(world_dir, tmp_path_factory):
     return run
 
 
+def test_grpo_under_zero3_offload_samples_and_trains_as_one_process(world_dir, tmp_path):
+    """GRPO under ZeRO-3 with weights and Adam's state in CPU memory: each process samples
+    its half of the rollout from whole weights gathered off the offloaded shards, and
+    DeepSpeed's CPU Adam updates them. Against one process's torch AdamW at the same
+    global batch: the same samples in both iterations (the second drawn from the updated
+    policy) and the same losses and KL (Adam at a small learning rate, as in
+    test_zero3_offload_starts_and_trains_as_one_process)."""
+    adam = ["--optim", "adamw_torch", "--learning_rate", "1e-3"]
+    single = launch("recipes/ppo.py", "ppo_summary.json", tmp_path / "one",
+                    [*online_rl_args(world_dir, "grpo", 16), *adam, "--tiny_eval_prompts", "0"])
+    summary = launch("recipes/ppo.py", "ppo_summary.json", tmp_path / "two",
+                     [*online_rl_args(world_dir, "grpo", 8), *adam, "--tiny_eval_prompts", "0"],
+                     "zero3_offload")
+    assert_two_processes(summary, "DeepSpeedEngine", synced=False)
+    assert (summary["optimizer"], single["optimizer"]) == ("DeepSpeedCPUAdam", "AdamW")
+    steps = [h for h in summary["log_history"] if "loss" in h]
+    assert len(steps) == 4 and abs(steps[2]["kl"]) > 1e-6  # 2 iterations x 2; it moved
+    for key in ("objective/scores", "response_length", "kl"):
+        assert [h[key] for h in summary["log_history"] if key in h] == pytest.approx(
+            [h[key] for h in single["log_history"] if key in h], rel=RTOL, abs=1e-7)
+    assert losses(summary) == pytest.approx(losses(single), rel=RTOL, abs=1e-7)
+
+
 @pytest.mark.parametrize("config, estimator", [
     ("fsdp", "grpo"), ("fsdp", "gae"), ("zero3", "grpo"), ("zero3", "gae-head-lora"),
     ("fsdp", "gae-head-lora"), ("zero3", "gae-rm"), ("zero3", "reinforce_pp_baseline")])
