@@ -2,8 +2,8 @@
 
     python tests/preempt_driver.py KIND POLICY_DIR OUT MAX_STEPS [resume]
 
-KIND is dpo (PreferenceTrainer) or ppo (PPOTrainer, GAE with a value model, 4 optimizer
-steps per iteration). Each process writes its pid to OUT/pid-<rank> at start and each
+KIND is dpo (PreferenceTrainer), ppo (PPOTrainer, GAE with a value model, 4 optimizer
+steps per iteration) or ppo_lora (the same with a LoRA policy and the value a head on it). Each process writes its pid to OUT/pid-<rank> at start and each
 finished step to OUT/step-<rank>. With $PREEMPT_AT set, each process waits at the end of that
 step until its SIGTERM has arrived (at most 120 s), so the test's signal lands in that step
 however loaded the machine is. The final weights go to OUT/final. Launched by accelerate for
@@ -53,11 +53,20 @@ def main(kind: str, policy_dir: str, out: Path, max_steps: int, resume: bool = F
         trainer = PreferenceTrainer(policy_dir, args=args, train_dataset=preference_pairs(64),
                                     processing_class=tok)
     else:
+        lora = kind == "ppo_lora"
         args = PPOConfig(rollout_batch_size=8 // world, per_device_train_batch_size=2 // world,
-                         num_ppo_epochs=1, response_length=8, learning_rate=1e-3, **common)
+                         num_ppo_epochs=1, response_length=8, learning_rate=1e-3,
+                         value_head_on_policy=lora, **common)
+        peft = None
+        if lora:
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                              task_type="CAUSAL_LM")
         trainer = PPOTrainer(AutoModelForCausalLM.from_pretrained(policy_dir), args, tok,
                              prompt_dataset(32), reward=lambda p, c: [oracle_score(x) for x in c],
-                             value_model=ValueModel.from_backbone(policy_dir, seed=1))
+                             value_model=None if lora else ValueModel.from_backbone(
+                                 policy_dir, seed=1), peft_config=peft)
     trainer.add_callback(Pace(out, rank, trainer))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))

@@ -49,7 +49,13 @@ def stopped_run(kind, policy_dir, out, steps, processes, after_step=1, resume=Fa
 
 
 def weights(out):
-    return load_file(out / "final" / "model.safetensors")
+    """The final model's weights, or a LoRA policy's adapter and value head."""
+    final = out / "final"
+    if (final / "model.safetensors").exists():
+        return load_file(final / "model.safetensors")
+    return {**load_file(final / "adapter_model.safetensors"),
+            **{f"value_head.{k}": v for k, v in
+               load_file(final / "value_model" / "value_head.safetensors").items()}}
 
 
 def checkpoints(out):
@@ -101,22 +107,25 @@ def test_sigterm_stops_two_processes_together(policy_dir, tmp_path, config):
 
 
 @MULTIPROCESS
-@pytest.mark.parametrize("config", ["zero3", "fsdp"])
+@pytest.mark.parametrize("config, kind", [("zero3", "ppo"), ("fsdp", "ppo"),
+                                          ("fsdp", "ppo_lora")])
 def test_ppo_sharded_stopped_mid_iteration_resumes_to_the_uninterrupted_run(policy_dir,
-                                                                             tmp_path, config):
-    """PPO with a value model, weights partitioned by ZeRO-3 or sharded by FSDP2 on two
-    processes, stopped by SIGTERM inside an iteration (each process's rollout kept beside
-    the checkpoint) and resumed: the saved policy equals an uninterrupted two-process run's."""
+                                                                             tmp_path, config,
+                                                                             kind):
+    """PPO with a value model (or a LoRA policy with the value a head on it), weights
+    partitioned by ZeRO-3 or sharded by FSDP2 on two processes, stopped by SIGTERM inside
+    an iteration (each process's rollout kept beside the checkpoint) and resumed: the saved
+    policy (or adapter and value head) equals an uninterrupted two-process run's."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    code, stderr = stopped_run("ppo", policy_dir, full, 6, 2, after_step=None, config=config)
+    code, stderr = stopped_run(kind, policy_dir, full, 6, 2, after_step=None, config=config)
     assert code == 0, stderr[-3000:]
-    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, config=config)
+    code, stderr = stopped_run(kind, policy_dir, cut, 6, 2, config=config)
     assert code != 0, stderr[-3000:]  # the launcher reports its workers' status 143
     (step,) = checkpoints(cut)
     assert step == 1 and checkpoint_problem(str(cut / f"checkpoint-{step}")) is None
     for rank in range(2):  # 4 optimizer steps an iteration: stopped inside one
         assert (cut / f"checkpoint-{step}" / f"ppo_experience_{rank}.pt").exists()
-    code, stderr = stopped_run("ppo", policy_dir, cut, 6, 2, after_step=None, resume=True,
+    code, stderr = stopped_run(kind, policy_dir, cut, 6, 2, after_step=None, resume=True,
                                config=config)
     assert code == 0, stderr[-3000:]
     expected, got = weights(full), weights(cut)
