@@ -205,3 +205,34 @@ class RolloutCopies:
                     copy_.load_state_dict(state, strict=not self.loaded)
         self.loaded = True
         return self.copies
+
+
+# torch optimizers that accelerate maps onto DeepSpeed's CPU ones with the same update:
+# AdamW -> DeepSpeedCPUAdam(adamw_mode=True), Adam -> (adamw_mode=False), Adagrad ->
+# DeepSpeedCPUAdagrad. Anything else it silently turns into DeepSpeedCPUAdam.
+OFFLOAD_FAITHFUL = ("AdamW", "Adam", "Adagrad")
+
+
+def offload_optimizer_refusal(deepspeed_config: dict | None, optimizer) -> str | None:
+    """Why ``optimizer`` cannot run under this DeepSpeed config, or None. With the
+    optimizer's state offloaded to CPU memory (``offload_optimizer``), no optimizer in the
+    config and DeepSpeed's ``zero_force_ds_cpu_optimizer`` left on, accelerate replaces the
+    Trainer's optimizer with one of DeepSpeed's CPU optimizers, and every optimizer but
+    torch's AdamW, Adam and Adagrad becomes Adam: ``optim="sgd"`` would train with Adam at
+    SGD's learning rate, silently."""
+    import torch
+
+    config = deepspeed_config or {}
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if (offload.get("device", "none") == "none" or "optimizer" in config
+            or not config.get("zero_force_ds_cpu_optimizer", True)):
+        return None
+    if type(optimizer) in tuple(getattr(torch.optim, name) for name in OFFLOAD_FAITHFUL):
+        return None
+    return (f"the optimizer is {type(optimizer).__name__}, but with offload_optimizer in the "
+            "DeepSpeed config accelerate would replace it with DeepSpeed's CPU Adam (it maps "
+            "only torch's AdamW, Adam and Adagrad to an optimizer that updates the same way). "
+            "Use optim='adamw_torch' (the default), 'adagrad' or an Adam, name the optimizer "
+            "in the DeepSpeed config, set zero_force_ds_cpu_optimizer: false there to keep "
+            "this one on the CPU, or use a config without offload_optimizer.")
+

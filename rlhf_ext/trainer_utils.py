@@ -345,6 +345,19 @@ class CheckedTraining:
         if shard_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, refused before any step where ZeRO-Offload would swap
+        it for another (``sharding.offload_optimizer_refusal``)."""
+        from .sharding import offload_optimizer_refusal
+
+        optimizer = super().create_optimizer(model) if model is not None else \
+            super().create_optimizer()
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        why = offload_optimizer_refusal(plugin.deepspeed_config if plugin else None, optimizer)
+        if why is not None:
+            raise ValueError(why)
+        return optimizer
+
     def _get_grad_norm(self, model, grad_norm=None):
         import math
 

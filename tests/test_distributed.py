@@ -9,11 +9,14 @@ the batch the single process takes, so the losses agree up to float summation or
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import MULTIPROCESS, load_recipe, run_recipe
+from conftest import MULTIPROCESS, ROOT, load_recipe, processes_env, run_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,6 +163,26 @@ def test_zero3_offload_starts_and_trains_as_one_process(world_dir, tmp_path):
     assert losses(summary)[0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses(summary)[-1] != losses(summary)[0]
     assert losses(summary) == pytest.approx(losses(single), rel=RTOL)
+
+
+def test_zero3_offload_refuses_an_optimizer_it_would_swap_for_adam(world_dir, tmp_path):
+    """SGD under zero3_offload.yaml: accelerate would hand DeepSpeed its CPU Adam in SGD's
+    place (at SGD's learning rate, no word said). Refused when the optimizer is made,
+    before any step: the launch fails naming the optimizer and the ways out, and nothing
+    is trained or saved."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         "accelerate_configs/zero3_offload.yaml", "--num_processes", "2",
+         "recipes/preference.py", *dpo_args(world_dir), "--per_device_train_batch_size", "4",
+         "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, **processes_env(2)})
+    assert proc.returncode != 0
+    assert "the optimizer is SGD, but with offload_optimizer in the DeepSpeed config" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "'loss'" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "preference_summary.json").exists()
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_precomputed_lora_reference_under_zero2_bf16_starts_at_log_2(world_dir, tmp_path):

@@ -560,3 +560,29 @@ def test_precision_defaults_follow_the_device():
     args = PPOConfig(output_dir="x", **BASE)
     assert args.bf16 is False and args.tf32 is None  # here: a CPU
     assert PPOConfig(output_dir="x", bf16=True, **BASE).bf16  # an explicit value stays
+
+
+OFFLOAD = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+
+
+@pytest.mark.parametrize("optim, config, refused", [
+    ("AdamW", OFFLOAD, False), ("Adam", OFFLOAD, False), ("Adagrad", OFFLOAD, False),
+    ("SGD", OFFLOAD, True), ("RMSprop", OFFLOAD, True),
+    ("SGD", {**OFFLOAD, "optimizer": {"type": "SGD"}}, False),       # DeepSpeed's own
+    ("SGD", {**OFFLOAD, "zero_force_ds_cpu_optimizer": False}, False),  # kept as it is
+    ("SGD", {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, False),
+    ("SGD", None, False),                                                # no DeepSpeed
+])
+def test_zero_offload_refuses_an_optimizer_accelerate_would_turn_into_adam(optim, config,
+                                                                            refused):
+    """With the optimizer's state offloaded, accelerate maps torch's AdamW, Adam and Adagrad
+    to DeepSpeed's CPU versions and every other optimizer to its CPU Adam: those are
+    refused, unless the DeepSpeed config names its optimizer or keeps the client's."""
+    from rlhf_ext.sharding import offload_optimizer_refusal
+
+    optimizer = getattr(torch.optim, optim)([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    why = offload_optimizer_refusal(config, optimizer)
+    assert (why is not None) == refused
+    if refused:
+        assert why.startswith(f"the optimizer is {optim}, but with offload_optimizer")
+
