@@ -235,4 +235,3 @@ def offload_optimizer_refusal(deepspeed_config: dict | None, optimizer) -> str |
             "Use optim='adamw_torch' (the default), 'adagrad' or an Adam, name the optimizer "
             "in the DeepSpeed config, set zero_force_ds_cpu_optimizer: false there to keep "
             "this one on the CPU, or use a config without offload_optimizer.")
-

@@ -350,8 +350,7 @@ class CheckedTraining:
         it for another (``sharding.offload_optimizer_refusal``)."""
         from .sharding import offload_optimizer_refusal
 
-        optimizer = super().create_optimizer(model) if model is not None else \
-            super().create_optimizer()
+        optimizer = super().create_optimizer(model)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         why = offload_optimizer_refusal(plugin.deepspeed_config if plugin else None, optimizer)
         if why is not None:

@@ -3,8 +3,9 @@
     python tests/preempt_driver.py KIND POLICY_DIR OUT MAX_STEPS [resume]
 
 KIND is dpo (PreferenceTrainer), ppo (PPOTrainer, GAE with a value model, 4 optimizer
-steps per iteration) or ppo_lora (the same with a LoRA policy and the value a head on it). Each process writes its pid to OUT/pid-<rank> at start and each
-finished step to OUT/step-<rank>. With $PREEMPT_AT set, each process waits at the end of that
+steps per iteration) or ppo_lora (the same with a LoRA policy and the value a head on
+it). Each process writes its pid to OUT/pid-<rank> at start and each finished step to
+OUT/step-<rank>. With $PREEMPT_AT set, each process waits at the end of that
 step until its SIGTERM has arrived (at most 120 s), so the test's signal lands in that step
 however loaded the machine is. The final weights go to OUT/final. Launched by accelerate for
 two processes (gloo on CPU); the test runs ``main`` in its own process where no signal is

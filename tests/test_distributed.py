@@ -150,8 +150,8 @@ def test_preference_sharded_lora_matches_one_process(world_dir, tmp_path, config
 def test_zero3_offload_starts_and_trains_as_one_process(world_dir, tmp_path):
     """ZeRO-3 with weights and optimizer state in CPU memory (zero3_offload.yaml, whose
     DeepSpeed config names no optimizer): accelerate hands DeepSpeed its CPU Adam for
-    torch's AdamW (DeepSpeed refuses any other optimizer with offload), which make setup
-    compiles. Adam at a small learning rate against one process's torch AdamW: the same
+    torch's AdamW (which make setup compiles; an optimizer it would turn into Adam is
+    refused, next test). Adam at a small learning rate against one process's torch AdamW: the same
     losses (Adam's step is about lr whatever a gradient's size, so weights are not compared)."""
     args = [*dpo_args(world_dir), "--optim", "adamw_torch", "--learning_rate", "1e-3"]
     single = launch("recipes/preference.py", "preference_summary.json", tmp_path / "one", args)

@@ -585,4 +585,3 @@ def test_zero_offload_refuses_an_optimizer_accelerate_would_turn_into_adam(optim
     assert (why is not None) == refused
     if refused:
         assert why.startswith(f"the optimizer is {optim}, but with offload_optimizer")
-
